@@ -1,0 +1,396 @@
+"""Convert between PyTorch state dicts (torchvision ResNet-50, the release's ResNet_DOLG) and ours.
+
+The mapping is a name table plus layout changes: conv weights OIHW -> HWIO, Linear (out, in) ->
+(in, out), the release's window-fusion Conv1d (1, W, 1) -> (W, 1), BatchNorm weight/bias/
+running_mean/running_var -> scale/bias/mean/var. Release checkpoints hold the stem, layer1 and
+layer2 twice (also as ``input.0``, ``input.1``, ``input.4``, ``input.5``); both spellings are
+accepted and must agree. Unknown, missing and mis-shaped keys are all reported by name before
+anything is written into the model.
+
+Converted files are ``.safetensors`` keyed by our own state paths (``backbone/layer1/0/conv1/
+kernel``), NHWC, loadable without torch. Command line::
+
+  python -m csce_jax.convert torch-to-jax --src release.pth --dst model.safetensors
+  python -m csce_jax.convert jax-to-torch --src model.safetensors --dst model_torch.safetensors
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# Our top-level names -> the release's (the backbone's names are torchvision's, unprefixed).
+_TOP_LEVEL = {
+    "local": "localmodel",
+    "window_proj.0": "conv_f4_s1",
+    "window_proj.1": "conv_f4_s2",
+    "window_fusion": "conv_last",
+    "hash_fc": "fc",
+    "threshold_fc": "fc_t",
+    "centers": "ce_fc.centroids",
+}
+_LEAF = {
+    "kernel": "weight",
+    "scale": "weight",
+    "bias": "bias",
+    "mean": "running_mean",
+    "var": "running_var",
+}
+# The release's ``input`` Sequential re-registers these modules under other names.
+_RELEASE_ALIASES = {
+    "input.0.": "conv1.",
+    "input.1.": "bn1.",
+    "input.4.": "layer1.",
+    "input.5.": "layer2.",
+}
+_IGNORED = re.compile(r"(^|\.)num_batches_tracked$")
+
+
+class ConversionError(ValueError):
+    """A state dict does not fit the model; the message lists every offending key."""
+
+
+def _our_key(path: tuple) -> str:
+    return "/".join(str(p) for p in path)
+
+
+def torch_name(path: tuple) -> str:
+    """The PyTorch state-dict key of one of our state paths."""
+    parts = [str(p) for p in path]
+    if parts[0] == "backbone":
+        return ".".join(parts[1:-1] + [_LEAF[parts[-1]]])
+    if parts[0] == "centers":
+        return _TOP_LEVEL["centers"]
+    dotted = ".".join(parts[:-1])
+    for ours, theirs in _TOP_LEVEL.items():
+        if dotted == ours or dotted.startswith(ours + "."):
+            dotted = theirs + dotted[len(ours) :]
+            break
+    return dotted + "." + _LEAF[parts[-1]]
+
+
+def _to_ours(name: str, value: np.ndarray, target_shape: tuple[int, ...]) -> np.ndarray:
+    if value.ndim == 4:  # conv OIHW -> HWIO
+        value = value.transpose(2, 3, 1, 0)
+    elif value.ndim == 3 and name.endswith("weight"):  # Conv1d (1, W, 1) -> (W, 1)
+        value = value[:, :, 0].T
+    elif value.ndim == 2 and len(target_shape) == 2 and not name.endswith("centroids"):
+        value = value.T  # Linear (out, in) -> (in, out)
+    return value
+
+
+def _to_torch(name: str, value: np.ndarray, is_fusion: bool) -> np.ndarray:
+    if value.ndim == 4:
+        return value.transpose(3, 2, 0, 1)
+    if is_fusion and name.endswith("weight"):
+        return value.T[:, :, None]
+    if value.ndim == 2 and not name.endswith("centroids"):
+        return value.T
+    return value
+
+
+def normalize_release_keys(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Strip ``module.`` prefixes, fold the release's ``input.*`` aliases, drop BN counters.
+
+    Raises :class:`ConversionError` if an alias and its original disagree.
+    """
+    out: dict[str, np.ndarray] = {}
+    disagree = []
+    for key, value in state_dict.items():
+        key = key.removeprefix("module.")
+        if _IGNORED.search(key):
+            continue
+        for alias, original in _RELEASE_ALIASES.items():
+            if key.startswith(alias):
+                key = original + key[len(alias) :]
+                break
+        value = np.asarray(value)
+        if key in out:
+            if out[key].shape != value.shape or not np.array_equal(out[key], value):
+                disagree.append(key)
+            continue
+        out[key] = value
+    if disagree:
+        raise ConversionError(
+            "the checkpoint's `input.*` copies disagree with the named modules for: "
+            + ", ".join(sorted(disagree))
+        )
+    return out
+
+
+def load_torch_state_dict(
+    model: nnx.Module,
+    state_dict: Mapping[str, np.ndarray],
+    *,
+    only: str | None = None,
+    ignore: tuple[str, ...] = (),
+) -> None:
+    """Load a PyTorch-layout state dict into ``model`` (a CSCENet), all or nothing.
+
+    ``only="backbone"`` loads just the trunk (a torchvision ResNet-50 file: its ``fc.*`` is the
+    ImageNet classifier and is ignored). ``ignore`` lists torch keys (prefixes) to skip.
+    """
+    sd = normalize_release_keys(state_dict)
+    if only == "backbone":
+        ignore = (*ignore, "fc.")
+    state = nnx.state(model)
+    flat = nnx.to_flat_state(state)
+    expected: dict[str, tuple] = {}
+    for path, var in flat:
+        if only is not None and path[0] != only:
+            continue
+        expected[torch_name(path)] = (path, var)
+    unknown = sorted(k for k in sd if k not in expected and not k.startswith(ignore))
+    missing = sorted(k for k in expected if k not in sd)
+    updates: dict[tuple, np.ndarray] = {}
+    misshaped = []
+    for key, (path, var) in expected.items():
+        if key not in sd:
+            continue
+        value = _to_ours(key, sd[key], var.shape)
+        if tuple(value.shape) != tuple(var.shape):
+            misshaped.append(
+                f"{key}: checkpoint {tuple(sd[key].shape)}, model wants "
+                f"{tuple(var.shape)} as {_our_key(path)}"
+            )
+            continue
+        updates[path] = jnp.asarray(value, jnp.float32)
+    problems = []
+    if missing:
+        problems.append("missing keys: " + ", ".join(missing))
+    if unknown:
+        problems.append("unknown keys: " + ", ".join(unknown))
+    if misshaped:
+        problems.append("mis-shaped keys: " + "; ".join(misshaped))
+    if problems:
+        raise ConversionError("the state dict does not fit the model:\n  " + "\n  ".join(problems))
+    new_state = nnx.from_flat_state(
+        [(p, v.replace(updates[p]) if p in updates else v) for p, v in flat]
+    )
+    nnx.update(model, new_state)
+
+
+def export_torch_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
+    """Our model as a release-layout PyTorch state dict (numpy arrays; ``input.*`` not duplicated)."""
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        name = torch_name(path)
+        out[name] = np.ascontiguousarray(
+            _to_torch(name, np.asarray(var[...]), path[0] == "window_fusion")
+        )
+    return out
+
+
+def flat_arrays(model: nnx.Module) -> dict[str, np.ndarray]:
+    """Our model's whole state as {our key: array}: the content of a converted file."""
+    return {_our_key(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model))}
+
+
+def load_flat_arrays(model: nnx.Module, arrays: Mapping[str, np.ndarray], source: str) -> None:
+    """Load {our key: array} (a converted file) into ``model``, all or nothing."""
+    flat = nnx.to_flat_state(nnx.state(model))
+    expected = {_our_key(p): (p, v) for p, v in flat}
+    missing = sorted(set(expected) - set(arrays))
+    unknown = sorted(set(arrays) - set(expected))
+    misshaped = [
+        f"{k}: file {tuple(arrays[k].shape)}, model {tuple(expected[k][1].shape)}"
+        for k in sorted(set(arrays) & set(expected))
+        if tuple(arrays[k].shape) != tuple(expected[k][1].shape)
+    ]
+    problems = [
+        f"{label}: {', '.join(keys)}"
+        for label, keys in (("missing", missing), ("unknown", unknown), ("mis-shaped", misshaped))
+        if keys
+    ]
+    if problems:
+        raise ConversionError(f"{source} does not fit the model:\n  " + "\n  ".join(problems))
+    nnx.update(
+        model,
+        nnx.from_flat_state([(p, v.replace(jnp.asarray(arrays[_our_key(p)]))) for p, v in flat]),
+    )
+
+
+def read_state_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read ``.pth``/``.pt`` (needs torch), ``.safetensors`` or ``.npz`` into numpy arrays."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors.numpy import load_file
+
+            return dict(load_file(str(path)))
+        if suffix == ".npz":
+            with np.load(path) as z:
+                return {k: z[k] for k in z.files}
+        if suffix in (".pth", ".pt", ".bin"):
+            try:
+                import torch
+            except ImportError as e:
+                raise ConversionError(
+                    f"reading {path} needs torch (pip install torch==2.13.0), or convert it to "
+                    ".safetensors where torch is installed"
+                ) from e
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            if (
+                isinstance(obj, dict)
+                and "state_dict" in obj
+                and isinstance(obj["state_dict"], dict)
+            ):
+                obj = obj["state_dict"]
+            if not isinstance(obj, dict):
+                raise ConversionError(f"{path} holds a {type(obj).__name__}, not a state dict")
+            return {k: v.detach().cpu().numpy() for k, v in obj.items() if hasattr(v, "detach")}
+    except ConversionError:
+        raise
+    except Exception as e:  # corrupt or truncated file: say which
+        raise ConversionError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+    raise ConversionError(
+        f"{path}: unknown checkpoint format {suffix!r} (expected .pth, .pt, .safetensors or .npz)"
+    )
+
+
+def write_state_file(arrays: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
+    """Write arrays atomically as ``.safetensors`` (or ``.npz``): temp file, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    if path.suffix == ".npz":
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    else:
+        from safetensors.numpy import save_file
+
+        save_file(arrays, str(tmp))
+    os.replace(tmp, path)
+
+
+def infer_architecture(state_dict: Mapping[str, np.ndarray]) -> dict:
+    """Width, depths, bits and class count of a (normalised) release state dict."""
+    sd = state_dict
+    for key in ("conv1.weight", "fc.weight", "ce_fc.centroids", "conv_last.weight"):
+        if key not in sd:
+            raise ConversionError(
+                f"not a release checkpoint: no {key!r} (keys: {', '.join(sorted(sd)[:8])}, ...)"
+            )
+    depths = []
+    for stage in range(1, 5):
+        blocks = {int(m.group(1)) for k in sd if (m := re.match(rf"layer{stage}\.(\d+)\.", k))}
+        depths.append(len(blocks))
+    num_classes, bits = sd["ce_fc.centroids"].shape
+    return {
+        "width": sd["conv1.weight"].shape[0] / 64,
+        "depths": tuple(depths),
+        "bits": int(bits),
+        "num_classes": int(num_classes),
+        "num_windows": int(sd["conv_last.weight"].shape[1]),
+        "use_aspp": False,
+    }
+
+
+def model_from_release(
+    state_dict: Mapping[str, np.ndarray], *, image_size: int = 224
+) -> nnx.Module:
+    """A complete CSCENet (centres included) from a release checkpoint's state dict."""
+    from csce_jax.models import CSCENet
+    from csce_jax.models.csce import num_windows
+    from csce_jax.models.resnet import downsampled_size
+
+    sd = normalize_release_keys(state_dict)
+    arch = infer_architecture(sd)
+    f4 = downsampled_size(image_size, 5)
+    if num_windows((f4, f4), (2, 4)) != arch["num_windows"]:
+        raise ConversionError(
+            f"the checkpoint fuses {arch['num_windows']} windows but image_size {image_size} "
+            f"gives {num_windows((f4, f4), (2, 4))}: pass the image size it was trained at"
+        )
+    model = CSCENet(
+        np.asarray(sd["ce_fc.centroids"]),
+        image_size=image_size,
+        width=arch["width"],
+        depths=arch["depths"],
+        rngs=nnx.Rngs(0),
+    )
+    load_torch_state_dict(model, sd)
+    return model
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m csce_jax.convert {torch-to-jax,jax-to-torch} --src A --dst B``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m csce_jax.convert",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("direction", choices=["torch-to-jax", "jax-to-torch"])
+    parser.add_argument("--src", required=True, help="input file (.pth/.pt/.safetensors/.npz)")
+    parser.add_argument("--dst", required=True, help="output file (.safetensors or .npz)")
+    parser.add_argument(
+        "--image_size",
+        type=int,
+        default=224,
+        help="input size the release model was trained at (sets the window count)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        sd = read_state_file(args.src)
+        if args.direction == "torch-to-jax":
+            model = model_from_release(sd, image_size=args.image_size)
+            write_state_file(flat_arrays(model), args.dst)
+            arch = infer_architecture(normalize_release_keys(sd))
+            print(f"converted {args.src} -> {args.dst}: {arch}")
+        else:
+            arch = _arch_from_flat(sd)
+            from csce_jax.models import CSCENet
+
+            model = CSCENet(sd["centers"], rngs=nnx.Rngs(0), **arch)
+            load_flat_arrays(model, sd, args.src)
+            write_state_file(export_torch_state_dict(model), args.dst)
+            print(f"exported {args.src} -> {args.dst} in the release's layout")
+    except (ConversionError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def _arch_from_flat(arrays: Mapping[str, np.ndarray]) -> dict:
+    """Model arguments of a converted file (our keys)."""
+    if "centers" not in arrays or "backbone/conv1/kernel" not in arrays:
+        raise ConversionError("not a csce_jax converted file: no 'centers' / backbone keys")
+    depths = tuple(
+        len({k.split("/")[2] for k in arrays if k.startswith(f"backbone/layer{s}/")})
+        for s in range(1, 5)
+    )
+    from csce_jax.models.csce import num_windows
+    from csce_jax.models.resnet import downsampled_size
+
+    n_windows = arrays["window_fusion/kernel"].shape[0]
+    # Square inputs: the smallest size whose f4 map gives that many windows.
+    size = next(
+        (
+            s
+            for s in range(97, 4097)
+            if num_windows((downsampled_size(s, 5),) * 2, (2, 4)) == n_windows
+        ),
+        None,
+    )
+    if size is None:
+        raise ConversionError(f"no square input size gives {n_windows} windows")
+    return {
+        "width": arrays["backbone/conv1/kernel"].shape[-1] / 64,
+        "depths": depths,
+        "image_size": size,
+        "use_aspp": any(k.startswith("aspp/") for k in arrays),
+    }
+
+
+if __name__ == "__main__":
+    main()

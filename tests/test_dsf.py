@@ -1,0 +1,106 @@
+"""The dynamic sign function: table cases of SPEC Sec. 6 and the STE's gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from csce_jax.hashing import balance_fill, dynamic_sign, encode, squash
+
+
+def _codes(v, t, **kw):
+    return np.asarray(dynamic_sign(jnp.asarray(v, jnp.float32), jnp.asarray(t, jnp.float32), **kw))
+
+
+@pytest.mark.parametrize("estimator", ["ste", "release"])
+def test_band_is_filled(estimator):
+    v = [[0.5, -0.005, 0.003, -0.7]]
+    # 2 of 4 positive: not more than half, so the fill is +1.
+    np.testing.assert_array_equal(_codes(v, [[0.01]], estimator=estimator), [[1, 1, 1, -1]])
+    # Boundary values are outside the open band (-t, t).
+    np.testing.assert_array_equal(_codes([[0.01, -0.01, 0.2, -0.3]], [[0.01]]), [[1, -1, 1, -1]])
+
+
+@pytest.mark.parametrize(
+    ("bits", "positives", "fill"),
+    [(12, 7, -1), (12, 6, 1), (48, 25, -1), (48, 24, 1), (64, 33, -1), (64, 32, 1)],
+)
+def test_fill_rule_uses_half_of_k(bits, positives, fill):
+    v = np.full((1, bits), -0.5, np.float32)
+    v[0, :positives] = 0.5
+    v[0, -1] = -0.001  # one entry in the band, not counted as positive
+    codes = _codes(v, [[0.01]])
+    assert codes[0, -1] == fill
+    assert np.asarray(balance_fill(jnp.asarray(v)))[0, 0] == fill
+    np.testing.assert_array_equal(codes[0, :-1], np.sign(v[0, :-1]))
+
+
+def test_release_balance_constant_differs_at_48_bits():
+    v = np.full((1, 48), -0.5, np.float32)
+    v[0, :25] = 0.5
+    v[0, -1] = 0.0001
+    assert _codes(v, [[0.01]])[0, -1] == -1  # ours: 26 > 24 positives
+    assert _codes(v, [[0.01]], balance=32)[0, -1] == 1  # the release's "> 32"
+
+
+def test_nonpositive_threshold_is_plain_sign():
+    v = [[0.004, -0.002, 0.3, -0.1]]
+    for t in (0.0, -0.005):
+        np.testing.assert_array_equal(_codes(v, [[t]]), [[1, -1, 1, -1]])
+
+
+def test_zeros_become_fill_never_zero():
+    v = np.array([[0.0, 0.0, 0.7, 0.2, 0.9]], np.float32)  # 3 of 5 positive -> fill -1
+    for t in (0.0, 0.01, -1.0):
+        codes = _codes(v, [[t]])
+        np.testing.assert_array_equal(codes, [[-1, -1, 1, 1, 1]])
+    assert set(np.unique(_codes(np.zeros((3, 8)), np.zeros((3, 1))))) <= {-1.0, 1.0}
+
+
+def test_ste_forward_equals_release_forward():
+    rng = np.random.default_rng(0)
+    v = rng.uniform(-0.05, 0.05, (16, 32)).astype(np.float32)
+    t = rng.uniform(-0.01, 0.03, (16, 1)).astype(np.float32)
+    np.testing.assert_array_equal(_codes(v, t, estimator="ste"), _codes(v, t, estimator="release"))
+
+
+def test_ste_gradients_reach_v_and_t():
+    rng = np.random.default_rng(1)
+    v = jnp.asarray(rng.uniform(-0.05, 0.05, (4, 16)), jnp.float32)
+    t = jnp.full((4, 1), 0.01, jnp.float32)
+    w = jnp.asarray(rng.standard_normal((4, 16)), jnp.float32)
+
+    def f(v, t, estimator):
+        return jnp.sum(w * dynamic_sign(v, t, estimator))
+
+    gv, gt = jax.grad(f, argnums=(0, 1))(v, t, "ste")
+    assert np.all(np.isfinite(gv)) and np.all(np.isfinite(gt))
+    assert np.count_nonzero(np.asarray(gv)) > 0
+    assert np.all(np.asarray(gt) != 0)
+    gv_r, gt_r = jax.grad(f, argnums=(0, 1))(v, t, "release")
+    assert not np.any(np.asarray(gv_r)) and not np.any(np.asarray(gt_r))
+
+
+def test_ste_gradient_sign_matches_finite_difference_of_soft_band():
+    # Raising t pulls an entry whose sign differs from the fill into the band: its code moves
+    # toward the fill. Single entry, fill +1 (no positives), v = -0.012 just outside t = 0.01.
+    v = jnp.asarray([[-0.012, -0.5, -0.5, -0.5]], jnp.float32)
+    gt = jax.grad(lambda t: dynamic_sign(v, t)[0, 0])(jnp.asarray([[0.01]]))
+    assert float(gt[0, 0]) > 0
+
+
+def test_encode_uses_one_band_definition():
+    v = jnp.asarray([[0.008, -0.3, 0.4, 0.6]], jnp.float32)  # 3 of 4 positive: fill -1
+    t = jnp.asarray([[0.01]], jnp.float32)
+    # squash doubles small values: 0.016 is outside the band -> +1 (ours, as in training).
+    np.testing.assert_array_equal(np.asarray(encode(v, t)), [[1, -1, 1, 1]])
+    # The release bands raw v at evaluation: 0.008 is inside -> fill -1.
+    np.testing.assert_array_equal(np.asarray(encode(v, t, raw_eval_band=True)), [[-1, -1, 1, 1]])
+    np.testing.assert_allclose(
+        np.asarray(squash(jnp.asarray([-2.0, -0.2, 0.3, 1.0]))), [-1.0, -0.4, 0.6, 1.0], rtol=1e-6
+    )
+
+
+def test_bad_estimator_is_named():
+    with pytest.raises(ValueError, match="'sigmoid'"):
+        dynamic_sign(jnp.ones((1, 4)), jnp.zeros((1, 1)), "sigmoid")
