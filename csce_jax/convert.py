@@ -64,7 +64,7 @@ def torch_name(path: tuple) -> str:
     """The PyTorch state-dict key of one of our state paths."""
     parts = [str(p) for p in path]
     if parts[0] == "backbone":
-        return ".".join(parts[1:-1] + [_LEAF[parts[-1]]])
+        return ".".join([*parts[1:-1], _LEAF[parts[-1]]])
     if parts[0] == "centers":
         return _TOP_LEVEL["centers"]
     dotted = ".".join(parts[:-1])

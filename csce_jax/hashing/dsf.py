@@ -54,7 +54,7 @@ def dynamic_sign(
     docstring for the exact forward and the surrogate gradient.
     """
     v = jnp.asarray(v)
-    t = jnp.broadcast_to(jnp.asarray(t, v.dtype), v.shape[:-1] + (1,))
+    t = jnp.broadcast_to(jnp.asarray(t, v.dtype), (*v.shape[:-1], 1))
     fill = jax.lax.stop_gradient(balance_fill(v, balance))
     if estimator == "release":
         return jax.lax.stop_gradient(_hard_dsf(v, t, fill))
