@@ -192,10 +192,17 @@ def flat_arrays(model: nnx.Module) -> dict[str, np.ndarray]:
     return {_our_key(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model))}
 
 
-def load_flat_arrays(model: nnx.Module, arrays: Mapping[str, np.ndarray], source: str) -> None:
-    """Load {our key: array} (a converted file) into ``model``, all or nothing."""
+def load_flat_arrays(
+    model: nnx.Module, arrays: Mapping[str, np.ndarray], source: str, *, only: str | None = None
+) -> None:
+    """Load {our key: array} (a converted file) into ``model``, all or nothing.
+
+    ``only="backbone"`` loads just the trunk's keys and ignores the file's other keys.
+    """
     flat = nnx.to_flat_state(nnx.state(model))
-    expected = {_our_key(p): (p, v) for p, v in flat}
+    if only is not None:
+        arrays = {k: v for k, v in arrays.items() if k.split("/")[0] == only}
+    expected = {_our_key(p): (p, v) for p, v in flat if only is None or p[0] == only}
     missing = sorted(set(expected) - set(arrays))
     unknown = sorted(set(arrays) - set(expected))
     misshaped = [
@@ -212,7 +219,13 @@ def load_flat_arrays(model: nnx.Module, arrays: Mapping[str, np.ndarray], source
         raise ConversionError(f"{source} does not fit the model:\n  " + "\n  ".join(problems))
     nnx.update(
         model,
-        nnx.from_flat_state([(p, v.replace(jnp.asarray(arrays[_our_key(p)]))) for p, v in flat]),
+        nnx.from_flat_state(
+            [
+                (p, v.replace(jnp.asarray(arrays[_our_key(p)])))
+                for p, v in flat
+                if _our_key(p) in expected
+            ]
+        ),
     )
 
 

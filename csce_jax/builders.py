@@ -1,0 +1,151 @@
+"""Config -> objects: the model (with its centres), the optimiser, and the loss/encoding options.
+
+Shared by training, evaluation and search so that all three read a config the same way.
+Also the config checks that must fail before anything is compiled.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from csce_jax.hashing import hash_centers
+from csce_jax.models import CSCENet
+from csce_jax.models.resnet import downsampled_size
+from csce_jax.optim import learning_rate_schedule, make_optimizer, with_frozen
+
+_CHOICES = {
+    "model.dtype": ("float32", "bfloat16"),
+    "dsf.estimator": ("ste", "release"),
+    "loss.margin_type": ("arc", "cos"),
+    "loss.quan_type": ("cs", "l1", "l2"),
+    "loss.multilabel_loss": ("label_smoothing", "bce"),
+    "optimizer.name": ("rmsprop", "adamw", "sgd"),
+    "optimizer.schedule": ("constant", "cosine"),
+}
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key."""
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def check_config(config: ml_collections.ConfigDict, device_count: int, process_count: int) -> None:
+    """Reject bad values, naming the key, before any data is read or code compiled."""
+
+    def fail(key, msg):
+        raise ConfigError(f"config.{key}={_get(config, key)!r}: {msg}")
+
+    for key in (
+        "bits",
+        "batch_size",
+        "eval_batch_size",
+        "total_steps",
+        "log_every_steps",
+        "eval_every_steps",
+        "checkpoint_every_steps",
+        "keep_checkpoints",
+    ):
+        if not isinstance(_get(config, key), int) or _get(config, key) <= 0:
+            fail(key, "must be a positive integer")
+    if config.bits < 2:
+        fail("bits", "a code needs at least 2 bits")
+    for key in ("batch_size", "eval_batch_size"):
+        if _get(config, key) % device_count:
+            fail(key, f"must be divisible by the {device_count} devices")
+        if _get(config, key) % process_count:
+            fail(key, f"must be divisible by the {process_count} processes")
+    for key, allowed in _CHOICES.items():
+        if _get(config, key) not in allowed:
+            fail(key, f"must be one of {allowed}")
+    if config.model.width <= 0:
+        fail("model.width", "must be positive")
+    need = 32 * (max(config.model.window_sizes) - 1) + 1
+    if downsampled_size(config.data.crop, 5) < max(config.model.window_sizes):
+        fail(
+            "data.crop",
+            f"too small for {max(config.model.window_sizes)}x"
+            f"{max(config.model.window_sizes)} windows: need at least {need} pixels",
+        )
+    if config.data.resize < config.data.crop:
+        fail("data.resize", f"must be >= data.crop ({config.data.crop})")
+    if not 0 <= config.data.val_fraction < 1:
+        fail("data.val_fraction", "must be in [0, 1)")
+
+
+def compute_dtype(config: ml_collections.ConfigDict) -> Any:
+    return jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
+
+
+def create_model(
+    config: ml_collections.ConfigDict, num_classes: int, centers: np.ndarray | None = None
+) -> CSCENet:
+    """The configured CSCE-Net; centres from ``hash_centers(num_classes, bits, centers_seed)``."""
+    if centers is None:
+        centers = hash_centers(num_classes, config.bits, seed=config.centers_seed)
+    m = config.model
+    return CSCENet(
+        centers,
+        image_size=config.data.crop,
+        width=m.width,
+        depths=tuple(m.depths),
+        window_sizes=tuple(m.window_sizes),
+        use_aspp=m.use_aspp,
+        learn_centers=m.learn_centers,
+        signt=m.signt,
+        dtype=compute_dtype(config),
+        rngs=nnx.Rngs(config.seed),
+    )
+
+
+def create_optimizer(
+    config: ml_collections.ConfigDict,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(optimiser, learning-rate schedule). The release's frozen threshold head stays frozen."""
+    o = config.optimizer
+    schedule = learning_rate_schedule(
+        o.lr, config.total_steps, warmup_steps=o.warmup_steps, decay=o.schedule
+    )
+    tx = make_optimizer(o.name, schedule, weight_decay=o.weight_decay, momentum=o.momentum)
+    frozen = ("threshold_fc",) if config.dsf.estimator == "release" else ()
+    return with_frozen(tx, frozen), schedule
+
+
+def balance(config: ml_collections.ConfigDict) -> float | None:
+    """The DSF fill rule's positive count: K/2, or the release's hard-coded 32."""
+    return 32.0 if config.release_compat.fill_64bit else None
+
+
+def loss_options(config: ml_collections.ConfigDict, multilabel: bool) -> dict[str, Any]:
+    """Keyword arguments of :func:`csce_jax.losses.csce_loss` for this config."""
+    lc = config.loss
+    return {
+        "multilabel": multilabel,
+        "margin_type": lc.margin_type,
+        "scale": lc.scale,
+        "ce_weight": lc.ce,
+        "quan_weight": lc.quan,
+        "quan_type": lc.quan_type,
+        "multilabel_loss": lc.multilabel_loss,
+        "estimator": config.dsf.estimator,
+        "clip_all_logits": config.release_compat.clip_all_logits,
+        "balance": balance(config),
+        "temperature": config.dsf.temperature,
+    }
+
+
+def fold_key(seed: int, step: jax.Array) -> jax.Array:
+    """The per-step random key: a pure function of (seed, step), so resume is exact."""
+    return jax.random.fold_in(jax.random.key(seed), step)

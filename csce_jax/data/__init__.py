@@ -1,0 +1,17 @@
+"""Input pipelines: sources, protocols, the embedded digits set, and grain loaders."""
+
+from csce_jax.data.datasets import DATASETS, RetrievalData, load_data, stratified_split
+from csce_jax.data.images import DataError, normalize
+from csce_jax.data.pipeline import EvalLoader, TrainLoader, ViewConfig
+
+__all__ = [
+    "DATASETS",
+    "DataError",
+    "EvalLoader",
+    "RetrievalData",
+    "TrainLoader",
+    "ViewConfig",
+    "load_data",
+    "normalize",
+    "stratified_split",
+]

@@ -1,0 +1,190 @@
+"""grain pipelines: deterministic, per-host sharded, resumable training and padded evaluation.
+
+Training order is a pure function of the seed: ``order = shuffle(range(n), seed)`` repeated with a
+fresh shuffle each epoch, laid end to end as one stream. Global batch s is stream positions
+[s*B, (s+1)*B); host h of P reads the contiguous block [s*B + h*B/P, s*B + (h+1)*B/P). The
+augmentation of position p is seeded by (seed, p), so the pixels do not depend on the number of
+hosts, threads or restarts, and resuming at step s is just starting the stream there: the
+iterator state is the step number, saved in the checkpoint.
+
+Evaluation pads the last global batch with copies of record 0 and a ``mask`` of False, so every
+host runs the same number of steps (collectives must match).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import grain
+import numpy as np
+from absl import logging
+
+from csce_jax.data.images import DataError, eval_view, load_rgb, train_view
+from csce_jax.data.sources import Source
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewConfig:
+    """How images are sized: resize the shorter side to ``resize``, crop ``crop``."""
+
+    resize: int = 256
+    crop: int = 224
+    flip: bool = True
+
+
+class _CorruptCounter:
+    def __init__(self):
+        self.count = 0
+        self.lock = threading.Lock()
+
+    def add(self, where: str, err: Exception) -> None:
+        with self.lock:
+            self.count += 1
+            n = self.count
+        if n <= 10 or n % 1000 == 0:
+            logging.warning("skipped corrupt image #%d: %s (%s)", n, where, err)
+
+
+def _label_array(labels: list[Any]) -> np.ndarray:
+    return np.stack([np.asarray(x) for x in labels])
+
+
+class TrainLoader:
+    """Host batches {"image": uint8 (b, crop, crop, 3), "label", "index"} for steps [0, num_steps)."""
+
+    def __init__(
+        self,
+        source: Source,
+        *,
+        global_batch: int,
+        num_steps: int,
+        seed: int,
+        view: ViewConfig,
+        process_index: int = 0,
+        process_count: int = 1,
+        num_threads: int = 4,
+        skip_corrupt: bool = False,
+    ):
+        if global_batch % process_count:
+            raise ValueError(f"global batch {global_batch} not divisible by {process_count} hosts")
+        if len(source) < global_batch:
+            raise DataError(
+                f"{source.name}: {len(source)} records, fewer than one batch of {global_batch}"
+            )
+        self.source, self.view, self.seed = source, view, seed
+        self.global_batch, self.num_steps = global_batch, num_steps
+        self.host_batch = global_batch // process_count
+        self.process_index = process_index
+        self.num_threads, self.skip_corrupt = num_threads, skip_corrupt
+        self.corrupt = _CorruptCounter()
+        self.steps_per_epoch = len(source) // global_batch
+        epochs = math.ceil(num_steps * global_batch / len(source)) + 1
+        self._order = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(epochs)
+
+    def position(self, step: int, k: int) -> int:
+        """Stream position of this host's k-th example of global batch ``step``."""
+        return step * self.global_batch + self.process_index * self.host_batch + k
+
+    def _example(self, q: int) -> dict[str, Any]:
+        step, k = divmod(q, self.host_batch)
+        pos = self.position(step, k)
+        idx = int(self._order[pos])
+        rng = np.random.default_rng((self.seed, pos))
+        for _ in range(len(self.source)):
+            rec = self.source[idx]
+            try:
+                img = load_rgb(rec["image"], self.view.resize, rec["where"])
+                image = train_view(
+                    img, rng, resize=self.view.resize, crop=self.view.crop, flip=self.view.flip
+                )
+                return {"image": image, "label": rec["label"], "index": idx}
+            except DataError as e:
+                if not self.skip_corrupt:
+                    raise
+                self.corrupt.add(rec["where"], e)
+                idx = (idx + 1) % len(self.source)  # a deterministic stand-in
+        raise DataError(f"{self.source.name}: no decodable image")
+
+    def _collate(self, items: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+        return {
+            "image": np.stack([x["image"] for x in items]),
+            "label": _label_array([x["label"] for x in items]),
+            "index": np.asarray([x["index"] for x in items], np.int64),
+        }
+
+    def batches(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """Host batches for steps start_step, start_step + 1, ..., num_steps - 1."""
+        ds = grain.MapDataset.range(self.num_steps * self.host_batch).map(self._example)
+        ds = ds.batch(self.host_batch, drop_remainder=True, batch_fn=self._collate)
+        ds = ds[start_step:]
+        return iter(
+            ds.to_iter_dataset(
+                grain.ReadOptions(
+                    num_threads=self.num_threads, prefetch_buffer_size=2 * self.num_threads
+                )
+            )
+        )
+
+
+class EvalLoader:
+    """Host batches {"image", "label", "index", "mask"} over a whole split, padded and masked."""
+
+    def __init__(
+        self,
+        source: Source,
+        *,
+        global_batch: int,
+        view: ViewConfig,
+        process_index: int = 0,
+        process_count: int = 1,
+        num_threads: int = 4,
+        skip_corrupt: bool = False,
+    ):
+        if global_batch % process_count:
+            raise ValueError(f"global batch {global_batch} not divisible by {process_count} hosts")
+        self.source, self.view = source, view
+        self.global_batch = global_batch
+        self.host_batch = global_batch // process_count
+        self.process_index = process_index
+        self.num_steps = max(1, math.ceil(len(source) / global_batch))
+        self.num_threads, self.skip_corrupt = num_threads, skip_corrupt
+        self.corrupt = _CorruptCounter()
+
+    def _example(self, q: int) -> dict[str, Any]:
+        step, k = divmod(q, self.host_batch)
+        pos = step * self.global_batch + self.process_index * self.host_batch + k
+        valid = pos < len(self.source)
+        rec = self.source[pos if valid else 0]
+        try:
+            img = load_rgb(rec["image"], self.view.resize, rec["where"])
+            image = eval_view(img, resize=self.view.resize, crop=self.view.crop)
+        except DataError as e:
+            if not self.skip_corrupt:
+                raise
+            self.corrupt.add(rec["where"], e)
+            image = np.zeros((self.view.crop, self.view.crop, 3), np.uint8)
+            valid = False
+        return {"image": image, "label": rec["label"], "index": pos if valid else -1, "mask": valid}
+
+    def _collate(self, items: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+        return {
+            "image": np.stack([x["image"] for x in items]),
+            "label": _label_array([x["label"] for x in items]),
+            "index": np.asarray([x["index"] for x in items], np.int64),
+            "mask": np.asarray([x["mask"] for x in items], bool),
+        }
+
+    def batches(self) -> Iterator[dict[str, np.ndarray]]:
+        ds = grain.MapDataset.range(self.num_steps * self.host_batch).map(self._example)
+        ds = ds.batch(self.host_batch, drop_remainder=True, batch_fn=self._collate)
+        return iter(
+            ds.to_iter_dataset(
+                grain.ReadOptions(
+                    num_threads=self.num_threads, prefetch_buffer_size=2 * self.num_threads
+                )
+            )
+        )

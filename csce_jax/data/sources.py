@@ -1,0 +1,329 @@
+"""Random-access image sources: arrays, DeepHash list files, image folders, tfds, manual layouts.
+
+A source is one split: ``len(src)`` records, ``src[i]`` -> {"image", "label", "where"} where
+``image`` is a path, encoded bytes or a uint8 array (decoded later, in the pipeline), ``label`` a
+class index (single-label) or a multi-hot vector, and ``where`` names the record in error messages
+(file and list line). ``src.labels`` holds every label without touching an image.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from csce_jax.data.images import DataError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+class Source:
+    """A split held as parallel sequences of images, labels and names."""
+
+    def __init__(self, images: Sequence[Any], labels: np.ndarray, where: Sequence[str], name: str):
+        if not (len(images) == len(labels) == len(where)):
+            raise ValueError(
+                f"{name}: {len(images)} images, {len(labels)} labels, {len(where)} names"
+            )
+        self.images, self.labels, self.where, self.name = images, np.asarray(labels), where, name
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        i = int(i)
+        return {"image": self.images[i], "label": self.labels[i], "where": self.where[i]}
+
+    def subset(self, indices: np.ndarray, name: str) -> Source:
+        """The records at ``indices`` (an index array), as a new source."""
+        indices = np.asarray(indices, np.int64)
+        return Source(
+            _Take(self.images, indices), self.labels[indices], _Take(self.where, indices), name
+        )
+
+
+class _Take(Sequence):
+    """A lazy view ``seq[indices]`` (so subsets of tfds sources stay random access)."""
+
+    def __init__(self, seq: Sequence, indices: np.ndarray):
+        self.seq, self.indices = seq, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.seq[int(self.indices[i])]
+
+
+def _check_files(paths: list[Path], where: list[str], skip_missing: bool, name: str) -> np.ndarray:
+    """Indices of records whose file exists; a missing one is an error naming it, or skipped."""
+    keep = np.array([p.is_file() for p in paths], bool)
+    if not keep.all():
+        missing = [where[i] for i in np.flatnonzero(~keep)]
+        if not skip_missing:
+            raise DataError(
+                f"{name}: {len(missing)} listed image(s) do not exist, first: "
+                f"{missing[0]} (set data.skip_corrupt=True to skip them)"
+            )
+        logging.warning(
+            "%s: skipped %d missing image(s), first: %s", name, len(missing), missing[0]
+        )
+    return np.flatnonzero(keep)
+
+
+def list_file_source(
+    list_file: str | os.PathLike,
+    image_root: str | os.PathLike,
+    *,
+    multilabel: bool,
+    skip_missing: bool = False,
+) -> Source:
+    """A DeepHash-style list: one line ``relative/path.jpg 0 0 1 0 ...`` per image."""
+    list_file, root = Path(list_file), Path(image_root)
+    if not list_file.is_file():
+        raise DataError(f"list file not found: {list_file}")
+    paths, labels, where = [], [], []
+    width = None
+    for n, line in enumerate(list_file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        loc = f"{list_file}:{n}"
+        try:
+            vec = np.array([int(x) for x in parts[1:]], np.int8)
+        except ValueError as e:
+            raise DataError(f"{loc}: labels must be 0/1 integers: {line[:120]!r}") from e
+        if width is None:
+            width = len(vec)
+        if len(vec) != width or len(vec) == 0 or not np.isin(vec, (0, 1)).all():
+            raise DataError(f"{loc}: expected {width} 0/1 labels, got {parts[1:][:12]}")
+        if not multilabel and vec.sum() != 1:
+            raise DataError(
+                f"{loc}: a single-label data set needs exactly one 1, got {int(vec.sum())}"
+            )
+        paths.append(root / parts[0])
+        labels.append(vec)
+        where.append(f"{root / parts[0]} ({loc})")
+    if not paths:
+        raise DataError(f"{list_file}: no records")
+    lab = np.stack(labels)
+    if not multilabel:
+        lab = lab.argmax(axis=1).astype(np.int32)
+    keep = _check_files(paths, where, skip_missing, str(list_file))
+    return Source(
+        [str(paths[i]) for i in keep], lab[keep], [where[i] for i in keep], str(list_file)
+    )
+
+
+def folder_source(
+    root: str | os.PathLike, *, skip_missing: bool = False
+) -> tuple[Source, list[str]]:
+    """``root/<class>/<image>`` for every class folder (sorted); returns (source, class names)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root}")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise DataError(f"{root}: no class sub-folders (expected root/<class>/<image>)")
+    paths, labels = [], []
+    for c, name in enumerate(classes):
+        for f in sorted((root / name).iterdir()):
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                paths.append(f)
+                labels.append(c)
+    if not paths:
+        raise DataError(f"{root}: no images with suffix {IMAGE_SUFFIXES}")
+    where = [str(p) for p in paths]
+    keep = _check_files(paths, where, skip_missing, str(root))
+    return Source(
+        [str(paths[i]) for i in keep],
+        np.asarray(labels, np.int32)[keep],
+        [where[i] for i in keep],
+        str(root),
+    ), classes
+
+
+class _TfdsImages(Sequence):
+    def __init__(self, ds, key: str):
+        self.ds, self.key = ds, key
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return self.ds[int(i)][self.key]
+
+
+def tfds_source(name: str, split: str, *, data_dir: str | None = None) -> Source:
+    """A tfds split read by random access (ArrayRecord), without TensorFlow.
+
+    tfds decodes the images (to uint8 arrays); the label scan at start-up first tries to leave
+    images encoded, which is much faster where tfds can do it without TensorFlow. The builder must
+    be prepared (``tfds build NAME``, or ``download_and_prepare`` with network access).
+    """
+    import tensorflow_datasets as tfds
+
+    try:
+        ds = tfds.data_source(name, split=split, data_dir=data_dir)
+    except Exception as e:
+        raise DataError(
+            f"tfds data set {name!r} split {split!r} is not available under data_dir="
+            f"{data_dir or '~/tensorflow_datasets'}: {e}. Prepare it once with network access: "
+            f"`tfds build {name} --data_dir=...`"
+        ) from e
+    try:
+        raw = tfds.data_source(
+            name, split=split, data_dir=data_dir, decoders={"image": tfds.decode.SkipDecoding()}
+        )
+        if len(raw):
+            _ = raw[0]  # probe: raises where this needs TensorFlow
+    except Exception:  # needs TensorFlow here: decode images too, slower but correct
+        raw = ds
+    labels = np.fromiter((int(raw[i]["label"]) for i in range(len(raw))), np.int32, len(raw))
+    where = [f"tfds:{name}/{split}[{i}]" for i in range(len(ds))]
+    return Source(_TfdsImages(ds, "image"), labels, where, f"tfds:{name}/{split}")
+
+
+# --- Data sets that tfds does not have: read from a manual directory -------------------------
+
+AIRCRAFT_URL = (
+    "https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz"
+)
+NABIRDS_URL = "https://dl.allaboutbirds.org/nabirds"
+VEGFRU_URL = "https://github.com/ustc-vim/vegfru"
+
+
+def _extracted(manual_dir: Path, folder: str, archive: str, url: str, needed: str) -> Path:
+    """``manual_dir/folder``, extracting ``manual_dir/archive`` first if only that is there."""
+    if not manual_dir.is_dir():
+        raise DataError(
+            f"manual directory {manual_dir} does not exist: download {url} and put "
+            f"{archive} (or its extracted folder {folder}/) there"
+        )
+    base = manual_dir / folder
+    if not (base / needed).exists() and (manual_dir / archive).is_file():
+        logging.info("extracting %s", manual_dir / archive)
+        with tarfile.open(manual_dir / archive) as tar:
+            tar.extractall(manual_dir, filter="data")
+    if not (base / needed).exists():
+        raise DataError(
+            f"{base / needed} not found: download {url} and put {archive} or its "
+            f"extracted folder {folder}/ in {manual_dir}"
+        )
+    return base
+
+
+def aircraft_sources(
+    manual_dir: str | os.PathLike, *, skip_missing: bool = False
+) -> tuple[Source, Source]:
+    """FGVC-Aircraft 2013b, variant level (100 classes): (trainval 6,667, test 3,333)."""
+    base = (
+        _extracted(
+            Path(manual_dir),
+            "fgvc-aircraft-2013b",
+            "fgvc-aircraft-2013b.tar.gz",
+            AIRCRAFT_URL,
+            "data/variants.txt",
+        )
+        / "data"
+    )
+    classes = [c.strip() for c in (base / "variants.txt").read_text().splitlines() if c.strip()]
+    index = {c: i for i, c in enumerate(classes)}
+    out = []
+    for split in ("trainval", "test"):
+        f = base / f"images_variant_{split}.txt"
+        paths, labels, where = [], [], []
+        for n, line in enumerate(f.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            image_id, _, variant = line.partition(" ")
+            if variant not in index:
+                raise DataError(f"{f}:{n}: unknown variant {variant!r}")
+            paths.append(base / "images" / f"{image_id}.jpg")
+            labels.append(index[variant])
+            where.append(f"{paths[-1]} ({f}:{n})")
+        keep = _check_files(paths, where, skip_missing, str(f))
+        out.append(
+            Source(
+                [str(paths[i]) for i in keep],
+                np.asarray(labels, np.int32)[keep],
+                [where[i] for i in keep],
+                f"aircraft/{split}",
+            )
+        )
+    return out[0], out[1]
+
+
+def nabirds_sources(
+    manual_dir: str | os.PathLike, *, skip_missing: bool = False
+) -> tuple[Source, Source]:
+    """NABirds (555 visual categories): (train 23,929, test 24,633)."""
+    base = _extracted(
+        Path(manual_dir), "nabirds", "nabirds.tar.gz", NABIRDS_URL, "train_test_split.txt"
+    )
+
+    def table(name):
+        rows = {}
+        for line in (base / name).read_text().splitlines():
+            if line.strip():
+                k, v = line.split(maxsplit=1)
+                rows[k] = v.strip()
+        return rows
+
+    images, classes, is_train = (
+        table("images.txt"),
+        table("image_class_labels.txt"),
+        table("train_test_split.txt"),
+    )
+    used = sorted({int(c) for c in classes.values()})
+    index = {c: i for i, c in enumerate(used)}
+    out = []
+    for flag, split in (("1", "train"), ("0", "test")):
+        ids = [i for i in images if is_train.get(i) == flag]
+        paths = [base / "images" / images[i] for i in ids]
+        where = [f"{p} (images.txt id {i})" for p, i in zip(paths, ids, strict=True)]
+        labels = np.asarray([index[int(classes[i])] for i in ids], np.int32)
+        keep = _check_files(paths, where, skip_missing, f"nabirds/{split}")
+        out.append(
+            Source(
+                [str(paths[i]) for i in keep],
+                labels[keep],
+                [where[i] for i in keep],
+                f"nabirds/{split}",
+            )
+        )
+    return out[0], out[1]
+
+
+def vegfru_sources(
+    manual_dir: str | os.PathLike, *, skip_missing: bool = False
+) -> tuple[Source, Source]:
+    """VegFru (292 classes) with its official lists: (train 29,200, test 116,931)."""
+    base = _extracted(
+        Path(manual_dir), "vegfru", "vegfru.tar.gz", VEGFRU_URL, "vegfru_list/vegfru_train.txt"
+    )
+    out = []
+    for split in ("train", "test"):
+        f = base / "vegfru_list" / f"vegfru_{split}.txt"
+        paths, labels, where = [], [], []
+        for n, line in enumerate(f.read_text().splitlines(), 1):
+            if line.strip():
+                rel, label = line.rsplit(maxsplit=1)
+                paths.append(base / rel)
+                labels.append(int(label))
+                where.append(f"{paths[-1]} ({f}:{n})")
+        keep = _check_files(paths, where, skip_missing, str(f))
+        out.append(
+            Source(
+                [str(paths[i]) for i in keep],
+                np.asarray(labels, np.int32)[keep],
+                [where[i] for i in keep],
+                f"vegfru/{split}",
+            )
+        )
+    return out[0], out[1]

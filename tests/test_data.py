@@ -1,0 +1,195 @@
+"""Sources, decoding of awkward images, list files, folders, manual layouts, digits, tfds mocks."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs.default import data_config
+from csce_jax.data import DataError, EvalLoader, TrainLoader, ViewConfig, load_data
+from csce_jax.data.digits import digits_sources
+from csce_jax.data.images import load_rgb
+from csce_jax.data.sources import aircraft_sources, folder_source, list_file_source
+
+VIEW = ViewConfig(resize=40, crop=32, flip=True)
+
+
+def _save(path, mode, size=(48, 40), fmt=None, color=None):
+    rng = np.random.default_rng(abs(hash(str(path))) % 2**32)
+    channels = {"L": 1, "RGB": 3, "RGBA": 4, "CMYK": 4}[mode]
+    arr = rng.integers(0, 255, (size[1], size[0], channels), dtype=np.uint8)
+    img = Image.fromarray(
+        arr[..., 0] if channels == 1 else arr, mode=mode if mode != "RGB" else None
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format=fmt)
+    return path
+
+
+@pytest.fixture
+def image_tree(tmp_path):
+    """root/<class>/: RGB and grayscale JPEG, CMYK JPEG, PNG with alpha, a truncated JPEG."""
+    root = tmp_path / "images"
+    _save(root / "cat" / "rgb.jpg", "RGB")
+    _save(root / "cat" / "gray.jpg", "L")
+    _save(root / "dog" / "cmyk.jpg", "CMYK")
+    _save(root / "dog" / "alpha.png", "RGBA")
+    _save(root / "dog" / "rgb2.jpg", "RGB")
+    bad = _save(root / "cat" / "truncated.jpg", "RGB", size=(120, 100))
+    bad.write_bytes(bad.read_bytes()[:300])
+    return root
+
+
+def test_awkward_images_decode_to_rgb(image_tree):
+    for name in ("cat/gray.jpg", "dog/cmyk.jpg", "dog/alpha.png"):
+        img = load_rgb(str(image_tree / name))
+        assert img.mode == "RGB" and img.size == (48, 40)
+    # Alpha is composited over white: a fully transparent pixel becomes white.
+    Image.new("RGBA", (4, 4), (10, 20, 30, 0)).save(image_tree / "clear.png")
+    assert np.asarray(load_rgb(str(image_tree / "clear.png")))[0, 0].tolist() == [255, 255, 255]
+
+
+def test_truncated_image_names_the_file(image_tree):
+    with pytest.raises(DataError, match="truncated.jpg"):
+        load_rgb(
+            str(image_tree / "cat" / "truncated.jpg"), where=str(image_tree / "cat/truncated.jpg")
+        )
+
+
+def test_folder_source_and_corrupt_handling(image_tree):
+    src, classes = folder_source(image_tree)
+    assert classes == ["cat", "dog"] and len(src) == 6
+    assert sorted(src.labels.tolist()) == [0, 0, 0, 1, 1, 1]
+    loader = EvalLoader(src, global_batch=4, view=VIEW)
+    with pytest.raises(DataError, match="truncated.jpg"):
+        list(loader.batches())
+    loader = EvalLoader(src, global_batch=4, view=VIEW, skip_corrupt=True)
+    batches = list(loader.batches())
+    mask = np.concatenate([b["mask"] for b in batches])
+    assert mask.sum() == 5 and len(mask) == 8 and loader.corrupt.count == 1
+    assert all(b["image"].shape == (4, 32, 32, 3) and b["image"].dtype == np.uint8 for b in batches)
+
+
+def _write_list(path, rows):
+    path.write_text("".join(f"{name} {' '.join(map(str, vec))}\n" for name, vec in rows))
+
+
+def test_list_file_source_single_and_multi_label(image_tree, tmp_path):
+    lst = tmp_path / "train.txt"
+    _write_list(
+        lst, [("cat/rgb.jpg", [1, 0, 0]), ("dog/cmyk.jpg", [0, 0, 1]), ("dog/alpha.png", [0, 1, 0])]
+    )
+    src = list_file_source(lst, image_root=image_tree, multilabel=False)
+    assert src.labels.tolist() == [0, 2, 1]
+    multi = tmp_path / "multi.txt"
+    _write_list(multi, [("cat/rgb.jpg", [1, 1, 0]), ("dog/rgb2.jpg", [0, 0, 1])])
+    src = list_file_source(multi, image_root=image_tree, multilabel=True)
+    assert src.labels.tolist() == [[1, 1, 0], [0, 0, 1]]
+    with pytest.raises(DataError, match=r"multi.txt:1: a single-label data set needs exactly one"):
+        list_file_source(multi, image_root=image_tree, multilabel=False)
+
+
+def test_missing_listed_file_names_file_and_line(image_tree, tmp_path):
+    lst = tmp_path / "test.txt"
+    _write_list(lst, [("cat/rgb.jpg", [1, 0]), ("cat/nope.jpg", [1, 0])])
+    with pytest.raises(DataError, match=r"nope.jpg \(.*test.txt:2\)"):
+        list_file_source(lst, image_root=image_tree, multilabel=False)
+    src = list_file_source(lst, image_root=image_tree, multilabel=False, skip_missing=True)
+    assert len(src) == 1
+    bad = tmp_path / "bad.txt"
+    bad.write_text("cat/rgb.jpg 1 x\n")
+    with pytest.raises(DataError, match="bad.txt:1: labels must be 0/1"):
+        list_file_source(bad, image_root=image_tree, multilabel=False)
+
+
+def test_list_protocol_through_load_data(image_tree, tmp_path):
+    for f in ("train", "database", "test"):
+        _write_list(
+            tmp_path / f"{f}.txt",
+            [
+                ("cat/rgb.jpg", [1, 0]),
+                ("dog/rgb2.jpg", [0, 1]),
+                ("cat/gray.jpg", [1, 0]),
+                ("dog/cmyk.jpg", [0, 1]),
+            ],
+        )
+    cfg = data_config("imagenet100")
+    cfg.list_dir, cfg.image_root = str(tmp_path), str(image_tree)
+    data = load_data(cfg)
+    assert data.topk == 1000 and not data.multilabel
+    assert len(data.database) == 4 and len(data.query) == 4 and len(data.train) == 4
+
+
+def test_aircraft_manual_layout_and_messages(tmp_path):
+    cfg = data_config("aircraft")
+    with pytest.raises(DataError, match="data.manual_dir is not set"):
+        load_data(cfg)
+    with pytest.raises(
+        DataError,
+        match=r"variants.txt not found: download https://www.robots.*fgvc-aircraft-2013b.tar.gz",
+    ):
+        aircraft_sources(tmp_path)
+    base = tmp_path / "fgvc-aircraft-2013b" / "data"
+    base.mkdir(parents=True)
+    (base / "variants.txt").write_text("707-320\nA300B4\n")
+    (base / "images_variant_trainval.txt").write_text("0001 707-320\n0002 A300B4\n")
+    (base / "images_variant_test.txt").write_text("0003 A300B4\n")
+    for i in ("0001", "0002", "0003"):
+        _save(base / "images" / f"{i}.jpg", "RGB")
+    cfg.manual_dir = str(tmp_path)
+    with pytest.raises(DataError, match="train: found 2, documented 6667"):
+        load_data(cfg)
+    cfg.allow_size_mismatch = True
+    cfg.val_fraction = 0.0
+    data = load_data(cfg)
+    assert data.train.labels.tolist() == [0, 1] and data.query.labels.tolist() == [1]
+
+
+def test_digits_split():
+    train, query = digits_sources()
+    assert len(train) == 1497 and len(query) == 300
+    assert np.bincount(query.labels).tolist() == [30] * 10
+    img = train[0]["image"]
+    assert img.shape == (32, 32) and img.dtype == np.uint8 and img.max() == 255 and img.min() == 0
+    assert not set(train.where) & set(query.where)
+    t2, _q2 = digits_sources()
+    np.testing.assert_array_equal(train.labels, t2.labels)
+
+
+def test_validation_split_is_stratified_and_seeded():
+    cfg = data_config("digits")
+    data = load_data(cfg)
+    assert len(data.val) + len(data.fit) == 1497
+    counts = np.bincount(data.val.labels, minlength=10)
+    assert counts.min() >= 14 and counts.max() <= 16
+    assert not set(data.val.where) & set(data.fit.where)
+    again = load_data(cfg)
+    assert list(again.val.where) == list(data.val.where)
+
+
+TFDS_SETS = {
+    "cub200": 200,
+    "stanford_dogs": 120,
+    "cars196": 196,
+    "food101": 101,
+    "oxford_flowers102": 102,
+}
+
+
+@pytest.mark.parametrize("name", sorted(TFDS_SETS))
+def test_tfds_builders_with_mock_data(name):
+    import tensorflow_datasets as tfds
+
+    cfg = data_config(name)
+    cfg.allow_size_mismatch = True
+    cfg.val_fraction = 0.0
+    cfg.resize, cfg.crop = 40, 32
+    with tfds.testing.mock_data(num_examples=6):
+        data = load_data(cfg)
+        assert data.num_classes == TFDS_SETS[name] and data.topk is None
+        assert len(data.train) == 6 and len(data.query) == 6
+        loader = TrainLoader(
+            data.fit, global_batch=4, num_steps=2, seed=0, view=ViewConfig(40, 32, True)
+        )
+        batch = next(loader.batches())
+    assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.uint8
+    assert batch["label"].shape == (4,)

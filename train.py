@@ -1,0 +1,31 @@
+"""Train CSCE-Net: ``python train.py --config configs/<dataset>.py --workdir runs/x``.
+
+Overrides: ``--config.bits=48 --config.total_steps=100``; config arguments:
+``--config configs/cub200.py:bits=48``. Rerunning the same command resumes from the latest
+checkpoint in the workdir.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from csce_jax import train_lib
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", None, "config file (configs/*.py[:args])", lock_config=True
+)
+flags.DEFINE_string("workdir", None, "output folder (checkpoints, metrics.jsonl)", required=True)
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.INFO)
+    train_lib.quiet_library_logs()
+    final = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    print(final)
+
+
+if __name__ == "__main__":
+    app.run(main)
