@@ -11,7 +11,7 @@ import json
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from csce_jax import eval_lib
+from csce_jax import cli, eval_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -37,7 +37,8 @@ def main(argv):
         missing = [f for f in ("db_codes", "query_labels", "db_labels") if not getattr(FLAGS, f)]
         if missing:
             raise app.UsageError(f"--query_codes also needs --{', --'.join(missing)}")
-        result = eval_lib.score_npy(
+        result = cli.run_reporting_errors(
+            eval_lib.score_npy,
             FLAGS.query_codes,
             FLAGS.db_codes,
             FLAGS.query_labels,
@@ -51,7 +52,7 @@ def main(argv):
         from csce_jax.train_lib import quiet_library_logs
 
         quiet_library_logs()
-        config = eval_lib.load_run_config(FLAGS.workdir, FLAGS.config)
+        config = cli.run_reporting_errors(eval_lib.load_run_config, FLAGS.workdir, FLAGS.config)
         result = eval_lib.run_eval(
             config,
             FLAGS.workdir,
@@ -64,4 +65,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -8,7 +8,7 @@ checkpoint in the workdir.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from csce_jax import train_lib
+from csce_jax import cli, train_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -23,9 +23,9 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
     train_lib.quiet_library_logs()
-    final = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    final = cli.run_reporting_errors(train_lib.train_and_evaluate, FLAGS.config, FLAGS.workdir)
     print(final)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

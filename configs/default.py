@@ -156,3 +156,30 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if a.release:
         apply_release(c)
     return c
+
+
+def release_recipe(
+    name: str, arg: str | None, *, bits: int, epochs: int, train_size: int
+) -> ml_collections.ConfigDict:
+    """The release's recipe (SPEC Sec. 8) on data set ``name``: ResNet-50 from ImageNet weights,
+    RMSprop lr 1e-5 / wd 1e-5, batch 50, 256 -> 224 crops, evaluation every 5 epochs.
+
+    Config arguments: bits=K, release (all release-compat switches), aspp, estimator=ste|release,
+    seed=N, epochs=N.
+    """
+    a = parse_arg(arg, bits=bits, release=False, aspp=False, estimator="ste", seed=0, epochs=epochs)
+    c = base_config()
+    c.seed = a.seed
+    c.bits = a.bits
+    c.data = data_config(name)
+    c.model.init_from = "torchvision:IMAGENET1K_V1"
+    c.model.use_aspp = a.aspp
+    c.dsf.estimator = a.estimator
+    steps_per_epoch = max(1, train_size // c.batch_size)
+    c.total_steps = a.epochs * steps_per_epoch
+    c.eval_every_steps = 5 * steps_per_epoch
+    c.checkpoint_every_steps = steps_per_epoch
+    c.log_every_steps = 50
+    if a.release:
+        apply_release(c)
+    return c

@@ -173,8 +173,8 @@ def make_train_step(graphdef, tx, schedule, config, multilabel: bool, mesh):
             "loss": losses["loss"],
             "ce": losses["ce"],
             "quant": losses["quant"],
-            "grad_norm": optax.global_norm(grads),
-            "param_norm": optax.global_norm(params),
+            "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(params),
             "lr": schedule(step),
         }
         return new_state, out
@@ -316,7 +316,8 @@ def train_and_evaluate(
             state, m = train_step(state, batch)
             step += 1
             last = step == config.total_steps
-            checkpoint_now = last or preempt.requested or step % config.checkpoint_every_steps == 0
+            stopping = preempt.requested  # read once: the signal may arrive at any moment
+            checkpoint_now = last or stopping or step % config.checkpoint_every_steps == 0
             if step % config.log_every_steps == 0 or last or checkpoint_now:
                 row = _host_metrics(m)
                 if not all(math.isfinite(v) for v in row.values()):
@@ -356,7 +357,7 @@ def train_and_evaluate(
                 tick, tick_step = time.time(), step  # keep evaluation out of images/s
             if checkpoint_now or is_best:
                 ckpts.save(step, state, meta(step), best=is_best)
-            if preempt.requested and not last:
+            if stopping and not last:
                 ckpts.close()
                 logging.warning("preempted: checkpoint at step %d saved, exiting", step)
                 return {"step": step, "preempted": True}
