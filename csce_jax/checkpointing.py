@@ -97,5 +97,15 @@ class Checkpoints:
         """(step, state, meta) of the newest restorable checkpoint, or None if there is none."""
         return self._restore(self.latest, target, step)
 
+    def read_meta(self, step: int | None = None) -> tuple[int, dict[str, Any]] | None:
+        """(step, JSON record) of ``step`` in latest, else of the best, else of the latest."""
+        for manager in ((self.latest,) if step is not None else (self.best, self.latest)):
+            steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
+            for s in steps:
+                if s in manager.all_steps():
+                    meta = manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+                    return s, dict(meta.meta)
+        return None
+
     def restore_best(self, target: Any) -> tuple[int, Any, dict[str, Any]] | None:
         return self._restore(self.best, target, None)

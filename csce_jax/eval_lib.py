@@ -82,7 +82,7 @@ class Encoder:
         if with_continuous:
             out["v"] = np.concatenate(cont)[order]
         if loader.corrupt.count:
-            out["skipped"] = loader.corrupt.count
+            out["skipped"] = loader.corrupt.names
         return out
 
 

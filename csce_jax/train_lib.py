@@ -294,6 +294,7 @@ def train_and_evaluate(
             "step": step,
             "centers": fingerprint,
             "best_map": best_map,
+            "num_classes": data.num_classes,
             "config": json.loads(config.to_json_best_effort()),
         }
 

@@ -39,12 +39,15 @@ class ViewConfig:
 class _CorruptCounter:
     def __init__(self):
         self.count = 0
+        self.names: list[str] = []  # the first 1000, for reports
         self.lock = threading.Lock()
 
     def add(self, where: str, err: Exception) -> None:
         with self.lock:
             self.count += 1
             n = self.count
+            if n <= 1000:
+                self.names.append(where)
         if n <= 10 or n % 1000 == 0:
             logging.warning("skipped corrupt image #%d: %s (%s)", n, where, err)
 
@@ -157,8 +160,10 @@ class EvalLoader:
     def _example(self, q: int) -> dict[str, Any]:
         step, k = divmod(q, self.host_batch)
         pos = step * self.global_batch + self.process_index * self.host_batch + k
-        valid = pos < len(self.source)
-        rec = self.source[pos if valid else 0]
+        blank = np.zeros((self.view.crop, self.view.crop, 3), np.uint8)
+        if pos >= len(self.source):  # padding: nothing to read
+            return {"image": blank, "label": self.source.labels[0], "index": -1, "mask": False}
+        rec = self.source[pos]
         try:
             img = load_rgb(rec["image"], self.view.resize, rec["where"])
             image = eval_view(img, resize=self.view.resize, crop=self.view.crop)
@@ -166,9 +171,8 @@ class EvalLoader:
             if not self.skip_corrupt:
                 raise
             self.corrupt.add(rec["where"], e)
-            image = np.zeros((self.view.crop, self.view.crop, 3), np.uint8)
-            valid = False
-        return {"image": image, "label": rec["label"], "index": pos if valid else -1, "mask": valid}
+            return {"image": blank, "label": rec["label"], "index": -1, "mask": False}
+        return {"image": image, "label": rec["label"], "index": pos, "mask": True}
 
     def _collate(self, items: list[dict[str, Any]]) -> dict[str, np.ndarray]:
         return {
