@@ -99,7 +99,7 @@ class Checkpoints:
 
     def read_meta(self, step: int | None = None) -> tuple[int, dict[str, Any]] | None:
         """(step, JSON record) of ``step`` in latest, else of the best, else of the latest."""
-        for manager in ((self.latest,) if step is not None else (self.best, self.latest)):
+        for manager in (self.latest,) if step is not None else (self.best, self.latest):
             steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
             for s in steps:
                 if s in manager.all_steps():

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_CHUNK = 512  # queries per distance/ranking chunk: bounds memory at ~CHUNK * N bytes
+_CHUNK_ELEMENTS = 1 << 26  # query x database entries per chunk and thread (~0.6 GiB peak)
 
 
 # --- Codes -----------------------------------------------------------------------------------
@@ -122,8 +122,10 @@ def _chunks(n: int, size: int):
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def _map_chunks(fn, n: int, threads: int):
-    parts = _chunks(n, _CHUNK)
+def _map_chunks(fn, n: int, threads: int, db_size: int):
+    """``fn`` over query chunks sized so memory stays bounded whatever the database size."""
+    rows = max(1, min(512, _CHUNK_ELEMENTS // max(db_size, 1)))
+    parts = _chunks(n, rows)
     if threads <= 1 or len(parts) == 1:
         return [fn(s) for s in parts]
     with ThreadPoolExecutor(threads) as pool:
@@ -152,7 +154,7 @@ def average_precisions(
         dist = np.asarray(_hamming_kernel(jnp.asarray(q_words[s]), db_dev))
         return _average_precision(_ranked_relevance(dist, relevance(s), topk))
 
-    return np.concatenate(_map_chunks(chunk, len(q_words), threads))
+    return np.concatenate(_map_chunks(chunk, len(q_words), threads, len(db_words)))
 
 
 def mean_average_precision(
@@ -189,7 +191,7 @@ def map_at_ks(
         ranked = _ranked_relevance(dist, relevance(s), None)
         return [_average_precision(ranked[:, : (n if k is None else min(k, n))]) for k in ks]
 
-    parts = _map_chunks(chunk, len(q_words), 2)
+    parts = _map_chunks(chunk, len(q_words), 2, len(db_words))
     return {
         _key(k): float(np.mean(np.concatenate([p[i] for p in parts]))) for i, k in enumerate(ks)
     }
@@ -197,6 +199,25 @@ def map_at_ks(
 
 def _key(k: int | None) -> str:
     return "map@all" if k is None else f"map@{k}"
+
+
+def search_topk(
+    query_codes: np.ndarray, db_codes: np.ndarray, k: int, *, bits: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest database items of each query: (indices, distances), both (Q, k),
+    ordered by (distance, database index)."""
+    q_words, _ = _as_words(query_codes, bits)
+    db_words, _ = _as_words(db_codes, bits)
+    db_dev = jnp.asarray(db_words)
+    k = min(k, len(db_words))
+
+    def chunk(s):
+        dist = np.asarray(_hamming_kernel(jnp.asarray(q_words[s]), db_dev))
+        order = np.argsort(dist, axis=1, kind="stable")[:, :k]
+        return order, np.take_along_axis(dist, order, axis=1)
+
+    parts = _map_chunks(chunk, len(q_words), 2, len(db_words))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 # --- Curves ----------------------------------------------------------------------------------
@@ -221,7 +242,7 @@ def precision_recall_at_k(
         total = np.maximum(rel.sum(axis=1, keepdims=True), 1)
         return hits / np.asarray(ks), hits / total
 
-    parts = _map_chunks(chunk, len(q_words), 2)
+    parts = _map_chunks(chunk, len(q_words), 2, len(db_words))
     prec = np.concatenate([p[0] for p in parts]).mean(axis=0)
     rec = np.concatenate([p[1] for p in parts]).mean(axis=0)
     return {"k": ks, "precision": prec.tolist(), "recall": rec.tolist()}
@@ -251,7 +272,7 @@ def hamming_radius_curve(
         rec = hits / np.maximum(rel.sum(axis=1, keepdims=True), 1)
         return prec, rec
 
-    parts = _map_chunks(chunk, len(q_words), 2)
+    parts = _map_chunks(chunk, len(q_words), 2, len(db_words))
     prec = np.concatenate([p[0] for p in parts]).mean(axis=0)
     rec = np.concatenate([p[1] for p in parts]).mean(axis=0)
     return {"radius": list(range(k + 1)), "precision": prec.tolist(), "recall": rec.tolist()}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import urllib.request
 from pathlib import Path
 
@@ -60,7 +61,8 @@ def torchvision_file(name: str, *, download: bool = True) -> Path:
         tmp = path.with_suffix(".part")
         try:
             logging.info("downloading %s to %s", url, path)
-            urllib.request.urlretrieve(url, tmp)
+            with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+                shutil.copyfileobj(response, f)
             os.replace(tmp, path)
         except OSError as e:
             tmp.unlink(missing_ok=True)

@@ -53,16 +53,21 @@ def _encoder(workdir: str, step: int | None):
     if found is None:
         raise IndexError_(f"no checkpoint in {Path(workdir) / 'checkpoints'}")
     got_step, meta = found
-    graphdef, weights, got_step = eval_lib.restore_weights(config, workdir, meta["num_classes"],
-                                                           got_step)
+    graphdef, weights, got_step = eval_lib.restore_weights(
+        config, workdir, meta["num_classes"], got_step
+    )
     enc = eval_lib.Encoder(graphdef, config, make_mesh())
 
     def encode(paths: list[str]) -> dict[str, Any]:
         src = Source(paths, np.zeros(len(paths), np.int32), paths, "search")
         return enc.encode(weights, src)
 
-    return encode, {"bits": config.bits, "centers": meta["centers"], "workdir": str(workdir),
-                    "step": got_step}
+    return encode, {
+        "bits": config.bits,
+        "centers": meta["centers"],
+        "workdir": str(workdir),
+        "step": got_step,
+    }
 
 
 def build_index(workdir: str, images: str, out: str, step: int | None = None) -> dict[str, Any]:
@@ -77,8 +82,12 @@ def build_index(workdir: str, images: str, out: str, step: int | None = None) ->
     kept = [paths[i] for i in enc["index"]]
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp.npz")
-    np.savez(tmp, codes=pack_codes(enc["codes"]), paths=np.asarray(kept),
-             meta=np.asarray(json.dumps({**meta, "version": INDEX_VERSION})))
+    np.savez(
+        tmp,
+        codes=pack_codes(enc["codes"]),
+        paths=np.asarray(kept),
+        meta=np.asarray(json.dumps({**meta, "version": INDEX_VERSION})),
+    )
     os.replace(tmp, out)
     return {**meta, "indexed": len(kept), "skipped": len(enc.get("skipped", []))}
 
@@ -96,17 +105,20 @@ def load_index(path: str) -> tuple[np.ndarray, list[str], dict[str, Any]]:
     return codes, paths, meta
 
 
-def search(index: str, image: str, k: int = 10, picture: str | None = None
-           ) -> list[tuple[str, int]]:
+def search(
+    index: str, image: str, k: int = 10, picture: str | None = None
+) -> list[tuple[str, int]]:
     """The ``k`` nearest indexed images to ``image``: [(path, Hamming distance)], ties by order."""
     from csce_jax.metrics import hamming_distances, pack_codes
 
     codes, paths, meta = load_index(index)
     encode, run = _encoder(meta["workdir"], meta["step"])
     if run["bits"] != meta["bits"] or run["centers"] != meta["centers"]:
-        raise IndexError_(f"{index} was built with {meta['bits']}-bit codes under centres "
-                          f"{meta['centers']}, but {meta['workdir']} step {meta['step']} now gives "
-                          f"{run['bits']} bits under {run['centers']}: rebuild the index")
+        raise IndexError_(
+            f"{index} was built with {meta['bits']}-bit codes under centres "
+            f"{meta['centers']}, but {meta['workdir']} step {meta['step']} now gives "
+            f"{run['bits']} bits under {run['centers']}: rebuild the index"
+        )
     enc = encode([image])
     if enc.get("skipped"):
         raise IndexError_(f"cannot read the query image {image}")
@@ -131,8 +143,11 @@ def _picture(paths: list[str], out: str, cell: int = 128) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m csce_jax.search", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m csce_jax.search",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p_index = sub.add_parser("index", help="encode a folder of images")
     p_index.add_argument("--workdir", required=True, help="training run folder")

@@ -7,24 +7,28 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+from test_train import ROOT, run_train
 
 from csce_jax import eval_lib, metrics
 from csce_jax.data.digits import digits_images
-
-from test_train import ROOT, run_train
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
-    run_train(workdir, "--config.total_steps=3", "--config.eval_every_steps=3",
-              "--config.checkpoint_every_steps=3")
+    run_train(
+        workdir,
+        "--config.total_steps=3",
+        "--config.eval_every_steps=3",
+        "--config.checkpoint_every_steps=3",
+    )
     return workdir
 
 
 def _run(*args):
-    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                         timeout=600)
+    out = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     return out
 
 
@@ -43,12 +47,14 @@ def test_eval_writes_every_output(trained):
     assert index.tolist() == list(range(300)) and labels.shape == (300,)
     # The written codes re-score to the reported mAP.
     db = np.load(ev / "database_codes.npy")
-    again = metrics.mean_average_precision(q, db, labels, np.load(ev / "database_labels.npy"),
-                                           bits=64)
+    again = metrics.mean_average_precision(
+        q, db, labels, np.load(ev / "database_labels.npy"), bits=64
+    )
     assert abs(again - result["map"]) < 1e-12
-    for name, size in (("pr_curve.png", eval_lib.PR_CURVE_SIZE),
-                       ("retrieval_grid.png", ((eval_lib.GRID_CELL + 8) * 11 + 12,
-                                               (eval_lib.GRID_CELL + 8) * 5))):
+    for name, size in (
+        ("pr_curve.png", eval_lib.PR_CURVE_SIZE),
+        ("retrieval_grid.png", ((eval_lib.GRID_CELL + 8) * 11 + 12, (eval_lib.GRID_CELL + 8) * 5)),
+    ):
         with Image.open(ev / name) as img:
             assert img.format == "PNG" and img.size == size, name
             img.verify()
@@ -58,18 +64,30 @@ def test_eval_scores_codes_made_elsewhere(trained, tmp_path):
     ev = trained / "eval"
     if not (ev / "query_codes.npy").exists():
         assert _run("eval.py", "--workdir", str(trained), "--export_codes").returncode == 0
-    unpacked = {n: metrics.unpack_codes(np.load(ev / f"{n}_codes.npy"), 64)
-                for n in ("query", "database")}
+    unpacked = {
+        n: metrics.unpack_codes(np.load(ev / f"{n}_codes.npy"), 64) for n in ("query", "database")
+    }
     for n, c in unpacked.items():
         np.save(tmp_path / f"{n}.npy", c.astype(np.float32))  # e.g. PyTorch's sign() output
-    out = _run("eval.py", "--query_codes", str(tmp_path / "query.npy"), "--db_codes",
-               str(tmp_path / "database.npy"), "--query_labels", str(ev / "query_labels.npy"),
-               "--db_labels", str(ev / "database_labels.npy"))
+    out = _run(
+        "eval.py",
+        "--query_codes",
+        str(tmp_path / "query.npy"),
+        "--db_codes",
+        str(tmp_path / "database.npy"),
+        "--query_labels",
+        str(ev / "query_labels.npy"),
+        "--db_labels",
+        str(ev / "database_labels.npy"),
+    )
     assert out.returncode == 0, out.stderr[-2000:]
-    scored = json.loads(out.stdout[out.stdout.index("{"):])
-    expect = metrics.mean_average_precision(unpacked["query"], unpacked["database"],
-                                            np.load(ev / "query_labels.npy"),
-                                            np.load(ev / "database_labels.npy"))
+    scored = json.loads(out.stdout[out.stdout.index("{") :])
+    expect = metrics.mean_average_precision(
+        unpacked["query"],
+        unpacked["database"],
+        np.load(ev / "query_labels.npy"),
+        np.load(ev / "database_labels.npy"),
+    )
     assert abs(scored["map"] - expect) < 1e-12
 
 
@@ -83,19 +101,39 @@ def test_search_round_trip_and_corrupt_image(trained, tmp_path):
     folder = tmp_path / "photos"
     (folder / "sub").mkdir(parents=True)
     for i in range(12):
-        Image.fromarray(images[i]).convert("RGB").save(folder / ("sub" if i % 2 else "") /
-                                                       f"d{i:02d}.png")
+        Image.fromarray(images[i]).convert("RGB").save(
+            folder / ("sub" if i % 2 else "") / f"d{i:02d}.png"
+        )
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     index = tmp_path / "photos.idx.npz"
-    out = _run("-m", "csce_jax.search", "index", "--workdir", str(trained), "--images",
-               str(folder), "--out", str(index))
+    out = _run(
+        "-m",
+        "csce_jax.search",
+        "index",
+        "--workdir",
+        str(trained),
+        "--images",
+        str(folder),
+        "--out",
+        str(index),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "skipped unreadable image" in out.stderr and "broken.jpg" in out.stderr
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["indexed"] == 12 and summary["skipped"] == 1
     query = folder / "d00.png"
-    out = _run("-m", "csce_jax.search", "query", "--index", str(index), str(query), "-k", "3",
-               "--picture", str(tmp_path / "hits.png"))
+    out = _run(
+        "-m",
+        "csce_jax.search",
+        "query",
+        "--index",
+        str(index),
+        str(query),
+        "-k",
+        "3",
+        "--picture",
+        str(tmp_path / "hits.png"),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 3
@@ -108,10 +146,19 @@ def test_search_refuses_a_mismatched_index(trained, tmp_path):
     from csce_jax import search
 
     codes = np.zeros((2, 4), np.uint8)
-    meta = {"bits": 32, "centers": "0" * 16, "workdir": str(trained), "step": 3,
-            "version": search.INDEX_VERSION}
-    np.savez(tmp_path / "bad.npz", codes=codes, paths=np.asarray(["a", "b"]),
-             meta=np.asarray(json.dumps(meta)))
+    meta = {
+        "bits": 32,
+        "centers": "0" * 16,
+        "workdir": str(trained),
+        "step": 3,
+        "version": search.INDEX_VERSION,
+    }
+    np.savez(
+        tmp_path / "bad.npz",
+        codes=codes,
+        paths=np.asarray(["a", "b"]),
+        meta=np.asarray(json.dumps(meta)),
+    )
     with pytest.raises(search.IndexError_, match="was built with 32-bit codes"):
         search.search(str(tmp_path / "bad.npz"), str(tmp_path / "bad.npz"))
     with pytest.raises(search.IndexError_, match="not a csce_jax index"):

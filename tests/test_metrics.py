@@ -142,3 +142,22 @@ def test_map_at_several_ks_in_one_pass():
 def test_bad_topk_is_refused():
     with pytest.raises(ValueError, match="topk must be positive"):
         metrics.average_precisions(np.ones((1, 8)), np.ones((2, 8)), [0], [0, 1], topk=0)
+
+
+def test_search_topk_orders_by_distance_then_index():
+    rng = np.random.default_rng(11)
+    qc, dc = codes(rng, 7, 20, 0.2), codes(rng, 60, 20, 0.2)
+    idx, dist = metrics.search_topk(qc, dc, 15)
+    for i in range(7):
+        order, ham = ref_rank(qc[i], dc)
+        np.testing.assert_array_equal(idx[i], order[:15])
+        np.testing.assert_array_equal(dist[i], ham[order[:15]])
+
+
+def test_chunking_keeps_results_exact(monkeypatch):
+    rng = np.random.default_rng(12)
+    qc, dc = codes(rng, 50, 32, 0.2), codes(rng, 80, 32, 0.2)
+    ql, dl = rng.integers(0, 3, 50), rng.integers(0, 3, 80)
+    whole = metrics.average_precisions(qc, dc, ql, dl)
+    monkeypatch.setattr(metrics, "_CHUNK_ELEMENTS", 80 * 3)  # chunks of 3 queries
+    np.testing.assert_array_equal(metrics.average_precisions(qc, dc, ql, dl), whole)

@@ -1,0 +1,175 @@
+"""The converter's files and command line, and model.init_from (no network, torch optional)."""
+
+import hashlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from flax import nnx
+from test_train import ROOT
+
+from csce_jax import pretrained
+from csce_jax.convert import (
+    ConversionError,
+    export_torch_state_dict,
+    flat_arrays,
+    read_state_file,
+    write_state_file,
+)
+from csce_jax.hashing import hash_centers
+from csce_jax.models import CSCENet
+
+TINY = {"width": 1 / 16, "depths": (1, 2, 1, 1)}
+
+
+def _model(seed=0, classes=10, bits=16, **kw):
+    return CSCENet(
+        hash_centers(classes, bits, seed=seed),
+        image_size=224,
+        rngs=nnx.Rngs(seed),
+        **{**TINY, **kw},
+    )
+
+
+def _assert_same(a, b, only=None):
+    fa, fb = flat_arrays(a), flat_arrays(b)
+    keys = [k for k in fa if only is None or k.startswith(only)]
+    assert keys
+    for k in keys:
+        np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
+
+
+def test_cli_round_trip_without_torch(tmp_path):
+    model = _model(seed=1)
+    torch_layout = tmp_path / "release.safetensors"
+    write_state_file(export_torch_state_dict(model), torch_layout)
+    ours = tmp_path / "ours.safetensors"
+    back = tmp_path / "back.safetensors"
+    for args in (
+        ["torch-to-jax", "--src", str(torch_layout), "--dst", str(ours)],
+        ["jax-to-torch", "--src", str(ours), "--dst", str(back)],
+    ):
+        out = subprocess.run(
+            [sys.executable, "-m", "csce_jax.convert", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+    restored = _model(seed=2)
+    pretrained.initialize_from(restored, str(ours))
+    _assert_same(model, restored)
+    exported, again = read_state_file(torch_layout), read_state_file(back)
+    assert set(exported) == set(again)
+    for k in exported:
+        np.testing.assert_array_equal(exported[k], again[k], err_msg=k)
+
+
+def test_cli_reports_bad_files(tmp_path):
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x00" * 40)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "csce_jax.convert",
+            "torch-to-jax",
+            "--src",
+            str(bad),
+            "--dst",
+            str(tmp_path / "x.safetensors"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert (
+        out.returncode != 0 and "cannot read" in out.stderr and "broken.safetensors" in out.stderr
+    )
+    assert not (tmp_path / "x.safetensors").exists()
+    with pytest.raises(FileNotFoundError, match="no checkpoint file"):
+        read_state_file(tmp_path / "missing.pth")
+
+
+def test_init_from_torchvision_layout_loads_the_backbone_only(tmp_path):
+    source = _model(seed=3)
+    sd = {
+        k: v
+        for k, v in export_torch_state_dict(source).items()
+        if not k.startswith(("localmodel", "conv_f4", "conv_last", "fc", "ce_fc"))
+    }
+    sd["fc.weight"] = np.zeros((1000, 128), np.float32)  # torchvision's ImageNet classifier
+    sd["fc.bias"] = np.zeros(1000, np.float32)
+    path = tmp_path / "resnet50.safetensors"
+    write_state_file(sd, path)
+    target = _model(seed=4, classes=7, bits=12)
+    head_before = flat_arrays(target)["hash_fc/kernel"].copy()
+    assert pretrained.initialize_from(target, str(path)) == "backbone"
+    _assert_same(source, target, only="backbone/")
+    np.testing.assert_array_equal(flat_arrays(target)["hash_fc/kernel"], head_before)
+
+
+def test_init_from_converted_file_with_another_head_loads_the_backbone(tmp_path):
+    source = _model(seed=5, classes=10, bits=16)
+    path = tmp_path / "converted.safetensors"
+    write_state_file(flat_arrays(source), path)
+    target = _model(seed=6, classes=30, bits=48)
+    assert pretrained.initialize_from(target, str(path)) == "backbone"
+    _assert_same(source, target, only="backbone/")
+
+
+def test_torchvision_weights_come_from_the_cache_with_the_hash_checked(tmp_path, monkeypatch):
+    monkeypatch.setenv("CSCE_JAX_CACHE", str(tmp_path))
+
+    def no_network(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(pretrained.urllib.request, "urlopen", no_network)
+    with pytest.raises(
+        ConversionError, match=r"cannot download .*resnet50-0676ba61.pth.*put it at"
+    ):
+        pretrained.initialize_from(_model(), "torchvision:IMAGENET1K_V1")
+    assert not list(tmp_path.iterdir())  # no partial file left behind
+
+    source = _model(seed=7)
+    sd = export_torch_state_dict(source)
+    blob = tmp_path / "staging.safetensors"
+    write_state_file(
+        {
+            k: v
+            for k, v in sd.items()
+            if not k.startswith(("localmodel", "conv_f4", "conv_last", "fc", "ce_fc"))
+        },
+        blob,
+    )
+    prefix = hashlib.sha256(blob.read_bytes()).hexdigest()[:8]
+    cached = tmp_path / f"resnet50-{prefix}.safetensors"
+    blob.rename(cached)
+    monkeypatch.setitem(
+        pretrained.TORCHVISION_WEIGHTS,
+        "LOCAL_TEST",
+        f"https://example.invalid/models/{cached.name}",
+    )
+    target = _model(seed=8)
+    assert pretrained.initialize_from(target, "torchvision:LOCAL_TEST") == "backbone"
+    _assert_same(source, target, only="backbone/")
+    cached.write_bytes(cached.read_bytes()[:-1] + b"\x00")  # corrupt the cached copy
+    with pytest.raises(ConversionError, match="does not start with the published"):
+        pretrained.initialize_from(_model(), "torchvision:LOCAL_TEST")
+    with pytest.raises(ConversionError, match="unknown torchvision weights 'V9'"):
+        pretrained.initialize_from(_model(), "torchvision:V9")
+
+
+def test_pth_files_need_torch_or_load_with_it(tmp_path):
+    torch = pytest.importorskip("torch")
+    source = _model(seed=9)
+    path = tmp_path / "release.pth"
+    torch.save(
+        {k: torch.tensor(np.array(v)) for k, v in export_torch_state_dict(source).items()}, path
+    )
+    target = _model(seed=10)
+    assert pretrained.initialize_from(target, str(path)) == "model"
+    _assert_same(source, target)
