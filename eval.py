@@ -19,6 +19,12 @@ config_flags.DEFINE_config_file(
 )
 flags.DEFINE_string("workdir", None, "the training run's folder")
 flags.DEFINE_integer("step", None, "checkpoint step (default: the best)")
+flags.DEFINE_string(
+    "weights",
+    None,
+    "score this weights file (.safetensors/.npz/.pth, e.g. a "
+    "converted PyTorch checkpoint) instead of a checkpoint; needs --config",
+)
 flags.DEFINE_bool("export_codes", False, "only encode and write the codes")
 flags.DEFINE_integer("grid_queries", 5, "queries shown in retrieval_grid.png")
 flags.DEFINE_string("query_codes", None, ".npy codes of the queries ({-1,+1} or packed)")
@@ -37,28 +43,33 @@ def main(argv):
         missing = [f for f in ("db_codes", "query_labels", "db_labels") if not getattr(FLAGS, f)]
         if missing:
             raise app.UsageError(f"--query_codes also needs --{', --'.join(missing)}")
+        topk = None if FLAGS.topk < 0 else FLAGS.topk
         result = cli.run_reporting_errors(
             eval_lib.score_npy,
             FLAGS.query_codes,
             FLAGS.db_codes,
             FLAGS.query_labels,
             FLAGS.db_labels,
-            None if FLAGS.topk < 0 else FLAGS.topk,
+            topk,
             FLAGS.bits,
         )
     else:
         if not FLAGS.workdir:
             raise app.UsageError("--workdir is required (or --query_codes ...)")
+        if FLAGS.weights and FLAGS.config is None:
+            raise app.UsageError("--weights needs --config (the architecture and data set)")
         from csce_jax.train_lib import quiet_library_logs
 
         quiet_library_logs()
         config = cli.run_reporting_errors(eval_lib.load_run_config, FLAGS.workdir, FLAGS.config)
-        result = eval_lib.run_eval(
+        result = cli.run_reporting_errors(
+            eval_lib.run_eval,
             config,
             FLAGS.workdir,
             step=FLAGS.step,
             export_only=FLAGS.export_codes,
             grid_queries=FLAGS.grid_queries,
+            weights_file=FLAGS.weights,
         )
     result.pop("pr_curve", None)
     print(json.dumps(result, indent=2, sort_keys=True))

@@ -256,13 +256,22 @@ def run_eval(
     step: int | None = None,
     export_only: bool = False,
     grid_queries: int = 5,
+    weights_file: str | None = None,
 ) -> dict[str, Any]:
-    """Encode the query and database sets with a checkpoint and write ``<workdir>/eval/``."""
+    """Encode the query and database sets with a checkpoint (or a weights file, e.g. a converted
+    PyTorch checkpoint) and write ``<workdir>/eval/``."""
     from csce_jax.data import load_data
     from csce_jax.sharding import make_mesh
 
     data = load_data(config.data)
-    graphdef, weights, got_step = restore_weights(config, workdir, data.num_classes, step)
+    if weights_file:
+        from csce_jax.train_lib import create_train_state
+
+        setup = create_train_state(config, data.num_classes, init_from=weights_file)
+        graphdef, weights = setup.eval_graphdef, (setup.state["params"], setup.state["rest"])
+        got_step = f"weights file {weights_file}"
+    else:
+        graphdef, weights, got_step = restore_weights(config, workdir, data.num_classes, step)
     encoder = Encoder(graphdef, config, make_mesh())
     query = encoder.encode(weights, data.query)
     database = encoder.encode(weights, data.database)

@@ -164,3 +164,30 @@ def test_search_refuses_a_mismatched_index(trained, tmp_path):
     with pytest.raises(search.IndexError_, match="not a csce_jax index"):
         (tmp_path / "junk.npz").write_bytes(b"junk")
         search.load_index(str(tmp_path / "junk.npz"))
+
+
+def test_eval_scores_a_weights_file_like_its_checkpoint(trained, tmp_path):
+    from flax import nnx
+
+    from csce_jax.convert import flat_arrays, write_state_file
+
+    config = eval_lib.load_run_config(str(trained), None)
+    graphdef, (params, rest), step = eval_lib.restore_weights(config, str(trained), 10)
+    weights = tmp_path / "converted.safetensors"
+    write_state_file(flat_arrays(nnx.merge(graphdef, params, rest)), weights)
+    out = _run(
+        "eval.py",
+        "--config",
+        "configs/default.py",
+        "--weights",
+        str(weights),
+        "--workdir",
+        str(tmp_path / "scored"),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    scored = json.loads((tmp_path / "scored" / "eval" / "metrics.json").read_text())
+    if not (trained / "eval" / "metrics.json").exists():
+        assert _run("eval.py", "--workdir", str(trained)).returncode == 0
+    reference = json.loads((trained / "eval" / "metrics.json").read_text())
+    assert step == 3 and scored["map"] == reference["map"]
+    assert scored["checkpoint_step"].startswith("weights file")
