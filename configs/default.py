@@ -71,6 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 2
     c.distributed = False  # call jax.distributed.initialize() (also: CSCE_DISTRIBUTED=1)
+    # XLA's persistent compilation cache: "auto" = $CSCE_JAX_CACHE/xla (~/.cache/csce_jax/xla),
+    # a path, or "" to disable. A restart or a second run then skips recompiling.
+    c.compilation_cache = "auto"
     c.data = data_config("imagenet100")
     c.model = ml_collections.ConfigDict(
         {

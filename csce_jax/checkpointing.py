@@ -24,11 +24,16 @@ class CheckpointError(RuntimeError):
 
 
 def _manager(directory: Path, keep: int, async_save: bool) -> ocp.CheckpointManager:
+    # Each manager needs its own barrier names: "latest" and "best" may save the same step at
+    # once, and shared names deadlock the processes of a multi-host run.
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         create=True,
         cleanup_tmp_directories=True,
         enable_async_checkpointing=async_save,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            barrier_sync_key_prefix=directory.name
+        ),
     )
     return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
 
@@ -44,11 +49,22 @@ class Checkpoints:
     def save(self, step: int, state: Any, meta: dict[str, Any], *, best: bool = False) -> None:
         """Save ``state`` at ``step`` (asynchronously) in latest, and in best too if ``best``."""
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        if step not in self.latest.all_steps():
-            self.latest.save(step, args=args, force=True)
+        # A step saved before a restart (a best written just before a kill, or a corrupt one
+        # the restore skipped) is replaced: the run has gone back before it and redone it.
+        self._replace(self.latest, step, args)
         if best:
-            # Only one best is kept: the new one replaces it once written.
-            self.best.save(step, args=args, force=True)
+            # Only one best is kept: the new one replaces it once written. Across processes the
+            # two managers' writes are serialised so their collectives cannot interleave.
+            if jax.process_count() > 1:
+                self.latest.wait_until_finished()
+            self._replace(self.best, step, args)
+
+    @staticmethod
+    def _replace(manager: ocp.CheckpointManager, step: int, args: Any) -> None:
+        if step in manager.all_steps():
+            manager.wait_until_finished()
+            manager.delete(step)
+        manager.save(step, args=args, force=True)
 
     def wait(self) -> None:
         self.latest.wait_until_finished()

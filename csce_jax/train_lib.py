@@ -50,6 +50,20 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
         jax.distributed.initialize()
 
 
+def enable_compilation_cache(setting: str) -> str | None:
+    """Point XLA's persistent compilation cache at ``setting`` ("auto", a path, or "")."""
+    if not setting:
+        return None
+    if setting == "auto":
+        from csce_jax.pretrained import cache_dir
+
+        setting = str(cache_dir() / "xla")
+    Path(setting).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", setting)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    return setting
+
+
 def _dist_ready() -> bool:
     try:
         from jax._src import distributed
@@ -222,6 +236,7 @@ def train_and_evaluate(
     """Train (or resume) ``config`` in ``workdir``; returns the final metrics row."""
     maybe_initialize_distributed(config)
     builders.check_config(config, jax.device_count(), jax.process_count())
+    enable_compilation_cache(config.compilation_cache)
     workdir = Path(workdir)
     lead = jax.process_index() == 0
     if lead:

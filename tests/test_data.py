@@ -193,3 +193,88 @@ def test_tfds_builders_with_mock_data(name):
         batch = next(loader.batches())
     assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.uint8
     assert batch["label"].shape == (4,)
+
+
+def test_nabirds_and_vegfru_manual_layouts(tmp_path):
+    from csce_jax.data.sources import nabirds_sources, vegfru_sources
+
+    nb = tmp_path / "nabirds"
+    for name in ["a/1.jpg", "a/2.jpg", "b/3.jpg"]:
+        _save(nb / "images" / name, "RGB")
+    (nb / "images.txt").write_text("id1 a/1.jpg\nid2 a/2.jpg\nid3 b/3.jpg\n")
+    (nb / "image_class_labels.txt").write_text("id1 817\nid2 295\nid3 817\n")
+    (nb / "train_test_split.txt").write_text("id1 1\nid2 1\nid3 0\n")
+    train, test = nabirds_sources(tmp_path)
+    assert train.labels.tolist() == [1, 0] and test.labels.tolist() == [1]  # ids 295, 817 -> 0, 1
+    vf = tmp_path / "vegfru"
+    _save(vf / "veg200_images" / "x" / "1.jpg", "RGB")
+    _save(vf / "fru92_images" / "y" / "2.jpg", "RGB")
+    (vf / "vegfru_list").mkdir()
+    (vf / "vegfru_list" / "vegfru_train.txt").write_text(
+        "veg200_images/x/1.jpg 0\nfru92_images/y/2.jpg 291\n"
+    )
+    (vf / "vegfru_list" / "vegfru_test.txt").write_text("veg200_images/x/missing.jpg 0\n")
+    with pytest.raises(DataError, match=r"missing.jpg \(.*vegfru_test.txt:1\)"):
+        vegfru_sources(tmp_path)
+    train, test = vegfru_sources(tmp_path, skip_missing=True)
+    assert train.labels.tolist() == [0, 291] and len(test) == 0
+
+
+def test_split_lists_command_writes_counts_and_checksums(tmp_path):
+    import hashlib
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "csce_jax.data.splits",
+            "--dataset",
+            "digits",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = {ln.split()[0]: ln.split() for ln in out.stdout.strip().splitlines()}
+    assert lines["train.txt"][1] == "1497" and lines["test.txt"][1] == "300"
+    assert lines["val.txt"][1] == "149"
+    text = (tmp_path / "test.txt").read_text()
+    assert lines["test.txt"][3] == hashlib.sha256(text.encode()).hexdigest()
+    first = text.splitlines()[0].split()
+    assert first[0].startswith("digits/query[") and len(first) == 11 and first[1:].count("1") == 1
+    again = tmp_path / "again"
+    subprocess.run(
+        [sys.executable, "-m", "csce_jax.data.splits", "--dataset", "digits", "--out", str(again)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    assert (again / "val.txt").read_text() == (tmp_path / "val.txt").read_text()
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "csce_jax.data.splits",
+            "--dataset",
+            "aircraft",
+            "--out",
+            str(tmp_path / "x"),
+            "--manual_dir",
+            str(tmp_path / "none"),
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode != 0 and "does not exist" in bad.stderr

@@ -342,3 +342,47 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
     one, two = read_rows(tmp_path / "one"), read_rows(tmp_path / "two")
     assert [r["step"] for r in one] == [r["step"] for r in two]
     np.testing.assert_allclose(one[-1]["query_map"], two[-1]["query_map"], atol=1e-6)
+
+
+def test_the_step_compiles_once():
+    c = tiny_config(linear_optimizer=True)
+    mesh = sharding.make_mesh()
+    setup = train_lib.create_train_state(c, 10)
+    step = train_lib.make_train_step(setup.graphdef, setup.tx, setup.schedule, c, False, mesh)
+    state = jax.device_put(setup.state, sharding.replicated(mesh))
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        batch = {
+            "image": rng.integers(0, 255, (8, 112, 112, 3), dtype=np.uint8),
+            "label": rng.integers(0, 10, 8).astype(np.int32),
+        }
+        state, _ = step(state, sharding.global_batch(mesh, batch))
+    assert int(state["step"]) == 3
+    assert step._cache_size() == 1
+
+
+def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    run_train(
+        tmp_path,
+        "--config.total_steps=4",
+        "--config.checkpoint_every_steps=2",
+        "--config.eval_every_steps=4",
+        "--config.keep_checkpoints=3",
+    )
+    latest = tmp_path / "checkpoints" / "latest"
+    assert sorted(int(p.name) for p in latest.iterdir() if p.name.isdigit()) == [2, 4]
+    for f in (latest / "4" / "state").rglob("*"):  # truncate every array file of step 4
+        if f.is_file() and f.stat().st_size > 64 and "metadata" not in f.name:
+            f.write_bytes(f.read_bytes()[:16])
+    out = run_train(
+        tmp_path,
+        "--config.total_steps=6",
+        "--config.checkpoint_every_steps=2",
+        "--config.eval_every_steps=4",
+        "--config.keep_checkpoints=3",
+    )
+    log = out.stdout + out.stderr
+    assert "cannot restore checkpoint" in log and str(latest / "4") in log
+    assert "resumed from step 2" in log
+    rows = read_rows(tmp_path)
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
