@@ -69,6 +69,18 @@ def _hamming_kernel(q: jax.Array, db: jax.Array) -> jax.Array:
     return jnp.sum(jax.lax.population_count(x), axis=-1, dtype=jnp.int32).astype(jnp.uint8)
 
 
+def _prepare(query_codes, db_codes, bits: int | None):
+    """(query words, K, database words, distances(query slice) -> uint8 (q, N) on the host)."""
+    q_words, k = _as_words(query_codes, bits)
+    db_words, _ = _as_words(db_codes, bits)
+    db_dev = jnp.asarray(db_words)
+
+    def distances(s: slice) -> np.ndarray:
+        return np.asarray(_hamming_kernel(jnp.asarray(q_words[s]), db_dev))
+
+    return q_words, k, db_words, distances
+
+
 def hamming_distances(
     query: np.ndarray, database: np.ndarray, bits: int | None = None
 ) -> np.ndarray:
@@ -143,15 +155,13 @@ def average_precisions(
     threads: int = 2,
 ) -> np.ndarray:
     """AP@topk of every query (float64, (Q,)); see :func:`mean_average_precision`."""
-    q_words, _k = _as_words(query_codes, bits)
-    db_words, _ = _as_words(db_codes, bits)
-    db_dev = jnp.asarray(db_words)
+    q_words, _k, db_words, distances = _prepare(query_codes, db_codes, bits)
     relevance = _relevance_fn(query_labels, db_labels)
     if topk is not None and topk <= 0:
         raise ValueError(f"topk must be positive or None (whole database), got {topk}")
 
     def chunk(s):
-        dist = np.asarray(_hamming_kernel(jnp.asarray(q_words[s]), db_dev))
+        dist = distances(s)
         return _average_precision(_ranked_relevance(dist, relevance(s), topk))
 
     return np.concatenate(_map_chunks(chunk, len(q_words), threads, len(db_words)))
@@ -180,14 +190,12 @@ def map_at_ks(
     query_codes, db_codes, query_labels, db_labels, ks: list[int | None], *, bits: int | None = None
 ) -> dict[str, float]:
     """mAP at several cut-offs in one pass: {"map@1000": ..., "map@all": ...}."""
-    q_words, _ = _as_words(query_codes, bits)
-    db_words, _ = _as_words(db_codes, bits)
-    db_dev = jnp.asarray(db_words)
+    q_words, _, db_words, distances = _prepare(query_codes, db_codes, bits)
     relevance = _relevance_fn(query_labels, db_labels)
     n = len(db_words)
 
     def chunk(s):
-        dist = np.asarray(_hamming_kernel(jnp.asarray(q_words[s]), db_dev))
+        dist = distances(s)
         ranked = _ranked_relevance(dist, relevance(s), None)
         return [_average_precision(ranked[:, : (n if k is None else min(k, n))]) for k in ks]
 
@@ -206,13 +214,11 @@ def search_topk(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` nearest database items of each query: (indices, distances), both (Q, k),
     ordered by (distance, database index)."""
-    q_words, _ = _as_words(query_codes, bits)
-    db_words, _ = _as_words(db_codes, bits)
-    db_dev = jnp.asarray(db_words)
+    q_words, _, db_words, distances = _prepare(query_codes, db_codes, bits)
     k = min(k, len(db_words))
 
     def chunk(s):
-        dist = np.asarray(_hamming_kernel(jnp.asarray(q_words[s]), db_dev))
+        dist = distances(s)
         order = np.argsort(dist, axis=1, kind="stable")[:, :k]
         return order, np.take_along_axis(dist, order, axis=1)
 
@@ -227,16 +233,14 @@ def precision_recall_at_k(
     query_codes, db_codes, query_labels, db_labels, ks: list[int], *, bits: int | None = None
 ) -> dict[str, list[float]]:
     """Mean precision@k and recall@k over queries for each k (ranking as for mAP)."""
-    q_words, _ = _as_words(query_codes, bits)
-    db_words, _ = _as_words(db_codes, bits)
-    db_dev = jnp.asarray(db_words)
+    q_words, _, db_words, distances = _prepare(query_codes, db_codes, bits)
     relevance = _relevance_fn(query_labels, db_labels)
     n = len(db_words)
     ks = [min(k, n) for k in ks]
 
     def chunk(s):
         rel = relevance(s)
-        dist = np.asarray(_hamming_kernel(jnp.asarray(q_words[s]), db_dev))
+        dist = distances(s)
         ranked = _ranked_relevance(dist, rel, max(ks))
         hits = np.cumsum(ranked, axis=1)[:, np.asarray(ks) - 1]
         total = np.maximum(rel.sum(axis=1, keepdims=True), 1)
@@ -255,14 +259,12 @@ def hamming_radius_curve(
 
     A query that retrieves nothing within r has precision 0 at r (the usual convention).
     """
-    q_words, k = _as_words(query_codes, bits)
-    db_words, _ = _as_words(db_codes, bits)
-    db_dev = jnp.asarray(db_words)
+    q_words, k, db_words, distances = _prepare(query_codes, db_codes, bits)
     relevance = _relevance_fn(query_labels, db_labels)
 
     def chunk(s):
         rel = relevance(s)
-        dist = np.asarray(_hamming_kernel(jnp.asarray(q_words[s]), db_dev)).astype(np.int64)
+        dist = distances(s).astype(np.int64)
         offs = (np.arange(dist.shape[0]) * (k + 1))[:, None]
         all_h = np.bincount((dist + offs).ravel(), minlength=dist.shape[0] * (k + 1))
         rel_h = np.bincount((dist + offs)[rel], minlength=dist.shape[0] * (k + 1))

@@ -52,8 +52,26 @@ class _CorruptCounter:
             logging.warning("skipped corrupt image #%d: %s (%s)", n, where, err)
 
 
-def _label_array(labels: list[Any]) -> np.ndarray:
-    return np.stack([np.asarray(x) for x in labels])
+def _collate(items: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Stack examples into a host batch (image, label, index, and mask where present)."""
+    out = {
+        "image": np.stack([x["image"] for x in items]),
+        "label": np.stack([np.asarray(x["label"]) for x in items]),
+        "index": np.asarray([x["index"] for x in items], np.int64),
+    }
+    if "mask" in items[0]:
+        out["mask"] = np.asarray([x["mask"] for x in items], bool)
+    return out
+
+
+def _host_batches(
+    examples, num_steps: int, host_batch: int, threads: int, start: int = 0
+) -> Iterator[dict[str, np.ndarray]]:
+    """Batches ``start..num_steps-1`` of ``examples(q)``, read ahead by ``threads`` threads."""
+    ds = grain.MapDataset.range(num_steps * host_batch).map(examples)
+    ds = ds.batch(host_batch, drop_remainder=True, batch_fn=_collate)[start:]
+    options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
+    return iter(ds.to_iter_dataset(options))
 
 
 class TrainLoader:
@@ -112,24 +130,10 @@ class TrainLoader:
                 idx = (idx + 1) % len(self.source)  # a deterministic stand-in
         raise DataError(f"{self.source.name}: no decodable image")
 
-    def _collate(self, items: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-        return {
-            "image": np.stack([x["image"] for x in items]),
-            "label": _label_array([x["label"] for x in items]),
-            "index": np.asarray([x["index"] for x in items], np.int64),
-        }
-
     def batches(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """Host batches for steps start_step, start_step + 1, ..., num_steps - 1."""
-        ds = grain.MapDataset.range(self.num_steps * self.host_batch).map(self._example)
-        ds = ds.batch(self.host_batch, drop_remainder=True, batch_fn=self._collate)
-        ds = ds[start_step:]
-        return iter(
-            ds.to_iter_dataset(
-                grain.ReadOptions(
-                    num_threads=self.num_threads, prefetch_buffer_size=2 * self.num_threads
-                )
-            )
+        return _host_batches(
+            self._example, self.num_steps, self.host_batch, self.num_threads, start_step
         )
 
 
@@ -174,21 +178,5 @@ class EvalLoader:
             return {"image": blank, "label": rec["label"], "index": -1, "mask": False}
         return {"image": image, "label": rec["label"], "index": pos, "mask": True}
 
-    def _collate(self, items: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-        return {
-            "image": np.stack([x["image"] for x in items]),
-            "label": _label_array([x["label"] for x in items]),
-            "index": np.asarray([x["index"] for x in items], np.int64),
-            "mask": np.asarray([x["mask"] for x in items], bool),
-        }
-
     def batches(self) -> Iterator[dict[str, np.ndarray]]:
-        ds = grain.MapDataset.range(self.num_steps * self.host_batch).map(self._example)
-        ds = ds.batch(self.host_batch, drop_remainder=True, batch_fn=self._collate)
-        return iter(
-            ds.to_iter_dataset(
-                grain.ReadOptions(
-                    num_threads=self.num_threads, prefetch_buffer_size=2 * self.num_threads
-                )
-            )
-        )
+        return _host_batches(self._example, self.num_steps, self.host_batch, self.num_threads)
