@@ -52,6 +52,13 @@ class _CorruptCounter:
             logging.warning("skipped corrupt image #%d: %s (%s)", n, where, err)
 
 
+def _stream_position(q: int, global_batch: int, host_batch: int, process_index: int) -> int:
+    """Global stream position of this host's q-th example: batch q // host_batch, slot
+    q % host_batch of this host's contiguous block of that global batch."""
+    step, k = divmod(q, host_batch)
+    return step * global_batch + process_index * host_batch + k
+
+
 def _collate(items: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     """Stack examples into a host batch (image, label, index, and mask where present)."""
     out = {
@@ -102,17 +109,11 @@ class TrainLoader:
         self.process_index = process_index
         self.num_threads, self.skip_corrupt = num_threads, skip_corrupt
         self.corrupt = _CorruptCounter()
-        self.steps_per_epoch = len(source) // global_batch
         epochs = math.ceil(num_steps * global_batch / len(source)) + 1
         self._order = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(epochs)
 
-    def position(self, step: int, k: int) -> int:
-        """Stream position of this host's k-th example of global batch ``step``."""
-        return step * self.global_batch + self.process_index * self.host_batch + k
-
     def _example(self, q: int) -> dict[str, Any]:
-        step, k = divmod(q, self.host_batch)
-        pos = self.position(step, k)
+        pos = _stream_position(q, self.global_batch, self.host_batch, self.process_index)
         idx = int(self._order[pos])
         rng = np.random.default_rng((self.seed, pos))
         for _ in range(len(self.source)):
@@ -162,8 +163,7 @@ class EvalLoader:
         self.corrupt = _CorruptCounter()
 
     def _example(self, q: int) -> dict[str, Any]:
-        step, k = divmod(q, self.host_batch)
-        pos = step * self.global_batch + self.process_index * self.host_batch + k
+        pos = _stream_position(q, self.global_batch, self.host_batch, self.process_index)
         blank = np.zeros((self.view.crop, self.view.crop, 3), np.uint8)
         if pos >= len(self.source):  # padding: nothing to read
             return {"image": blank, "label": self.source.labels[0], "index": -1, "mask": False}

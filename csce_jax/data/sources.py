@@ -60,8 +60,11 @@ class _Take(Sequence):
         return self.seq[int(self.indices[i])]
 
 
-def _check_files(paths: list[Path], where: list[str], skip_missing: bool, name: str) -> np.ndarray:
-    """Indices of records whose file exists; a missing one is an error naming it, or skipped."""
+def _existing(
+    paths: list[Path], labels: np.ndarray, where: list[str], skip_missing: bool, name: str
+) -> Source:
+    """The records whose file exists, as a Source; a missing one is an error naming it, or
+    (``skip_missing``) skipped and counted in the log."""
     keep = np.array([p.is_file() for p in paths], bool)
     if not keep.all():
         missing = [where[i] for i in np.flatnonzero(~keep)]
@@ -73,7 +76,10 @@ def _check_files(paths: list[Path], where: list[str], skip_missing: bool, name: 
         logging.warning(
             "%s: skipped %d missing image(s), first: %s", name, len(missing), missing[0]
         )
-    return np.flatnonzero(keep)
+    kept = np.flatnonzero(keep)
+    return Source(
+        [str(paths[i]) for i in kept], np.asarray(labels)[kept], [where[i] for i in kept], name
+    )
 
 
 def list_file_source(
@@ -114,10 +120,7 @@ def list_file_source(
     lab = np.stack(labels)
     if not multilabel:
         lab = lab.argmax(axis=1).astype(np.int32)
-    keep = _check_files(paths, where, skip_missing, str(list_file))
-    return Source(
-        [str(paths[i]) for i in keep], lab[keep], [where[i] for i in keep], str(list_file)
-    )
+    return _existing(paths, lab, where, skip_missing, str(list_file))
 
 
 def folder_source(
@@ -139,13 +142,7 @@ def folder_source(
     if not paths:
         raise DataError(f"{root}: no images with suffix {IMAGE_SUFFIXES}")
     where = [str(p) for p in paths]
-    keep = _check_files(paths, where, skip_missing, str(root))
-    return Source(
-        [str(paths[i]) for i in keep],
-        np.asarray(labels, np.int32)[keep],
-        [where[i] for i in keep],
-        str(root),
-    ), classes
+    return _existing(paths, np.asarray(labels, np.int32), where, skip_missing, str(root)), classes
 
 
 class _TfdsImages(Sequence):
@@ -247,14 +244,8 @@ def aircraft_sources(
             paths.append(base / "images" / f"{image_id}.jpg")
             labels.append(index[variant])
             where.append(f"{paths[-1]} ({f}:{n})")
-        keep = _check_files(paths, where, skip_missing, str(f))
         out.append(
-            Source(
-                [str(paths[i]) for i in keep],
-                np.asarray(labels, np.int32)[keep],
-                [where[i] for i in keep],
-                f"aircraft/{split}",
-            )
+            _existing(paths, np.asarray(labels, np.int32), where, skip_missing, f"aircraft/{split}")
         )
     return out[0], out[1]
 
@@ -288,15 +279,7 @@ def nabirds_sources(
         paths = [base / "images" / images[i] for i in ids]
         where = [f"{p} (images.txt id {i})" for p, i in zip(paths, ids, strict=True)]
         labels = np.asarray([index[int(classes[i])] for i in ids], np.int32)
-        keep = _check_files(paths, where, skip_missing, f"nabirds/{split}")
-        out.append(
-            Source(
-                [str(paths[i]) for i in keep],
-                labels[keep],
-                [where[i] for i in keep],
-                f"nabirds/{split}",
-            )
-        )
+        out.append(_existing(paths, labels, where, skip_missing, f"nabirds/{split}"))
     return out[0], out[1]
 
 
@@ -317,13 +300,7 @@ def vegfru_sources(
                 paths.append(base / rel)
                 labels.append(int(label))
                 where.append(f"{paths[-1]} ({f}:{n})")
-        keep = _check_files(paths, where, skip_missing, str(f))
         out.append(
-            Source(
-                [str(paths[i]) for i in keep],
-                np.asarray(labels, np.int32)[keep],
-                [where[i] for i in keep],
-                f"vegfru/{split}",
-            )
+            _existing(paths, np.asarray(labels, np.int32), where, skip_missing, f"vegfru/{split}")
         )
     return out[0], out[1]
