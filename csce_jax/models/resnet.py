@@ -15,7 +15,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from csce_jax.models.layers import BatchNorm, conv
+from csce_jax.models.layers import BatchNorm, conv, max_pool_3x3_s2
 
 Dtype = Any
 EXPANSION = 4
@@ -106,7 +106,7 @@ class ResNet(nnx.Module):
     def stem(self, x: jax.Array) -> jax.Array:
         """conv1, bn1, relu, 3x3/2 max-pool with -inf padding (PyTorch's MaxPool2d(3, 2, 1))."""
         x = jax.nn.relu(self.bn1(self.conv1(x)))
-        return nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        return max_pool_3x3_s2(x)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         x = self.stem(x)
