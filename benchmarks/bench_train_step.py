@@ -1,14 +1,19 @@
 """Training-step and encoding throughput: our JAX model vs the PyTorch reference (tests/).
 
-Same machine, batch, resolution and work: the release's network, loss (arc margin, cs
+Same device kind, batch, resolution and work: the release's network, loss (arc margin, cs
 quantisation with the release DSF) and one RMSprop step; encoding = evaluation-mode forward +
 binary codes. Medians of ``--repeats`` runs after warm-up (compilation excluded, and reported
-separately as ``jax_first_step_seconds``).
+separately as ``jax_first_step_seconds``). On a GPU both frameworks run there (PyTorch with
+CUDA); ``--dtype bfloat16`` is our bf16 compute path against PyTorch's autocast (AMP) in bf16.
 
   python benchmarks/bench_train_step.py [--batch 8 --size 224 --width 1.0 --repeats 3]
+  python benchmarks/bench_train_step.py --preset demo     # the digits demo's model and batch
 
-Last line: JSON with images/s and ``train_ratio_vs_torch`` / ``encode_ratio_vs_torch`` (ours over
-the reference's; above 1 means we are faster).
+FLOPs are XLA's count for our compiled training step (forward, backward and update of the
+same network, so they serve both frameworks); MFU = FLOPs / step time / the device's dense
+peak for the dtype (TF32 tensor-core peak for float32), where the device is in ``PEAK_FLOPS``.
+Last line: JSON with images/s, peak memory and ``train_ratio_vs_torch`` /
+``encode_ratio_vs_torch`` (ours over the reference's; above 1 means we are faster).
 """
 
 from __future__ import annotations
@@ -28,6 +33,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import median_time, report  # noqa: E402
 
+# Dense peak FLOP/s by device-name fragment (vendor data sheets, SXM parts): (bf16, tf32).
+PEAK_FLOPS = {
+    "H200": (989e12, 494e12),
+    "H100": (989e12, 494e12),
+    "A100": (312e12, 156e12),
+}
+
+
+def peak_flops(device_name: str, dtype: str) -> float | None:
+    for fragment, (bf16, tf32) in PEAK_FLOPS.items():
+        if fragment in device_name:
+            return bf16 if dtype == "bfloat16" else tf32
+    return None
+
 
 def jax_side(args, images, labels):
     import jax
@@ -37,7 +56,7 @@ def jax_side(args, images, labels):
 
     c = get_config()
     apply_release(c)
-    c.model.width, c.model.depths = args.width, (3, 4, 6, 3)
+    c.model.width, c.model.depths = args.width, args.depths
     c.data.crop = args.size
     c.batch_size = c.eval_batch_size = args.batch
     c.optimizer.name, c.optimizer.lr, c.optimizer.weight_decay = "rmsprop", 1e-5, 1e-5
@@ -48,15 +67,18 @@ def jax_side(args, images, labels):
     step = train_lib.make_train_step(setup.graphdef, setup.tx, setup.schedule, c, False, mesh)
     state = jax.device_put(setup.state, sharding.replicated(mesh))
     batch = sharding.global_batch(mesh, {"image": images, "label": labels})
+    start = time.perf_counter()
+    cost = step.lower(state, batch).compile().cost_analysis()  # the step's one compilation
+    cost = cost[0] if isinstance(cost, list) else cost
+    flops = float(cost.get("flops", 0.0)) if cost else 0.0
     holder = {"state": state}
 
     def train():
         holder["state"], m = step(holder["state"], batch)
         jax.block_until_ready(m["loss"])
 
-    start = time.perf_counter()
     train()
-    first = time.perf_counter() - start
+    first = time.perf_counter() - start  # trace + compile + first run: the first-step latency
     t_train = median_time(train, repeats=args.repeats, warmup=1)
     enc = eval_lib.Encoder(setup.eval_graphdef, c, mesh)
     weights = (holder["state"]["params"], holder["state"]["rest"])
@@ -65,83 +87,128 @@ def jax_side(args, images, labels):
         jax.block_until_ready(enc._step(weights, batch["image"]))
 
     t_enc = median_time(encode, repeats=args.repeats, warmup=1)
-    return first, t_train, t_enc
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return first, t_train, t_enc, flops, peak
 
 
 def torch_side(args, images, labels):
+    import contextlib
+
     import torch
     from torch_reference import ReleaseNet, release_dsf, release_loss
 
     from csce_jax.hashing import hash_centers
 
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    net = ReleaseNet(torch.tensor(hash_centers(100, 64), dtype=torch.float32), width=args.width)
+    centers = torch.tensor(hash_centers(100, 64), dtype=torch.float32)
+    net = ReleaseNet(centers, width=args.width, depths=args.depths)
     f4 = -(-args.size // 32)
     net.conv_last = torch.nn.Conv1d((f4 - 1) ** 2 + (f4 - 3) ** 2, 1, 1)
+    net = net.to(dev)
     opt = torch.optim.RMSprop(
         [p for p in net.parameters() if p.requires_grad], lr=1e-5, weight_decay=1e-5
     )
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    x_uint8 = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-    y = torch.from_numpy(labels.astype(np.int64))
+    mean = torch.tensor([0.485, 0.456, 0.406], device=dev).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=dev).view(1, 3, 1, 1)
+    x_uint8 = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(dev)
+    y = torch.from_numpy(labels.astype(np.int64)).to(dev)
+
+    def autocast():
+        if args.dtype == "bfloat16":
+            return torch.autocast(dev.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
 
     def train():
         net.train()
-        x = (x_uint8.float() / 255 - mean) / std
-        out = net(x)
-        margins = 0.15 + 0.125 * torch.randn(len(y))
-        loss = release_loss(out["logits"], out["v"], y, out["t"], margins)[0]
+        with autocast():
+            out = net((x_uint8.float() / 255 - mean) / std)
+            margins = 0.15 + 0.125 * torch.randn(len(y), device=dev)
+            loss = release_loss(
+                out["logits"].float(), out["v"].float(), y, out["t"].float(), margins
+            )[0]
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sync()
 
     def encode():
         net.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             out = net((x_uint8.float() / 255 - mean) / std)
-            release_dsf(out["v"], out["t"])
+            release_dsf(out["v"].float(), out["t"].float())
+        sync()
 
-    return (
-        median_time(train, repeats=args.repeats, warmup=1),
-        median_time(encode, repeats=args.repeats, warmup=1),
-        torch.get_num_threads(),
-    )
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # JAX's default float32 GPU precision
+        torch.backends.cudnn.allow_tf32 = True
+        torch.cuda.reset_peak_memory_stats()
+    t_train = median_time(train, repeats=args.repeats, warmup=1)
+    peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else None
+    t_enc = median_time(encode, repeats=args.repeats, warmup=1)
+    return t_train, t_enc, torch.get_num_threads(), str(dev), peak
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--preset", choices=["full", "demo"], default="full")
+    p.add_argument("--batch", type=int, default=None, help="default 8 (full), 64 (demo)")
+    p.add_argument("--size", type=int, default=None, help="default 224 (full), 112 (demo)")
+    p.add_argument("--width", type=float, default=None, help="default 1.0 (full), 1/16 (demo)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--no-torch", action="store_true", help="our side only")
     args = p.parse_args()
+    full = args.preset == "full"
+    args.batch = args.batch or (8 if full else 64)
+    args.size = args.size or (224 if full else 112)
+    args.width = args.width or (1.0 if full else 1 / 16)
+    args.depths = (3, 4, 6, 3) if full else (1, 1, 1, 1)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (args.batch, args.size, args.size, 3), dtype=np.uint8)
     labels = rng.integers(0, 100, args.batch).astype(np.int32)
-    first, jt, je = jax_side(args, images, labels)
-    tt, te, threads = torch_side(args, images, labels)
+    first, jt, je, flops, jax_peak = jax_side(args, images, labels)
     import jax
 
-    report(
-        {
-            "device": str(jax.devices()[0].device_kind),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": threads,
-            "batch": args.batch,
-            "size": args.size,
-            "width": args.width,
-            "dtype": args.dtype,
-            "jax_first_step_seconds": round(first, 2),
-            "jax_train_images_per_sec": round(args.batch / jt, 2),
-            "torch_train_images_per_sec": round(args.batch / tt, 2),
-            "train_ratio_vs_torch": round(tt / jt, 3),
-            "jax_encode_images_per_sec": round(args.batch / je, 2),
-            "torch_encode_images_per_sec": round(args.batch / te, 2),
-            "encode_ratio_vs_torch": round(te / je, 3),
-        }
-    )
+    device = str(jax.devices()[0].device_kind)
+    peak = peak_flops(device, args.dtype)
+    figures = {
+        "device": device,
+        "cpu_count": os.cpu_count(),
+        "preset": args.preset,
+        "batch": args.batch,
+        "size": args.size,
+        "width": args.width,
+        "dtype": args.dtype,
+        "train_step_gflops": round(flops / 1e9, 1),
+        "jax_first_step_seconds": round(first, 2),
+        "jax_train_images_per_sec": round(args.batch / jt, 2),
+        "jax_encode_images_per_sec": round(args.batch / je, 2),
+        "jax_peak_memory_gib": None if jax_peak is None else round(jax_peak / 2**30, 2),
+        "jax_mfu": None if not (peak and flops) else round(flops / jt / peak, 4),
+    }
+    if not args.no_torch:
+        tt, te, threads, torch_dev, torch_peak = torch_side(args, images, labels)
+        figures.update(
+            {
+                "torch_device": torch_dev,
+                "torch_threads": threads,
+                "torch_train_images_per_sec": round(args.batch / tt, 2),
+                "torch_encode_images_per_sec": round(args.batch / te, 2),
+                "torch_peak_memory_gib": None
+                if torch_peak is None
+                else round(torch_peak / 2**30, 2),
+                "torch_mfu": None if not (peak and flops) else round(flops / tt / peak, 4),
+                "train_ratio_vs_torch": round(tt / jt, 3),
+                "encode_ratio_vs_torch": round(te / je, 3),
+            }
+        )
+    report(figures)
 
 
 if __name__ == "__main__":

@@ -356,9 +356,38 @@ def test_the_step_compiles_once():
             "image": rng.integers(0, 255, (8, 112, 112, 3), dtype=np.uint8),
             "label": rng.integers(0, 10, 8).astype(np.int32),
         }
-        state, _ = step(state, sharding.global_batch(mesh, batch))
+        placed = sharding.global_batch(mesh, batch)
+        with jax.transfer_guard("disallow"):  # no host round trip inside the step
+            state, metrics = step(state, placed)
     assert int(state["step"]) == 3
     assert step._cache_size() == 1
+    assert np.isfinite(float(metrics["loss"]))
+
+
+def test_bfloat16_step_tracks_float32():
+    """One step from the same initial weights and batch: bf16 compute, float32 parameters."""
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.integers(0, 255, (8, 112, 112, 3), dtype=np.uint8),
+        "label": rng.integers(0, 10, 8).astype(np.int32),
+    }
+    mesh = sharding.make_mesh()
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        c = tiny_config(linear_optimizer=True)
+        c.model.dtype = dtype
+        out[dtype] = _one_step(mesh, c, batch)
+    (_, m32), (p16, m16) = out["float32"], out["bfloat16"]
+    assert all(v.dtype == np.float32 for v in jax.tree.leaves(p16))  # master weights stay f32
+    assert np.isfinite(m16["loss"])
+    # bf16 keeps 8 mantissa bits (rounding 2^-9 = 0.2 %); measured here: loss 0.2 % and gradient
+    # norm 1.8 % off float32. Bounds: 1 % and 5 %.
+    assert abs(m16["loss"] - m32["loss"]) <= 0.01 * abs(m32["loss"])
+    assert abs(m16["grad_norm"] - m32["grad_norm"]) <= 0.05 * m32["grad_norm"]
+    # Parameters are not compared leaf by leaf: in this untrained net the early layers' gradients
+    # come from heavy cancellation (float32 itself is up to 6 % off float64 there, see
+    # test_parity_torch), so bf16 moves the stem's update by a third while the loss, the
+    # gradient norm and the demo's final mAP (README) stay close.
 
 
 def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path):
