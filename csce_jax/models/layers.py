@@ -119,7 +119,8 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
     return _max_pool_forward(x)[0]
 
 
-def _pool_views(x: jax.Array) -> tuple[list[jax.Array], tuple[int, int]]:
+def _max_pool_forward(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(pooled, index 0..8 of each window's first maximum), over nine strided views."""
     h, w = x.shape[1:3]
     ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
     xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
@@ -128,11 +129,6 @@ def _pool_views(x: jax.Array) -> tuple[list[jax.Array], tuple[int, int]]:
         for i in range(3)
         for j in range(3)
     ]
-    return views, (ho, wo)
-
-
-def _max_pool_forward(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    views, _ = _pool_views(x)
     best, arg = views[0], jnp.zeros(views[0].shape, jnp.int8)
     for k, v in enumerate(views[1:], start=1):
         better = v > best  # strict: ties keep the earlier position
@@ -288,10 +284,6 @@ def _bn_forward(x, scale, bias, epsilon):
     return (y, mean, var), (x, mean, rstd, scale)
 
 
-def _bn_fwd(x, scale, bias, epsilon):
-    return _bn_forward(x, scale, bias, epsilon)
-
-
 def _bn_bwd(epsilon, res, cotangents):
     x, mean, rstd, scale = res
     dy, dmean, dvar = cotangents
@@ -308,4 +300,4 @@ def _bn_bwd(epsilon, res, cotangents):
     return dx.astype(x.dtype), dscale, dbias
 
 
-batch_norm_train.defvjp(_bn_fwd, _bn_bwd)
+batch_norm_train.defvjp(_bn_forward, _bn_bwd)
