@@ -6,12 +6,17 @@ Codes made elsewhere (e.g. by the PyTorch release): ``--query_codes q.npy --db_c
 --query_labels ql.npy --db_labels dl.npy [--topk 1000]``.
 """
 
-import json
+# Before any other import: glibc must be tuned before a second thread allocates (see hostmem).
+from csce_jax import hostmem
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+hostmem.keep_freed_memory()
 
-from csce_jax import cli, eval_lib
+import json  # noqa: E402
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from csce_jax import cli, eval_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(

@@ -5,10 +5,15 @@ Overrides: ``--config.bits=48 --config.total_steps=100``; config arguments:
 checkpoint in the workdir.
 """
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+# Before any other import: glibc must be tuned before a second thread allocates (see hostmem).
+from csce_jax import hostmem
 
-from csce_jax import cli, train_lib
+hostmem.keep_freed_memory()
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from csce_jax import cli, train_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(

@@ -6,8 +6,12 @@ binary codes. Medians of ``--repeats`` runs after warm-up (compilation excluded,
 separately as ``jax_first_step_seconds``). On a GPU both frameworks run there (PyTorch with
 CUDA); ``--dtype bfloat16`` is our bf16 compute path against PyTorch's autocast (AMP) in bf16.
 
-  python benchmarks/bench_train_step.py [--batch 8 --size 224 --width 1.0 --repeats 3]
+  python benchmarks/bench_train_step.py [--batch 8 --size 224 --width 1.0 --repeats 5]
   python benchmarks/bench_train_step.py --preset demo     # the digits demo's model and batch
+
+Both frameworks run in one process, under the same host allocator: ``train.py``'s setting
+(``csce_jax.hostmem``: freed memory kept for reuse); ``CSCE_JAX_HOST_ALLOCATOR=default`` runs
+both on glibc's default instead.
 
 FLOPs are XLA's count for our compiled training step (forward, backward and update of the
 same network, so they serve both frameworks); MFU = FLOPs / step time / the device's dense
@@ -24,13 +28,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+# First, as in train.py: one process-wide allocator setting, shared by both frameworks.
+from csce_jax import hostmem  # noqa: E402
+
+hostmem.keep_freed_memory()
+
+import numpy as np  # noqa: E402
 from common import median_time, report  # noqa: E402
 
 # Dense peak FLOP/s by device-name fragment (vendor data sheets, SXM parts): (bf16, tf32).
@@ -160,7 +168,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=None, help="default 8 (full), 64 (demo)")
     p.add_argument("--size", type=int, default=None, help="default 224 (full), 112 (demo)")
     p.add_argument("--width", type=float, default=None, help="default 1.0 (full), 1/16 (demo)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=None, help="default 5 (full), 50 (demo)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--no-torch", action="store_true", help="our side only")
     args = p.parse_args()
@@ -168,6 +176,7 @@ def main() -> None:
     args.batch = args.batch or (8 if full else 64)
     args.size = args.size or (224 if full else 112)
     args.width = args.width or (1.0 if full else 1 / 16)
+    args.repeats = args.repeats or (5 if full else 50)
     args.depths = (3, 4, 6, 3) if full else (1, 1, 1, 1)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (args.batch, args.size, args.size, 3), dtype=np.uint8)
@@ -185,6 +194,7 @@ def main() -> None:
         "size": args.size,
         "width": args.width,
         "dtype": args.dtype,
+        "host_allocator": "tuned" if hostmem.is_tuned() else "default",
         "train_step_gflops": round(flops / 1e9, 1),
         "jax_first_step_seconds": round(first, 2),
         "jax_train_images_per_sec": round(args.batch / jt, 2),

@@ -30,7 +30,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from csce_jax import builders, eval_lib, sharding
+from csce_jax import builders, eval_lib, hostmem, sharding
 from csce_jax.checkpointing import Checkpoints
 from csce_jax.data import TrainLoader, ViewConfig, load_data, normalize
 from csce_jax.hashing import centers_fingerprint
@@ -314,13 +314,15 @@ def train_and_evaluate(
         }
 
     logging.info(
-        "training %s: steps %d..%d, global batch %d on %d device(s), %d process(es)",
+        "training %s: steps %d..%d, global batch %d on %d device(s), %d process(es), "
+        "host allocator %s",
         config.data.name,
         start,
         config.total_steps,
         config.batch_size,
         jax.device_count(),
         jax.process_count(),
+        "tuned" if hostmem.is_tuned() else "glibc default",
     )
     t0, tick, tick_step = time.time(), time.time(), start
     step = start
