@@ -4,9 +4,9 @@ Why: XLA:CPU allocates a step's temporaries (activations, gradients) when the st
 frees them when it ends. glibc serves blocks that large with fresh ``mmap`` calls (or from
 per-thread arenas that hand them back to the kernel), so every step faults in, and the kernel
 zeroes, every page of them again: about 0.8 GB per ResNet-50 batch-8 training step on the
-project's 2-core CPU machine, 15-25 % of the step (``benchmarks/bench_train_step.py``, with
-and without ``CSCE_JAX_HOST_ALLOCATOR=default``). One arena, no ``mmap`` and no trimming make glibc keep
-what was freed and hand the same pages back next step. The numbers computed do not change.
+project's 2-core CPU machine, 15-20 % of the step (``benchmarks/bench_train_step.py`` with
+and without ``CSCE_JAX_HOST_ALLOCATOR=default``). One arena, no ``mmap`` and no trimming make
+glibc keep what was freed and hand the same pages back next step. No computed number changes.
 
 It must run before any other thread allocates (glibc fixes its arena limit the first time a
 second thread needs an arena), so ``train.py``, ``eval.py`` and the benchmarks call it before
