@@ -9,7 +9,7 @@ Codes made elsewhere (e.g. by the PyTorch release): ``--query_codes q.npy --db_c
 # Before any other import: glibc must be tuned before a second thread allocates (see hostmem).
 from csce_jax import hostmem
 
-hostmem.keep_freed_memory()
+hostmem.apply_environment()
 
 import json  # noqa: E402
 

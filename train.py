@@ -8,7 +8,7 @@ checkpoint in the workdir.
 # Before any other import: glibc must be tuned before a second thread allocates (see hostmem).
 from csce_jax import hostmem
 
-hostmem.keep_freed_memory()
+hostmem.apply_environment()
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

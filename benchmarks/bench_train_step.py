@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # First, as in train.py: one process-wide allocator setting, shared by both frameworks.
 from csce_jax import hostmem  # noqa: E402
 
-hostmem.keep_freed_memory()
+hostmem.apply_environment()
 
 import numpy as np  # noqa: E402
 from common import median_time, report  # noqa: E402

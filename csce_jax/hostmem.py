@@ -66,6 +66,15 @@ def keep_freed_memory(setting: str | None = None) -> bool:
     return ok
 
 
+def apply_environment() -> bool:
+    """For entry points: ``keep_freed_memory()``; a bad ``$CSCE_JAX_HOST_ALLOCATOR`` exits with
+    its message (nothing has been read or written yet), not a traceback."""
+    try:
+        return keep_freed_memory()
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
 def is_tuned() -> bool:
     """Whether ``keep_freed_memory`` has taken effect in this process."""
     return _state["tuned"]
