@@ -50,7 +50,7 @@ def tiny_config(steps=4, linear_optimizer=False):
     return c
 
 
-def run_train(workdir, *extra, check=True, background=False):
+def run_train(workdir, *extra, check=True, background=False, env=None):
     cmd = [
         sys.executable,
         "train.py",
@@ -63,9 +63,9 @@ def run_train(workdir, *extra, check=True, background=False):
     ]
     if background:
         return subprocess.Popen(
-            cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
         )
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     if check:
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
@@ -415,3 +415,13 @@ def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path):
     assert "resumed from step 2" in log
     rows = read_rows(tmp_path)
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_bad_host_allocator_setting_stops_train_py_in_one_line(tmp_path):
+    env = {**os.environ, "CSCE_JAX_HOST_ALLOCATOR": "fast"}
+    out = run_train(tmp_path / "w", check=False, env=env)
+    assert out.returncode == 1
+    assert out.stderr.strip() == (
+        "error: CSCE_JAX_HOST_ALLOCATOR='fast': expected one of auto, tuned, default"
+    )
+    assert not (tmp_path / "w").exists()
