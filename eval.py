@@ -49,7 +49,7 @@ def main(argv):
         if missing:
             raise app.UsageError(f"--query_codes also needs --{', --'.join(missing)}")
         topk = None if FLAGS.topk < 0 else FLAGS.topk
-        result = cli.run_reporting_errors(
+        result = cli.error_boundary(
             eval_lib.score_npy,
             FLAGS.query_codes,
             FLAGS.db_codes,
@@ -63,11 +63,9 @@ def main(argv):
             raise app.UsageError("--workdir is required (or --query_codes ...)")
         if FLAGS.weights and FLAGS.config is None:
             raise app.UsageError("--weights needs --config (the architecture and data set)")
-        from csce_jax.train_lib import quiet_library_logs
-
-        quiet_library_logs()
-        config = cli.run_reporting_errors(eval_lib.load_run_config, FLAGS.workdir, FLAGS.config)
-        result = cli.run_reporting_errors(
+        cli.quiet_library_logs()
+        config = cli.error_boundary(eval_lib.load_run_config, FLAGS.workdir, FLAGS.config)
+        result = cli.error_boundary(
             eval_lib.run_eval,
             config,
             FLAGS.workdir,

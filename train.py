@@ -2,13 +2,16 @@
 
 Overrides: ``--config.bits=48 --config.total_steps=100``; config arguments:
 ``--config configs/cub200.py:bits=48``. Rerunning the same command resumes from the latest
-checkpoint in the workdir.
+checkpoint in the workdir. Exit status: 0 finished, 1 an error (one ``error:`` line),
+``config.preempted_exit_code`` (75) stopped by SIGTERM/SIGINT after saving a checkpoint.
 """
 
 # Before any other import: glibc must be tuned before a second thread allocates (see hostmem).
 from csce_jax import hostmem
 
 hostmem.apply_environment()
+
+import json  # noqa: E402
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -27,9 +30,11 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
-    train_lib.quiet_library_logs()
-    final = cli.run_reporting_errors(train_lib.train_and_evaluate, FLAGS.config, FLAGS.workdir)
-    print(final)
+    cli.quiet_library_logs()
+    final = cli.error_boundary(train_lib.train_and_evaluate, FLAGS.config, FLAGS.workdir)
+    print(json.dumps(final, sort_keys=True))
+    if final.get("preempted"):
+        raise SystemExit(FLAGS.config.preempted_exit_code)
 
 
 if __name__ == "__main__":

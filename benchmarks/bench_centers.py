@@ -1,7 +1,7 @@
 """Hash-centre construction time, and the achieved distances, for common (classes, bits).
 
 Compared with the release's method where it runs at all (K a power of two; its random fallback
-is an unseeded O(C^2) Python loop redrawn up to 20 times), reimplemented here from SPEC Sec. 5.
+is an unseeded O(C^2) Python loop redrawn up to 20 times), reimplemented here from its description in docs/model.md.
 
   python benchmarks/bench_centers.py
 

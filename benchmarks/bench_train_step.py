@@ -59,8 +59,9 @@ def peak_flops(device_name: str, dtype: str) -> float | None:
 def jax_side(args, images, labels):
     import jax
 
-    from configs.default import apply_release, get_config
-    from csce_jax import eval_lib, sharding, train_lib
+    from configs.common import apply_release
+    from configs.default import get_config
+    from csce_jax import encoding, sharding, state, train_lib
 
     c = get_config()
     apply_release(c)
@@ -71,7 +72,7 @@ def jax_side(args, images, labels):
     c.optimizer.schedule, c.optimizer.warmup_steps = "constant", 0
     c.model.dtype = args.dtype
     mesh = sharding.make_mesh()
-    setup = train_lib.create_train_state(c, 100)
+    setup = state.create_train_state(c, 100)
     step = train_lib.make_train_step(setup.graphdef, setup.tx, setup.schedule, c, False, mesh)
     state = jax.device_put(setup.state, sharding.replicated(mesh))
     batch = sharding.global_batch(mesh, {"image": images, "label": labels})
@@ -88,7 +89,7 @@ def jax_side(args, images, labels):
     train()
     first = time.perf_counter() - start  # trace + compile + first run: the first-step latency
     t_train = median_time(train, repeats=args.repeats, warmup=1)
-    enc = eval_lib.Encoder(setup.eval_graphdef, c, mesh)
+    enc = encoding.Encoder(setup.eval_graphdef, c, mesh)
     weights = (holder["state"]["params"], holder["state"]["rest"])
 
     def encode():

@@ -9,7 +9,7 @@ The release's protocol (DeepHash list files train.txt / database.txt / test.txt 
 Expected: not yet measured by us.
 """
 
-from configs.default import release_recipe
+from configs.common import release_recipe
 
 
 def get_config(arg=None):

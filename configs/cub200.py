@@ -9,7 +9,7 @@ Expected: not yet measured by us. For orientation only (other people's method an
 SEMICON's published logs reach mAP 0.378 / 0.635 / 0.726 / 0.796 on CUB at 12 / 24 / 32 / 48 bits.
 """
 
-from configs.default import release_recipe
+from configs.common import release_recipe
 
 
 def get_config(arg=None):

@@ -11,7 +11,7 @@ Expected: not yet measured by us. Other people's results on this protocol: CSQ w
 release trains 500 epochs; pass :epochs=500 to match it exactly.
 """
 
-from configs.default import release_recipe
+from configs.common import release_recipe
 
 
 def get_config(arg=None):

@@ -10,7 +10,7 @@ SEMICON's published logs reach mAP 0.378 / 0.635 / 0.726 / 0.796 on CUB at 12 / 
 Add --config.data.manual_dir=/path/holding/nabirds.
 """
 
-from configs.default import release_recipe
+from configs.common import release_recipe
 
 
 def get_config(arg=None):

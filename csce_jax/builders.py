@@ -1,11 +1,12 @@
 """Config -> objects: the model (with its centres), the optimiser, and the loss/encoding options.
 
 Shared by training, evaluation and search so that all three read a config the same way.
-Also the config checks that must fail before anything is compiled.
+Also the config checks that must fail before anything is read, written or compiled.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -15,6 +16,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from csce_jax.errors import ConfigError
 from csce_jax.hashing import hash_centers
 from csce_jax.models import CSCENet
 from csce_jax.models.resnet import downsampled_size
@@ -28,11 +30,8 @@ _CHOICES = {
     "loss.multilabel_loss": ("label_smoothing", "bce"),
     "optimizer.name": ("rmsprop", "adamw", "sgd"),
     "optimizer.schedule": ("constant", "cosine"),
+    "testing.signal": ("SIGTERM", "SIGINT", "SIGKILL"),
 }
-
-
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the key."""
 
 
 def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
@@ -83,9 +82,20 @@ def check_config(config: ml_collections.ConfigDict, device_count: int, process_c
         fail("data.resize", f"must be >= data.crop ({config.data.crop})")
     if not 0 <= config.data.val_fraction < 1:
         fail("data.val_fraction", "must be in [0, 1)")
+    lr = config.optimizer.lr
+    if not isinstance(lr, int | float) or not math.isfinite(lr) or lr <= 0:
+        fail("optimizer.lr", "must be a positive finite number (a negative rate ascends the loss)")
+    for key in ("optimizer.weight_decay", "optimizer.warmup_steps", "testing.signal_at_step"):
+        if _get(config, key) < 0:
+            fail(key, "must be >= 0")
+    if config.data.num_threads < 1:
+        fail("data.num_threads", "must be at least 1")
+    if not 0 <= config.preempted_exit_code <= 255:
+        fail("preempted_exit_code", "must be an exit status in 0..255")
 
 
 def compute_dtype(config: ml_collections.ConfigDict) -> Any:
+    """The model's compute dtype (parameters, loss and metrics stay float32)."""
     return jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
 
 

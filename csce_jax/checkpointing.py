@@ -1,11 +1,17 @@
-"""Orbax checkpoints: the latest N (periodic, asynchronous) plus the best by validation mAP.
+"""Orbax checkpoints of a run: one manager keeping the latest N steps and the best one.
 
-A checkpoint holds the whole training state (parameters, BatchNorm statistics, hash centres,
-optimiser state, step; the data position and the random key are functions of the step) and a JSON
-record with the resolved config, the centres' fingerprint and the metrics at that step. Orbax
-writes into a temporary directory and renames it when complete, so a checkpoint is either whole or
-absent; leftovers of an interrupted write are cleaned up. A checkpoint that fails to restore is
-reported with its path and the next older one is tried, never a silent fresh start.
+``<workdir>/checkpoints/<step>/`` holds three items: ``weights`` (parameters, BatchNorm
+statistics, hash centres: all that encoding needs), ``train`` (optimiser state and step) and
+``meta`` (JSON: the resolved config, the centres' fingerprint, the best step and mAP so far).
+The data position and the per-step random key are functions of the step, so nothing else is
+needed for an exact resume.
+
+Which steps stay is Orbax's own preservation policy: the latest ``keep`` steps, plus the step
+with the highest validation mAP (its score is saved as the checkpoint's metric; ties go to the
+earlier step). Orbax writes into a temporary directory and renames it when complete, so a
+checkpoint is whole or absent. A checkpoint that fails to restore is reported with its path and
+the next older one is tried, never a silent fresh start. Readers (``eval.py``, search) open the
+folder read-only: they never create, clean up or delete anything in a run that may be training.
 """
 
 from __future__ import annotations
@@ -17,111 +23,192 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from csce_jax.errors import CheckpointError
+
+__all__ = ["CheckpointError", "Checkpoints"]
 
 
-class CheckpointError(RuntimeError):
-    """No checkpoint in a directory can be restored; the message lists each failure."""
+def _score_key(metrics: dict[str, Any]) -> tuple[float, int]:
+    # Sorted ascending and the last kept: the highest score, and among equal scores the
+    # earliest step (a later step must beat the best to replace it).
+    return (metrics["score"], -metrics["step"])
 
 
-def _manager(directory: Path, keep: int, async_save: bool) -> ocp.CheckpointManager:
-    # Each manager needs its own barrier names: "latest" and "best" may save the same step at
-    # once, and shared names deadlock the processes of a multi-host run.
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep,
-        create=True,
-        cleanup_tmp_directories=True,
-        enable_async_checkpointing=async_save,
-        multiprocessing_options=ocp.options.MultiprocessingOptions(
-            barrier_sync_key_prefix=directory.name
-        ),
-    )
-    return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+def _reason(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
 
 
 class Checkpoints:
-    """``<workdir>/checkpoints/latest`` (keep N) and ``<workdir>/checkpoints/best`` (keep 1)."""
+    """The checkpoints of one run folder (``read_only`` for evaluation and search)."""
 
-    def __init__(self, workdir: str | os.PathLike, keep: int = 2, async_save: bool = True):
-        root = Path(workdir).absolute() / "checkpoints"
-        self.latest = _manager(root / "latest", keep, async_save)
-        self.best = _manager(root / "best", 1, async_save)
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        keep: int = 2,
+        *,
+        read_only: bool = False,
+        async_save: bool = True,
+    ):
+        self.directory = Path(workdir).absolute() / "checkpoints"
+        if read_only and not self.directory.is_dir():
+            raise CheckpointError(f"no checkpoints in {self.directory}")
+        policy = pp.AnyPreservationPolicy(
+            [
+                pp.LatestN(n=keep),
+                pp.BestN(get_metric_fn=_score_key, n=1, keep_checkpoints_without_metrics=False),
+            ]
+        )
+        options = ocp.CheckpointManagerOptions(
+            create=not read_only,
+            read_only=read_only,
+            cleanup_tmp_directories=not read_only,
+            enable_async_checkpointing=async_save,
+            preservation_policy=policy,
+        )
+        try:
+            self.manager = ocp.CheckpointManager(
+                self.directory, options=options, item_names=("weights", "train", "meta")
+            )
+        except OSError as e:
+            raise CheckpointError(f"cannot open {self.directory}: {_reason(e)}") from e
 
-    def save(self, step: int, state: Any, meta: dict[str, Any], *, best: bool = False) -> None:
-        """Save ``state`` at ``step`` (asynchronously) in latest, and in best too if ``best``."""
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        # A step saved before a restart (a best written just before a kill, or a corrupt one
-        # the restore skipped) is replaced: the run has gone back before it and redone it.
-        self._replace(self.latest, step, args)
-        if best:
-            # Only one best is kept: the new one replaces it once written. Across processes the
-            # two managers' writes are serialised so their collectives cannot interleave.
-            if jax.process_count() > 1:
-                self.latest.wait_until_finished()
-            self._replace(self.best, step, args)
+    def steps(self) -> list[int]:
+        """Every saved step, oldest first."""
+        return sorted(self.manager.all_steps())
 
-    @staticmethod
-    def _replace(manager: ocp.CheckpointManager, step: int, args: Any) -> None:
-        if step in manager.all_steps():
-            manager.wait_until_finished()
-            manager.delete(step)
-        manager.save(step, args=args, force=True)
+    def save(
+        self, step: int, state: dict[str, Any], meta: dict[str, Any], score: float | None = None
+    ) -> None:
+        """Save ``state`` at ``step`` asynchronously; ``score`` (validation mAP) ranks it.
+
+        A failure (a full disk, a read-only folder), also one of an earlier asynchronous save,
+        raises :class:`CheckpointError` naming the folder and the cause.
+        """
+        args = ocp.args.Composite(
+            weights=ocp.args.StandardSave({"params": state["params"], "rest": state["rest"]}),
+            train=ocp.args.StandardSave({"opt": state["opt"], "step": state["step"]}),
+            meta=ocp.args.JsonSave(meta),
+        )
+        metrics = None if score is None else {"score": float(score), "step": int(step)}
+        try:
+            self.manager.check_for_errors()
+            # A step saved before a restart (or a corrupt one the restore skipped) is replaced:
+            # the run has gone back before it and redone it.
+            if step in self.manager.all_steps():
+                self.manager.wait_until_finished()
+                self.manager.delete(step)
+            self.manager.save(step, args=args, metrics=metrics, force=True)
+        except Exception as e:
+            raise CheckpointError(
+                f"cannot save the checkpoint of step {step} in {self.directory}: {_reason(e)}"
+            ) from e
 
     def wait(self) -> None:
-        self.latest.wait_until_finished()
-        self.best.wait_until_finished()
+        """Block until pending saves are on disk; a failed one raises CheckpointError."""
+        try:
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+        except Exception as e:
+            raise CheckpointError(
+                f"cannot save a checkpoint in {self.directory}: {_reason(e)}"
+            ) from e
 
     def close(self) -> None:
-        self.wait()
-        self.latest.close()
-        self.best.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
-    @staticmethod
-    def _restore(
-        manager: ocp.CheckpointManager, target: Any, step: int | None
-    ) -> tuple[int, Any, dict[str, Any]] | None:
-        steps = sorted(manager.all_steps(), reverse=True)
-        if step is not None:
-            if step not in steps:
-                raise CheckpointError(
-                    f"no checkpoint at step {step} in {manager.directory} "
-                    f"(available: {sorted(steps)})"
-                )
-            steps = [step]
-        if not steps:
-            return None
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    def _restore_step(self, step: int, items: dict[str, Any]) -> dict[str, Any]:
+        args = {}
+        for name, target in items.items():
+            if name == "meta":
+                args[name] = ocp.args.JsonRestore()
+            else:
+                args[name] = ocp.args.StandardRestore(target)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+        return {name: restored[name] for name in items}
+
+    def _first_restorable(
+        self, steps: list[int], items: dict[str, Any]
+    ) -> tuple[int, dict[str, Any]] | None:
         errors = []
         for s in steps:
-            path = Path(manager.directory) / str(s)
             try:
-                restored = manager.restore(
-                    s,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-                    ),
-                )
-                return s, restored.state, dict(restored.meta)
+                return s, self._restore_step(s, items)
             except Exception as e:  # truncated files, wrong shapes (another config), ...
-                msg = f"{path}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                msg = f"{self.directory / str(s)}: {_reason(e)}"
                 logging.error("cannot restore checkpoint %s; trying an older one", msg)
                 errors.append(msg)
-        raise CheckpointError("no checkpoint could be restored:\n  " + "\n  ".join(errors))
-
-    def restore_latest(
-        self, target: Any, step: int | None = None
-    ) -> tuple[int, Any, dict[str, Any]] | None:
-        """(step, state, meta) of the newest restorable checkpoint, or None if there is none."""
-        return self._restore(self.latest, target, step)
-
-    def read_meta(self, step: int | None = None) -> tuple[int, dict[str, Any]] | None:
-        """(step, JSON record) of ``step`` in latest, else of the best, else of the latest."""
-        for manager in (self.latest,) if step is not None else (self.best, self.latest):
-            steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
-            for s in steps:
-                if s in manager.all_steps():
-                    meta = manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-                    return s, dict(meta.meta)
+        if errors:
+            raise CheckpointError("no checkpoint could be restored:\n  " + "\n  ".join(errors))
         return None
 
-    def restore_best(self, target: Any) -> tuple[int, Any, dict[str, Any]] | None:
-        return self._restore(self.best, target, None)
+    def restore_state(
+        self, target: dict[str, Any], step: int | None = None
+    ) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
+        """(step, state, meta) of the newest restorable checkpoint (or exactly ``step``).
+
+        ``target`` is the training state's structure (arrays or ``jax.ShapeDtypeStruct``s with
+        shardings, e.g. from ``nnx.eval_shape``). None when there is no checkpoint at all.
+        """
+        items = {
+            "weights": {"params": target["params"], "rest": target["rest"]},
+            "train": {"opt": target["opt"], "step": target["step"]},
+            "meta": None,
+        }
+        found = self._first_restorable(self._candidates(step), items)
+        if found is None:
+            return None
+        s, got = found
+        state = {**got["weights"], **got["train"]}
+        return s, state, dict(got["meta"])
+
+    def restore_weights(
+        self, target: dict[str, Any], step: int
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """({"params", "rest"}, meta) of ``step``: what encoding needs, no optimiser state."""
+        found = self._first_restorable(self._candidates(step), {"weights": target, "meta": None})
+        assert found is not None
+        _, got = found
+        return got["weights"], dict(got["meta"])
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        """The JSON record of ``step``."""
+        try:
+            return dict(self._restore_step(step, {"meta": None})["meta"])
+        except Exception as e:
+            raise CheckpointError(f"{self.directory / str(step)}: {_reason(e)}") from e
+
+    def best_step(self) -> int | None:
+        """The step with the best validation mAP (as recorded by the newest checkpoint)."""
+        steps = self.steps()
+        if not steps:
+            return None
+        for s in reversed(steps):
+            try:
+                best = self.read_meta(s).get("best_step")
+            except CheckpointError as e:
+                logging.error("cannot read the record of checkpoint %s", e)
+                continue
+            return best if best in steps else None
+        return None
+
+    def _candidates(self, step: int | None) -> list[int]:
+        steps = self.steps()
+        if step is None:
+            return list(reversed(steps))
+        if step not in steps:
+            raise CheckpointError(
+                f"no checkpoint at step {step} in {self.directory} (available: {steps})"
+            )
+        return [step]
+
+
+def abstract_on(tree: Any, sharding: jax.sharding.Sharding) -> Any:
+    """Shape/dtype leaves of ``tree`` laid out with ``sharding``: a restore target."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)

@@ -1,23 +1,45 @@
-"""Command-line helpers shared by train.py and eval.py: config overrides checked by name."""
+"""What every entry point shares: flag parsing with config errors in one line, the error
+boundary (an input error is one ``error: ...`` line and exit 1, never a traceback), and a
+quieter library log."""
 
 from __future__ import annotations
 
 import importlib.util
+import logging as pylogging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import ml_collections
-from absl import flags
+from absl import flags, logging
+
+from csce_jax.errors import CsceError
+
+T = TypeVar("T")
 
 
-def _load_config_file(spec: str) -> ml_collections.ConfigDict:
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """``path.py[:arg]`` -> the file's ``get_config(arg)``; any failure names the file."""
     path, _, arg = spec.partition(":")
+    if not Path(path).is_file():
+        raise CsceError(f"config file not found: {path}")
     module_spec = importlib.util.spec_from_file_location("_csce_config", path)
-    if module_spec is None or not Path(path).is_file():
-        raise SystemExit(f"error: config file not found: {path}")
+    if module_spec is None or module_spec.loader is None:
+        raise CsceError(f"config file {path}: not a Python file")
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module.get_config(arg) if arg else module.get_config()
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise CsceError(f"config file {path}, line {e.lineno}: syntax error: {e.msg}") from None
+    except Exception as e:
+        raise CsceError(f"config file {path}: {type(e).__name__}: {e}") from None
+    if not callable(getattr(module, "get_config", None)):
+        raise CsceError(f"config file {path} has no get_config() function")
+    try:
+        return module.get_config(arg) if arg else module.get_config()
+    except (ValueError, TypeError) as e:
+        raise CsceError(f"config file {path}, argument {arg!r}: {e}") from None
 
 
 def unknown_override(argv: list[str]) -> str | None:
@@ -27,7 +49,7 @@ def unknown_override(argv: list[str]) -> str | None:
         spec = argv[argv.index("--config") + 1]
     if spec is None:
         return None
-    config = _load_config_file(spec)
+    config = load_config_file(spec)
     for a in argv:
         if not a.startswith("--config."):
             continue
@@ -45,8 +67,11 @@ def unknown_override(argv: list[str]) -> str | None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing that turns a bad ``--config.*`` override into a one-line error."""
-    message = unknown_override(argv[1:])
+    """absl flag parsing that turns a bad config file, argument or override into one line."""
+    try:
+        message = unknown_override(argv[1:])
+    except CsceError as e:
+        message = str(e)
     if message:
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2)
@@ -57,15 +82,37 @@ def parse_flags(argv: list[str]) -> list[str]:
         raise SystemExit(2) from None
 
 
-def run_reporting_errors(fn, *args, **kwargs):
-    """Call ``fn``; an input error (config, data, checkpoint, conversion) exits with its message."""
-    from csce_jax.builders import ConfigError
-    from csce_jax.checkpointing import CheckpointError
-    from csce_jax.convert import ConversionError
-    from csce_jax.data.images import DataError
+def error_boundary(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Call ``fn``; an input or environment error exits 1 with one line naming its cause.
 
+    Our own errors (config, data, checkpoint, conversion, workdir, non-finite loss, codes) and
+    the operating system's (a full disk, a read-only or missing path) are reported; anything
+    else is a bug and keeps its traceback. Ctrl-C outside the training loop exits 130.
+    """
     try:
         return fn(*args, **kwargs)
-    except (ConfigError, DataError, CheckpointError, ConversionError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+    except CsceError as e:
+        _fail(str(e))
+    except OSError as e:
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        _fail(f"{where}{e.strerror or e}")
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    raise AssertionError("unreachable")
+
+
+def _fail(message: str) -> None:
+    logging.flush()
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(1) from None
+
+
+def quiet_library_logs() -> None:
+    """Keep Orbax's and grain's INFO chatter out of the log (warnings still show)."""
+
+    def keep(record: pylogging.LogRecord) -> bool:
+        noisy = ("/orbax/", "/grain/", "/etils/")
+        return record.levelno >= pylogging.WARNING or not any(n in record.pathname for n in noisy)
+
+    logging.get_absl_handler().addFilter(keep)

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from csce_jax.errors import ConversionError
+
 # Our top-level names -> the release's (the backbone's names are torchvision's, unprefixed).
 _TOP_LEVEL = {
     "local": "localmodel",
@@ -50,10 +52,6 @@ _RELEASE_ALIASES = {
     "input.5.": "layer2.",
 }
 _IGNORED = re.compile(r"(^|\.)num_batches_tracked$")
-
-
-class ConversionError(ValueError):
-    """A state dict does not fit the model; the message lists every offending key."""
 
 
 def _our_key(path: tuple) -> str:
@@ -83,6 +81,11 @@ def _to_ours(name: str, value: np.ndarray, target_shape: tuple[int, ...]) -> np.
     elif value.ndim == 2 and len(target_shape) == 2 and not name.endswith("centroids"):
         value = value.T  # Linear (out, in) -> (in, out)
     return value
+
+
+def _torch_shape(name: str, shape: tuple[int, ...], is_fusion: bool) -> tuple[int, ...]:
+    """The PyTorch-layout shape of one of our arrays of ``shape``."""
+    return _to_torch(name, np.broadcast_to(np.zeros((), np.int8), shape), is_fusion).shape
 
 
 def _to_torch(name: str, value: np.ndarray, is_fusion: bool) -> np.ndarray:
@@ -130,6 +133,7 @@ def load_torch_state_dict(
     *,
     only: str | None = None,
     ignore: tuple[str, ...] = (),
+    source: str = "the state dict",
 ) -> None:
     """Load a PyTorch-layout state dict into ``model`` (a CSCENet), all or nothing.
 
@@ -155,9 +159,10 @@ def load_torch_state_dict(
             continue
         value = _to_ours(key, sd[key], var.shape)
         if tuple(value.shape) != tuple(var.shape):
+            wanted = _torch_shape(key, tuple(var.shape), path[0] == "window_fusion")
             misshaped.append(
-                f"{key}: checkpoint {tuple(sd[key].shape)}, model wants "
-                f"{tuple(var.shape)} as {_our_key(path)}"
+                f"{key}: checkpoint {tuple(sd[key].shape)}, model wants {tuple(wanted)} "
+                f"(PyTorch layout; {_our_key(path)} here)"
             )
             continue
         updates[path] = jnp.asarray(value, jnp.float32)
@@ -169,7 +174,7 @@ def load_torch_state_dict(
     if misshaped:
         problems.append("mis-shaped keys: " + "; ".join(misshaped))
     if problems:
-        raise ConversionError("the state dict does not fit the model:\n  " + "\n  ".join(problems))
+        raise ConversionError(f"{source} does not fit the model:\n  " + "\n  ".join(problems))
     new_state = nnx.from_flat_state(
         [(p, v.replace(updates[p]) if p in updates else v) for p, v in flat]
     )

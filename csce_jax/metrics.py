@@ -1,6 +1,6 @@
 """Retrieval metrics over binary codes: exact, deterministic, and fast.
 
-Definitions (SPEC Sec. 9): Hamming distance d = (K - <q, r>) / 2 for codes in {-1, +1}. For each
+Definitions (docs/metrics.md): Hamming distance d = (K - <q, r>) / 2 for codes in {-1, +1}. For each
 query the database is ranked by (distance, database index): ties are broken by index, which
 makes every figure deterministic (the release's unstable sort orders ties arbitrarily). AP@k is
 the mean of precision@i over the relevant items i within the first k (relevant: shares at least
@@ -93,7 +93,7 @@ def hamming_distances(
 # --- Labels ----------------------------------------------------------------------------------
 
 
-def _relevance_fn(query_labels: np.ndarray, db_labels: np.ndarray):
+def relevance_fn(query_labels: np.ndarray, db_labels: np.ndarray):
     """A function (query slice) -> bool (q, N) relevance, for index or one-/multi-hot labels."""
     ql, dl = np.asarray(query_labels), np.asarray(db_labels)
     if ql.ndim == 1 and dl.ndim == 1:
@@ -156,7 +156,7 @@ def average_precisions(
 ) -> np.ndarray:
     """AP@topk of every query (float64, (Q,)); see :func:`mean_average_precision`."""
     q_words, _k, db_words, distances = _prepare(query_codes, db_codes, bits)
-    relevance = _relevance_fn(query_labels, db_labels)
+    relevance = relevance_fn(query_labels, db_labels)
     if topk is not None and topk <= 0:
         raise ValueError(f"topk must be positive or None (whole database), got {topk}")
 
@@ -191,7 +191,7 @@ def map_at_ks(
 ) -> dict[str, float]:
     """mAP at several cut-offs in one pass: {"map@1000": ..., "map@all": ...}."""
     q_words, _, db_words, distances = _prepare(query_codes, db_codes, bits)
-    relevance = _relevance_fn(query_labels, db_labels)
+    relevance = relevance_fn(query_labels, db_labels)
     n = len(db_words)
 
     def chunk(s):
@@ -234,7 +234,7 @@ def precision_recall_at_k(
 ) -> dict[str, list[float]]:
     """Mean precision@k and recall@k over queries for each k (ranking as for mAP)."""
     q_words, _, db_words, distances = _prepare(query_codes, db_codes, bits)
-    relevance = _relevance_fn(query_labels, db_labels)
+    relevance = relevance_fn(query_labels, db_labels)
     n = len(db_words)
     ks = [min(k, n) for k in ks]
 
@@ -260,7 +260,7 @@ def hamming_radius_curve(
     A query that retrieves nothing within r has precision 0 at r (the usual convention).
     """
     q_words, k, db_words, distances = _prepare(query_codes, db_codes, bits)
-    relevance = _relevance_fn(query_labels, db_labels)
+    relevance = relevance_fn(query_labels, db_labels)
 
     def chunk(s):
         rel = relevance(s)

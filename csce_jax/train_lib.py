@@ -1,4 +1,4 @@
-"""The training loop: sharded jit step, periodic evaluation, checkpoints, logging, exact resume.
+"""Training: the jitted step and the loop (resume, logging, evaluation, checkpoints, stopping).
 
 The step is a pure function of (state, batch) under ``jax.jit`` on a ('data',) mesh over every
 device of every host: parameters replicated, the batch sharded, the state donated; its randomness
@@ -6,164 +6,53 @@ device of every host: parameters replicated, the batch sharded, the state donate
 (seed, step), so restarting from a checkpoint replays nothing and skips nothing: N steps straight
 and N/2 + restart + N/2 give the same parameters, bit for bit on CPU.
 
-Outputs in the workdir: ``config.json`` (resolved config), ``metrics.jsonl`` (one JSON object per
-logged step, per evaluation, and a final row with ``query_map``), TensorBoard summaries (``tensorboard/``), and
-``checkpoints/{latest,best}``.
+Outputs in the workdir (``docs/training.md``): ``config.json`` and ``config_history.jsonl``,
+``metrics.jsonl``, TensorBoard summaries (``tensorboard/``) and ``checkpoints/``.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
 import os
 import signal
 import time
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
 from flax import nnx
 
-from csce_jax import builders, eval_lib, hostmem, sharding
+from csce_jax import builders, hostmem, metrics, runtime, sharding
 from csce_jax.checkpointing import Checkpoints
-from csce_jax.data import TrainLoader, ViewConfig, load_data, normalize
-from csce_jax.hashing import centers_fingerprint
+from csce_jax.data import RetrievalData, TrainLoader, ViewConfig, load_data
+from csce_jax.data.verify import verify_data
+from csce_jax.encoding import Encoder
+from csce_jax.errors import CheckpointError, NonFiniteLossError, WorkdirError
+from csce_jax.eval_lib import retrieval_map
 from csce_jax.losses import csce_loss, elastic_margins
-from csce_jax.summary import ScalarWriter
+from csce_jax.preemption import StopSignals
+from csce_jax.state import TrainSetup, abstract_train_state, create_train_state
+from csce_jax.workdir import RunFolder
+from csce_jax.writers import Writers
 
-METRICS_FILE = "metrics.jsonl"
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
-    """``jax.distributed.initialize()`` when asked by the config or CSCE_DISTRIBUTED=1."""
-    if (config.distributed or os.environ.get("CSCE_DISTRIBUTED") == "1") and not _dist_ready():
-        jax.distributed.initialize()
-
-
-def enable_compilation_cache(setting: str) -> str | None:
-    """Point XLA's persistent compilation cache at ``setting`` ("auto", a path, or "")."""
-    if not setting:
-        return None
-    if setting == "auto":
-        from csce_jax.pretrained import cache_dir
-
-        setting = str(cache_dir() / "xla")
-    Path(setting).mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", setting)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    return setting
-
-
-def _dist_ready() -> bool:
-    try:
-        from jax._src import distributed
-
-        return distributed.global_state.client is not None
-    except Exception:  # pragma: no cover - private API moved
-        return False
-
-
-def quiet_library_logs() -> None:
-    """Keep Orbax's and grain's INFO chatter out of the log (warnings still show)."""
-    import logging as pylogging
-
-    def keep(record: pylogging.LogRecord) -> bool:
-        noisy = ("/orbax/", "/grain/", "/etils/")
-        return record.levelno >= pylogging.WARNING or not any(n in record.pathname for n in noisy)
-
-    logging.get_absl_handler().addFilter(keep)
-
-
-class MetricsLog:
-    """``metrics.jsonl``: appended row by row; on resume, rows after the restored step go."""
-
-    def __init__(self, workdir: Path, active: bool):
-        self.path = workdir / METRICS_FILE
-        self.active = active
-
-    def truncate_after(self, step: int) -> None:
-        if not self.active or not self.path.exists():
-            return
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a kill: drop it
-                continue
-            if row.get("step", 0) <= step and "query_map" not in row:
-                kept.append(line)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(x + "\n" for x in kept))
-        os.replace(tmp, self.path)
-
-    def write(self, row: dict[str, Any]) -> None:
-        if self.active:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row, sort_keys=True) + "\n")
-
-    def rows(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        return [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
-
-
-@dataclasses.dataclass
-class TrainSetup:
-    """The model's structure (train and eval mode), its initial state, and the optimiser."""
-
-    graphdef: Any
-    eval_graphdef: Any
-    state: dict[str, Any]
-    tx: optax.GradientTransformation
-    schedule: optax.Schedule
-    fingerprint: str
-
-
-def create_train_state(
-    config: ml_collections.ConfigDict, num_classes: int, init_from: str = ""
-) -> TrainSetup:
-    """Model, optimiser and the state pytree {"params", "rest", "opt", "step"}.
-
-    ``rest`` holds every non-parameter variable: BatchNorm statistics and the hash centres.
-    """
-    model = builders.create_model(config, num_classes)
-    if init_from:
-        from csce_jax.pretrained import initialize_from
-
-        initialize_from(model, init_from)
-    eval_graphdef = nnx.graphdef(nnx.view(model, use_running_average=True))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx, schedule = builders.create_optimizer(config)
-    state = {
-        "params": params,
-        "rest": rest,
-        "opt": tx.init(params),
-        "step": jnp.zeros((), jnp.int32),
-    }
-    fingerprint = centers_fingerprint(np.asarray(model.centers[...]))
-    return TrainSetup(graphdef, eval_graphdef, state, tx, schedule, fingerprint)
+PREFETCH = 2  # sharded batches placed on the devices ahead of the step
 
 
 def make_train_step(graphdef, tx, schedule, config, multilabel: bool, mesh):
     """The jitted, donated training step: (state, batch) -> (state, metrics)."""
-    dtype = builders.compute_dtype(config)
     loss_kw = builders.loss_options(config, multilabel)
     lc = config.loss
 
     def step_fn(state, batch):
         step = state["step"]
         key = builders.fold_key(config.seed, step)
-        images = normalize(batch["image"], dtype)
         labels = batch["label"]
         if multilabel:
             margins = jnp.asarray(lc.margin, jnp.float32)
@@ -172,7 +61,7 @@ def make_train_step(graphdef, tx, schedule, config, multilabel: bool, mesh):
 
         def loss_fn(params):
             model = nnx.merge(graphdef, params, state["rest"], copy=True)
-            out = model(images)
+            out = model(batch["image"])
             losses = csce_loss(out.logits, out.codes, out.threshold, labels, margins, **loss_kw)
             _, _, new_rest = nnx.split(model, nnx.Param, ...)
             return losses["loss"], (losses, new_rest)
@@ -202,81 +91,123 @@ def make_train_step(graphdef, tx, schedule, config, multilabel: bool, mesh):
     )
 
 
-class _Preemption:
-    """SIGTERM sets a flag; the loop saves at the next step and exits cleanly."""
+@dataclasses.dataclass
+class Run:
+    """Everything one training run works with, set up by :func:`start_run`."""
 
-    def __init__(self):
-        self.requested = False
-        self._previous = None
+    config: ml_collections.ConfigDict
+    folder: RunFolder
+    data: RetrievalData
+    setup: TrainSetup
+    mesh: jax.sharding.Mesh
+    ckpts: Checkpoints
+    writers: Writers
+    encoder: Encoder
+    loader: TrainLoader
+    start: int
+    best_map: float = -math.inf
+    best_step: int | None = None
+    last_saved: int | None = None
+    finished: dict[str, Any] | None = None
 
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread
-            self._previous = None
-        return self
+    @property
+    def select_on(self) -> str:
+        on_query = self.config.release_compat.select_on_query or self.data.val is None
+        return "query" if on_query else "validation"
 
-    def _handle(self, signum, frame):
-        del signum, frame
-        logging.warning("SIGTERM: saving a checkpoint at the next step, then exiting")
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
-def _host_metrics(m: dict[str, jax.Array]) -> dict[str, float]:
-    return {k: float(v) for k, v in jax.device_get(m).items()}
+    def skipped_images(self) -> int:
+        return len(self.loader.corrupt.names | self.encoder.skipped)
 
 
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str | os.PathLike
 ) -> dict[str, Any]:
-    """Train (or resume) ``config`` in ``workdir``; returns the final metrics row."""
-    maybe_initialize_distributed(config)
+    """Train (or resume) ``config`` in ``workdir``; returns the final metrics row, or
+    ``{"step", "preempted": True}`` when a signal stopped it after saving."""
+    runtime.initialize_distributed(config)
     builders.check_config(config, jax.device_count(), jax.process_count())
-    enable_compilation_cache(config.compilation_cache)
-    workdir = Path(workdir)
-    lead = jax.process_index() == 0
-    if lead:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    runtime.enable_compilation_cache(config.compilation_cache)
+    with RunFolder(workdir, lead=jax.process_index() == 0) as folder:
+        run, state = start_run(config, folder)
+        if run.finished is not None:
+            return run.finished
+        train_step = make_train_step(
+            run.setup.graphdef, run.setup.tx, run.setup.schedule, config, run.data.multilabel,
+            run.mesh,
+        )  # fmt: skip
+        log_start(run)
+        clock = Clock(run.start)
+        with StopSignals(config.log_every_steps) as signals:
+            for step, batch in enumerate(device_batches(run), start=run.start + 1):
+                state, step_metrics = train_step(state, batch)
+                last = step == config.total_steps
+                stopping = signals.should_stop(step, last)
+                row = None
+                if stopping or last or is_due(config, step):
+                    row = checked_metrics(run, step, step_metrics)
+                if step % config.log_every_steps == 0 or last:
+                    log_train_row(run, step, row, clock)
+                score = None
+                if step % config.eval_every_steps == 0 or last:
+                    score = evaluate(run, state, step)
+                    clock.restart(step)  # keep evaluation out of images/s
+                save_if_due(run, step, state, score, force=stopping or last)
+                fire_test_signal(config, step)
+                if stopping and not last:
+                    return stop_preempted(run, step)
+        return finish(run, state)
 
+
+def start_run(config: ml_collections.ConfigDict, folder: RunFolder) -> tuple[Run, Any]:
+    """Check the folder and the data, then restore the newest checkpoint or initialise."""
+    changes = folder.check_resume(config)  # refuses before anything is written
     data = load_data(config.data)
-    setup = create_train_state(config, data.num_classes, init_from=config.model.init_from)
-    graphdef, eval_graphdef, state, tx, schedule = (
-        setup.graphdef,
-        setup.eval_graphdef,
-        setup.state,
-        setup.tx,
-        setup.schedule,
-    )
-    fingerprint = setup.fingerprint
-
+    if config.data.verify:
+        verify_data(data, config, report=folder.path / "data_report.json")
     mesh = sharding.make_mesh()
-    ckpts = Checkpoints(workdir, keep=config.keep_checkpoints)
-    log = MetricsLog(workdir, lead)
-    best_map = -math.inf
-    restored = ckpts.restore_latest(state)
-    if restored is not None:
-        start, state, meta = restored
-        if meta.get("centers") != fingerprint:
-            raise ValueError(
-                f"checkpoint {workdir}/checkpoints/latest/{start} was made with other "
-                "hash centres (different bits, classes or centers_seed)"
-            )
-        best_map = meta.get("best_map", -math.inf)
-        logging.info("resumed from step %d (%s)", start, workdir / "checkpoints" / "latest")
-        log.truncate_after(start)
+    repl = sharding.replicated(mesh)
+    ckpts = Checkpoints(folder.path, keep=config.keep_checkpoints)
+    abstract = abstract_train_state(config, data.num_classes, repl)
+    restored = ckpts.restore_state(abstract.state) if folder.has_checkpoints() else None
+    if restored is None:
+        setup = create_train_state(config, data.num_classes, init_from=config.model.init_from)
+        start, state, meta = 0, jax.device_put(setup.state, repl), {}
     else:
-        start = 0
-        log.truncate_after(-1)
-    state = jax.device_put(state, sharding.replicated(mesh))
+        setup, (start, state, meta) = abstract, restored
+        check_restored(folder, config, start, meta, setup.fingerprint)
+        logging.info("resumed from step %d (%s)", start, ckpts.directory / str(start))
+    folder.record_config(config, start, changes)
+    writers = Writers(folder.path, active=folder.lead)
+    run = Run(
+        config, folder, data, setup, mesh, ckpts, writers, Encoder(setup.eval_graphdef, config, mesh),
+        make_loader(config, data), start, meta.get("best_map", -math.inf), meta.get("best_step"),
+        start if restored else None,
+    )  # fmt: skip
+    if start == config.total_steps and writers.log.final_row() is not None:
+        run.finished = writers.log.final_row()
+        logging.info("%s has finished already: %s", folder.path, run.finished)
+        ckpts.close()
+        writers.close()
+    else:
+        writers.log.truncate_after(start)
+    return run, state
 
-    train_step = make_train_step(graphdef, tx, schedule, config, data.multilabel, mesh)
-    encoder = eval_lib.Encoder(eval_graphdef, config, mesh)
-    loader = TrainLoader(
+
+def check_restored(folder: RunFolder, config, step: int, meta: dict, fingerprint: str) -> None:
+    """A restored checkpoint must belong to this config and lie within its steps."""
+    where = folder.path / "checkpoints" / str(step)
+    if meta.get("centers") != fingerprint:
+        raise CheckpointError(
+            f"checkpoint {where} was made with other hash centres (bits, classes or centers_seed)"
+        )
+    if step > config.total_steps:
+        raise WorkdirError(
+            f"checkpoint {where} is past config.total_steps={config.total_steps}: raise it"
+        )
+
+
+def make_loader(config: ml_collections.ConfigDict, data: RetrievalData) -> TrainLoader:
+    return TrainLoader(
         data.fit,
         global_batch=config.batch_size,
         num_steps=config.total_steps,
@@ -287,136 +218,197 @@ def train_and_evaluate(
         num_threads=config.data.num_threads,
         skip_corrupt=config.data.skip_corrupt,
     )
-    writer = ScalarWriter(workdir / "tensorboard", active=lead)
-    select_on_query = config.release_compat.select_on_query or data.val is None
 
-    def evaluate(step: int) -> dict[str, Any]:
-        weights = (state["params"], state["rest"])
-        if select_on_query:
-            q = encoder.encode(weights, data.query)
-            db = encoder.encode(weights, data.database)
-            return {
-                "step": step,
-                "select_map": eval_lib.retrieval_map(q, db, data.topk),
-                "select_on": "query",
-            }
-        q = encoder.encode(weights, data.val)
-        db = encoder.encode(weights, data.fit)
-        return {"step": step, "val_map": eval_lib.retrieval_map(q, db, data.topk)}
 
-    def meta(step: int) -> dict[str, Any]:
-        return {
-            "step": step,
-            "centers": fingerprint,
-            "best_map": best_map,
-            "num_classes": data.num_classes,
-            "config": json.loads(config.to_json_best_effort()),
-        }
+def device_batches(run: Run) -> Iterator[dict[str, jax.Array]]:
+    """Global batches from step ``run.start`` on, ``PREFETCH`` of them already on the devices."""
+    queue: collections.deque = collections.deque()
+    for host in run.loader.batches(run.start):
+        batch = {"image": host["image"], "label": host["label"]}
+        queue.append(sharding.global_batch(run.mesh, batch))
+        if len(queue) > PREFETCH:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
 
+
+def log_start(run: Run) -> None:
+    c = run.config
+    if run.select_on == "query" and not c.release_compat.select_on_query and run.start == 0:
+        message = (
+            f"{c.data.name}: the validation split is empty (data.val_fraction="
+            f"{c.data.val_fraction}), so the best checkpoint is selected on the QUERY set, "
+            "which flatters the reported query mAP"
+        )
+        logging.warning("%s", message)
+        run.writers.write({"step": 0, "warning": message, "select_on": "query"})
     logging.info(
         "training %s: steps %d..%d, global batch %d on %d device(s), %d process(es), "
         "host allocator %s",
-        config.data.name,
-        start,
-        config.total_steps,
-        config.batch_size,
+        c.data.name,
+        run.start,
+        c.total_steps,
+        c.batch_size,
         jax.device_count(),
         jax.process_count(),
         "tuned" if hostmem.is_tuned() else "glibc default",
     )
-    t0, tick, tick_step = time.time(), time.time(), start
-    step = start
-    with _Preemption() as preempt:
-        for host_batch in loader.batches(start):
-            batch = sharding.global_batch(
-                mesh, {"image": host_batch["image"], "label": host_batch["label"]}
-            )
-            state, m = train_step(state, batch)
-            step += 1
-            last = step == config.total_steps
-            stopping = preempt.requested  # read once: the signal may arrive at any moment
-            checkpoint_now = last or stopping or step % config.checkpoint_every_steps == 0
-            if step % config.log_every_steps == 0 or last or checkpoint_now:
-                row = _host_metrics(m)
-                if not all(math.isfinite(v) for v in row.values()):
-                    ckpts.wait()
-                    raise NonFiniteLossError(
-                        f"non-finite loss at step {step}: {row}; the last good checkpoint in "
-                        f"{workdir / 'checkpoints' / 'latest'} is kept"
-                    )
-                now = time.time()
-                rate = (step - tick_step) * config.batch_size / max(now - tick, 1e-9)
-                if step % config.log_every_steps == 0 or last:
-                    row.update(step=step, images_per_sec=rate)
-                    log.write(row)
-                    writer.write_scalars(step, row)
-                    eta = (config.total_steps - step) * (now - t0) / max(step - start, 1)
-                    logging.info(
-                        "step %d/%d loss %.4f (ce %.4f quant %.4f) %.1f img/s, ETA %s",
-                        step,
-                        config.total_steps,
-                        row["loss"],
-                        row["ce"],
-                        row["quant"],
-                        rate,
-                        time.strftime("%H:%M:%S", time.gmtime(eta)),
-                    )
-                    tick, tick_step = now, step
-            is_best = False
-            if step % config.eval_every_steps == 0 or last:
-                ev = evaluate(step)
-                score = ev.get("val_map", ev.get("select_map"))
-                is_best = score > best_map
-                best_map = max(best_map, score)
-                ev["best_map"] = best_map
-                log.write(ev)
-                writer.write_scalars(step, {k: v for k, v in ev.items() if isinstance(v, float)})
-                logging.info("eval at step %d: %s", step, ev)
-                tick, tick_step = time.time(), step  # keep evaluation out of images/s
-            if checkpoint_now or is_best:
-                ckpts.save(step, state, meta(step), best=is_best)
-            if stopping and not last:
-                ckpts.close()
-                logging.warning("preempted: checkpoint at step %d saved, exiting", step)
-                return {"step": step, "preempted": True}
-    ckpts.wait()
 
-    final = final_query_metrics(ckpts, state, encoder, data, config)
-    log.write(final)
-    writer.write_scalars(final["step"], {"query_map": final["query_map"]})
-    writer.close()
-    ckpts.close()
+
+def is_due(config: ml_collections.ConfigDict, step: int) -> bool:
+    """Whether ``step`` logs, evaluates or checkpoints (the host reads the metrics then)."""
+    every = (config.log_every_steps, config.eval_every_steps, config.checkpoint_every_steps)
+    return any(step % n == 0 for n in every)
+
+
+def checked_metrics(run: Run, step: int, step_metrics: dict[str, jax.Array]) -> dict[str, float]:
+    """The step's metrics on the host; a non-finite one stops the run before anything is saved."""
+    row = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+    if all(math.isfinite(v) for v in row.values()):
+        return row
+    run.ckpts.wait()
+    kept = run.ckpts.steps()
+    where = (
+        f"the last good checkpoint, step {kept[-1]} in {run.ckpts.directory}, is kept"
+        if kept
+        else "no checkpoint had been saved yet"
+    )
+    raise NonFiniteLossError(
+        f"non-finite loss or parameters at step {step} ({', '.join(f'{k} {v:.4g}' for k, v in row.items())}); "
+        f"nothing non-finite was saved: {where}. Lower optimizer.lr or check the data."
+    )
+
+
+class Clock:
+    """Images/s over the steps since the last log, and the ETA over the whole run."""
+
+    def __init__(self, start: int):
+        self.t0, self.start = time.time(), start
+        self.restart(start)
+
+    def restart(self, step: int) -> None:
+        self.tick, self.tick_step = time.time(), step
+
+    def rate(self, step: int, batch: int) -> float:
+        return (step - self.tick_step) * batch / max(time.time() - self.tick, 1e-9)
+
+    def eta(self, step: int, total: int) -> str:
+        left = (total - step) * (time.time() - self.t0) / max(step - self.start, 1)
+        return time.strftime("%H:%M:%S", time.gmtime(left))
+
+
+def log_train_row(run: Run, step: int, row: dict[str, float], clock: Clock) -> None:
+    c = run.config
+    row = {**row, "step": step, "images_per_sec": clock.rate(step, c.batch_size)}
+    if c.data.skip_corrupt:
+        row["skipped_images"] = run.skipped_images()
+    run.writers.write(row)
+    logging.info(
+        "step %d/%d loss %.4f (ce %.4f quant %.4f) %.1f img/s, ETA %s",
+        step,
+        c.total_steps,
+        row["loss"],
+        row["ce"],
+        row["quant"],
+        row["images_per_sec"],
+        clock.eta(step, c.total_steps),
+    )
+    clock.restart(step)
+
+
+def evaluate(run: Run, state: dict[str, Any], step: int) -> float:
+    """Validation mAP (or query mAP where selection is on the query set); updates the best."""
+    weights = (state["params"], state["rest"])
+    if run.select_on == "query":
+        queries, database = run.data.query, run.data.database
+    else:
+        queries, database = run.data.val, run.data.fit
+    q = run.encoder.encode(weights, queries)
+    db = run.encoder.encode(weights, database)
+    score = retrieval_map(q, db, run.data.topk)
+    if score > run.best_map:
+        run.best_map, run.best_step = score, step
+    key = "select_map" if run.select_on == "query" else "val_map"
+    row = {"step": step, key: score, "best_map": run.best_map}
+    if run.select_on == "query":
+        row["select_on"] = "query"
+    run.writers.write(row)
+    logging.info("eval at step %d: %s", step, row)
+    return score
+
+
+def save_if_due(run: Run, step: int, state, score: float | None, *, force: bool) -> None:
+    """Checkpoint at the cadence, at the end, when stopping, and whenever a new best is found."""
+    c = run.config
+    if not (force or step % c.checkpoint_every_steps == 0 or run.best_step == step):
+        return
+    meta = {
+        "step": step,
+        "centers": run.setup.fingerprint,
+        "best_map": run.best_map,
+        "best_step": run.best_step,
+        "num_classes": run.data.num_classes,
+        "config": json.loads(c.to_json_best_effort()),
+    }
+    run.ckpts.save(step, state, meta, score=score)
+    run.last_saved = step
+
+
+def fire_test_signal(config: ml_collections.ConfigDict, step: int) -> None:
+    """The test suite's deterministic fault injection (``config.testing``)."""
+    if config.testing.signal_at_step and step == config.testing.signal_at_step:
+        os.kill(os.getpid(), getattr(signal, config.testing.signal))
+
+
+def stop_preempted(run: Run, step: int) -> dict[str, Any]:
+    run.ckpts.close()
+    run.writers.close()
+    logging.warning("stopped by a signal: checkpoint at step %d saved, exiting", step)
+    return {"step": step, "preempted": True}
+
+
+def finish(run: Run, state: dict[str, Any]) -> dict[str, Any]:
+    """Score the selected checkpoint on query vs database, write the final row, close."""
+    run.ckpts.wait()
+    final = final_query_metrics(run, state)
+    run.writers.write(final)
+    run.writers.close()
+    run.ckpts.close()
     logging.info("final: %s", final)
     return final
 
 
-def final_query_metrics(ckpts: Checkpoints, state, encoder, data, config) -> dict[str, Any]:
-    """Query-vs-database mAP of the selected (best) checkpoint."""
-    best = ckpts.restore_best(state)
-    if best is not None:
-        best_step, best_state, _ = best
-        state = jax.device_put(best_state, sharding.replicated(encoder.mesh))
-    else:
-        best_step = int(state["step"])
-    weights = (state["params"], state["rest"])
-    q = encoder.encode(weights, data.query)
-    db = encoder.encode(weights, data.database)
-    from csce_jax import metrics
+def selected_weights(run: Run, state: dict[str, Any]) -> tuple[Any, int]:
+    """The best checkpoint's weights; if it does not restore, the final state's (logged)."""
+    final_step = int(state["step"])
+    best = run.best_step
+    if best is not None and best != final_step and best in run.ckpts.steps():
+        target = {"params": state["params"], "rest": state["rest"]}
+        try:
+            weights, _ = run.ckpts.restore_weights(target, best)
+            return (weights["params"], weights["rest"]), best
+        except CheckpointError as e:
+            logging.error("the best checkpoint does not restore (%s); using step %d", e, final_step)
+    return (state["params"], state["rest"]), final_step
 
+
+def final_query_metrics(run: Run, state: dict[str, Any]) -> dict[str, Any]:
+    """Query-vs-database mAP of the selected (best) checkpoint: the run's final row."""
+    weights, used_step = selected_weights(run, state)
+    q = run.encoder.encode(weights, run.data.query)
+    db = run.encoder.encode(weights, run.data.database)
+    topk = run.data.topk
     scores = metrics.map_at_ks(
-        q["codes"],
-        db["codes"],
-        q["labels"],
-        db["labels"],
-        sorted({data.topk, None}, key=lambda k: k or 1 << 62),
-    )
-    query_map = scores["map@all" if data.topk is None else f"map@{data.topk}"]
+        q["codes"], db["codes"], q["labels"], db["labels"], sorted({topk, None}, key=lambda k: k or 1 << 62)
+    )  # fmt: skip
     return {
-        "step": config.total_steps,
-        "query_map": query_map,
-        "best_step": best_step,
-        "bits": config.bits,
+        "step": run.config.total_steps,
+        "query_map": scores["map@all" if topk is None else f"map@{topk}"],
+        "best_step": used_step,
+        "select_on": run.select_on,
+        "bits": run.config.bits,
         "num_query": len(q["codes"]),
         "num_database": len(db["codes"]),
+        "skipped_images": run.skipped_images(),
         **{f"query_{k}": v for k, v in scores.items()},
     }

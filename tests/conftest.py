@@ -1,7 +1,14 @@
-"""Test setup: 4 fake CPU devices (set before jax is imported) and shared tiny-model helpers."""
+"""Test setup: 4 fake CPU devices (set before jax is imported) and the helpers tests share.
 
+Helpers are plain functions (``from conftest import run_train``): the digits demo cut down to a
+few steps, the entry point run as a subprocess, and readers of a run's outputs.
+"""
+
+import json
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
@@ -11,7 +18,15 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = {"width": 1 / 16, "depths": (1, 1, 1, 1)}
+TINY_OVERRIDES = [
+    "--config.batch_size=8",
+    "--config.eval_batch_size=64",
+    "--config.log_every_steps=1",
+    "--config.data.num_threads=2",
+]
+PREEMPTED = 75  # train.py's exit status after a stop signal (config.preempted_exit_code)
 
 
 @pytest.fixture
@@ -23,3 +38,95 @@ def tiny_model():
     from csce_jax.models import CSCENet
 
     return CSCENet(hash_centers(10, 16), image_size=128, rngs=nnx.Rngs(0), **TINY)
+
+
+def tiny_config(steps=4, linear_optimizer=False):
+    """The digits demo cut down; ``linear_optimizer``: SGD at a constant rate, whose update is
+    linear in the gradient (Adam's first steps are ~lr * sign(g): float noise in a near-zero
+    gradient flips a whole step, which would hide real sharding differences)."""
+    from configs.default import get_config
+
+    c = get_config()
+    c.total_steps = steps
+    c.batch_size = 8
+    c.eval_batch_size = 64
+    c.log_every_steps = 1
+    c.eval_every_steps = steps
+    c.checkpoint_every_steps = steps
+    c.data.num_threads = 2
+    if linear_optimizer:
+        c.optimizer.name = "sgd"
+        c.optimizer.lr = 0.05
+        c.optimizer.warmup_steps = 0
+        c.optimizer.schedule = "constant"
+    return c
+
+
+def run_train(workdir, *extra, check=True, background=False, env=None, config="configs/default.py"):
+    """``train.py`` on the tiny demo in a subprocess; ``check``: it must exit 0."""
+    cmd = [
+        sys.executable,
+        "train.py",
+        "--config",
+        config,
+        "--workdir",
+        str(workdir),
+        *TINY_OVERRIDES,
+        *extra,
+    ]
+    if background:
+        return subprocess.Popen(
+            cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        )
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    if check:
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def run_module(*args, env=None):
+    """``python *args`` from the repository root (eval.py, -m csce_jax.search, ...)."""
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env
+    )
+
+
+def read_rows(workdir):
+    """The rows of ``<workdir>/metrics.jsonl``."""
+    return [json.loads(x) for x in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def saved_steps(workdir):
+    """The checkpoint steps in a run folder."""
+    folder = Path(workdir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+
+
+def restore_state(workdir, config, step=None):
+    """(step, state) of a run's newest (or ``step``) checkpoint, restored with ``config``."""
+    from csce_jax import sharding, state
+    from csce_jax.checkpointing import Checkpoints
+    from csce_jax.data import load_data
+
+    data = load_data(config.data)
+    abstract = state.abstract_train_state(
+        config, data.num_classes, sharding.replicated(sharding.make_mesh())
+    )
+    ckpts = Checkpoints(workdir, read_only=True)
+    try:
+        got, restored, _ = ckpts.restore_state(abstract.state, step)
+    finally:
+        ckpts.manager.close()
+    return got, restored
+
+
+def final_params(workdir, steps, **kw):
+    """The parameters of a tiny run's checkpoint at ``steps`` as numpy arrays."""
+    import jax
+    import numpy as np
+
+    step, restored = restore_state(workdir, tiny_config(steps, **kw))
+    assert step == steps
+    return jax.tree.map(np.asarray, restored["params"])

@@ -21,7 +21,7 @@ if nproc > 1:
         coordinator_address=f"127.0.0.1:{port}", num_processes=nproc, process_id=pid
     )
 
-from test_train import tiny_config  # noqa: E402
+from conftest import tiny_config  # noqa: E402
 
 from csce_jax import train_lib  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Hash centres: values, balance, distance conditions, determinism (SPEC Sec. 5)."""
+"""Hash centres: values, balance, distance conditions, determinism (docs/model.md)."""
 
 import numpy as np
 import pytest

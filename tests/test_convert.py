@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 from flax import nnx
-from test_train import ROOT
+from conftest import ROOT
 
 from csce_jax import pretrained
 from csce_jax.convert import (
@@ -106,18 +106,28 @@ def test_init_from_torchvision_layout_loads_the_backbone_only(tmp_path):
     path = tmp_path / "resnet50.safetensors"
     write_state_file(sd, path)
     target = _model(seed=4, classes=7, bits=12)
-    head_before = flat_arrays(target)["hash_fc/kernel"].copy()
-    assert pretrained.initialize_from(target, str(path)) == "backbone"
+    before = flat_arrays(target)
+    # A whole model is asked for by default: refused, nothing loaded, the fix named.
+    with pytest.raises(ConversionError, match=r"(?s)missing keys: ce_fc.*init_scope=backbone"):
+        pretrained.initialize_from(target, str(path))
+    for k, v in flat_arrays(target).items():
+        np.testing.assert_array_equal(v, before[k])
+    assert pretrained.initialize_from(target, str(path), scope="backbone") == "backbone"
     _assert_same(source, target, only="backbone/")
-    np.testing.assert_array_equal(flat_arrays(target)["hash_fc/kernel"], head_before)
+    np.testing.assert_array_equal(flat_arrays(target)["hash_fc/kernel"], before["hash_fc/kernel"])
 
 
-def test_init_from_converted_file_with_another_head_loads_the_backbone(tmp_path):
+def test_init_from_converted_file_with_other_bits_is_all_or_nothing(tmp_path):
     source = _model(seed=5, classes=10, bits=16)
     path = tmp_path / "converted.safetensors"
     write_state_file(flat_arrays(source), path)
     target = _model(seed=6, classes=30, bits=48)
-    assert pretrained.initialize_from(target, str(path)) == "backbone"
+    before = flat_arrays(target)
+    with pytest.raises(ConversionError, match=r"(?s)mis-shaped: .*hash_fc/kernel.*init_scope"):
+        pretrained.initialize_from(target, str(path))
+    for k, v in flat_arrays(target).items():  # nothing loaded half-way
+        np.testing.assert_array_equal(v, before[k])
+    assert pretrained.initialize_from(target, str(path), scope="backbone") == "backbone"
     _assert_same(source, target, only="backbone/")
 
 
@@ -157,10 +167,23 @@ def test_torchvision_weights_come_from_the_cache_with_the_hash_checked(tmp_path,
     assert pretrained.initialize_from(target, "torchvision:LOCAL_TEST") == "backbone"
     _assert_same(source, target, only="backbone/")
     cached.write_bytes(cached.read_bytes()[:-1] + b"\x00")  # corrupt the cached copy
-    with pytest.raises(ConversionError, match="does not start with the published"):
+    with pytest.raises(ConversionError, match="does not start with the .* published"):
         pretrained.initialize_from(_model(), "torchvision:LOCAL_TEST")
     with pytest.raises(ConversionError, match="unknown torchvision weights 'V9'"):
         pretrained.initialize_from(_model(), "torchvision:V9")
+
+
+def test_a_bad_download_is_checked_before_it_enters_the_cache(tmp_path, monkeypatch):
+    cache, served = tmp_path / "cache", tmp_path / "served"
+    served.mkdir()
+    monkeypatch.setenv("CSCE_JAX_CACHE", str(cache))
+    (served / "resnet50-0badc0de.pth").write_bytes(b"not the published file")
+    monkeypatch.setitem(
+        pretrained.TORCHVISION_WEIGHTS, "LOCAL_BAD", (served / "resnet50-0badc0de.pth").as_uri()
+    )
+    with pytest.raises(ConversionError, match="does not start with the 0badc0de published"):
+        pretrained.initialize_from(_model(), "torchvision:LOCAL_BAD")
+    assert list(cache.iterdir()) == []  # neither the file nor a partial download stays
 
 
 def test_pth_files_need_torch_or_load_with_it(tmp_path):

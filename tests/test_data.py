@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs.default import data_config
+from configs.common import data_config
 from csce_jax.data import DataError, EvalLoader, TrainLoader, ViewConfig, load_data
 from csce_jax.data.digits import digits_sources
 from csce_jax.data.images import load_rgb

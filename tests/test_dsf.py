@@ -1,4 +1,4 @@
-"""The dynamic sign function: table cases of SPEC Sec. 6 and the STE's gradients."""
+"""The dynamic sign function: table cases of docs/model.md and the STE's gradients."""
 
 import jax
 import jax.numpy as jnp

@@ -7,9 +7,9 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
-from test_train import ROOT, run_train
+from conftest import ROOT, run_train
 
-from csce_jax import eval_lib, metrics
+from csce_jax import eval_lib, metrics, state, viz
 from csce_jax.data.digits import digits_images
 
 
@@ -52,8 +52,8 @@ def test_eval_writes_every_output(trained):
     )
     assert abs(again - result["map"]) < 1e-12
     for name, size in (
-        ("pr_curve.png", eval_lib.PR_CURVE_SIZE),
-        ("retrieval_grid.png", ((eval_lib.GRID_CELL + 8) * 11 + 12, (eval_lib.GRID_CELL + 8) * 5)),
+        ("pr_curve.png", viz.PR_CURVE_SIZE),
+        ("retrieval_grid.png", ((viz.GRID_CELL + 8) * 11 + 12, (viz.GRID_CELL + 8) * 5)),
     ):
         with Image.open(ev / name) as img:
             assert img.format == "PNG" and img.size == size, name
@@ -172,15 +172,17 @@ def test_eval_scores_a_weights_file_like_its_checkpoint(trained, tmp_path):
     from csce_jax.convert import flat_arrays, write_state_file
 
     config = eval_lib.load_run_config(str(trained), None)
-    graphdef, (params, rest), step = eval_lib.restore_weights(config, str(trained), 10)
-    weights = tmp_path / "converted.safetensors"
-    write_state_file(flat_arrays(nnx.merge(graphdef, params, rest)), weights)
+    graphdef, weights, step = state.restore_weights(config, str(trained), 10)
+    converted = tmp_path / "converted.safetensors"
+    write_state_file(
+        flat_arrays(nnx.merge(graphdef, weights["params"], weights["rest"])), converted
+    )
     out = _run(
         "eval.py",
         "--config",
         "configs/default.py",
         "--weights",
-        str(weights),
+        str(converted),
         "--workdir",
         str(tmp_path / "scored"),
     )

@@ -1,4 +1,4 @@
-"""Loss values against numpy transcriptions of SPEC Sec. 7, for fixed margins."""
+"""Loss values against numpy transcriptions of the loss in docs/model.md, for fixed margins."""
 
 import jax
 import jax.numpy as jnp

@@ -2,88 +2,31 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import (
+    PREEMPTED,
+    ROOT,
+    final_params,
+    read_rows,
+    restore_state,
+    run_train,
+    saved_steps,
+    tiny_config,
+)
 
-from configs.default import get_config
 from csce_jax import sharding, train_lib
-from csce_jax.builders import ConfigError, check_config
-from csce_jax.checkpointing import Checkpoints
+from csce_jax import state as train_state
+from csce_jax.builders import check_config
 from csce_jax.data import DataError, load_data
+from csce_jax.errors import ConfigError, NonFiniteLossError
 from csce_jax.optim import torch_rmsprop
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY_OVERRIDES = [
-    "--config.batch_size=8",
-    "--config.eval_batch_size=64",
-    "--config.log_every_steps=1",
-    "--config.data.num_threads=2",
-]
-
-
-def tiny_config(steps=4, linear_optimizer=False):
-    """The digits demo cut down; ``linear_optimizer``: SGD at a constant rate, whose update is
-    linear in the gradient (Adam's first steps are ~lr * sign(g): float noise in a near-zero
-    gradient flips a whole step, which would hide real sharding differences)."""
-    c = get_config()
-    c.total_steps = steps
-    c.batch_size = 8
-    c.eval_batch_size = 64
-    c.log_every_steps = 1
-    c.eval_every_steps = steps
-    c.checkpoint_every_steps = steps
-    c.data.num_threads = 2
-    if linear_optimizer:
-        c.optimizer.name = "sgd"
-        c.optimizer.lr = 0.05
-        c.optimizer.warmup_steps = 0
-        c.optimizer.schedule = "constant"
-    return c
-
-
-def run_train(workdir, *extra, check=True, background=False, env=None):
-    cmd = [
-        sys.executable,
-        "train.py",
-        "--config",
-        "configs/default.py",
-        "--workdir",
-        str(workdir),
-        *TINY_OVERRIDES,
-        *extra,
-    ]
-    if background:
-        return subprocess.Popen(
-            cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-        )
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    if check:
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
-
-
-def read_rows(workdir):
-    return [json.loads(x) for x in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def final_params(workdir, steps, **kw):
-    c = tiny_config(steps, **kw)
-    data = load_data(c.data)
-    setup = train_lib.create_train_state(c, data.num_classes)
-    ck = Checkpoints(workdir)
-    step, state, _ = ck.restore_latest(setup.state)
-    ck.close()
-    assert step == steps
-    return jax.tree.map(np.asarray, state["params"])
 
 
 def test_three_step_run_through_the_entry_point(tmp_path):
@@ -101,7 +44,7 @@ def test_three_step_run_through_the_entry_point(tmp_path):
     assert any("val_map" in r for r in rows)
     final = rows[-1]
     assert "query_map" in final and 0 <= final["query_map"] <= 1 and final["best_step"] == 3
-    assert (tmp_path / "checkpoints" / "latest" / "3").is_dir()
+    assert saved_steps(tmp_path) == [3]
     assert json.loads((tmp_path / "config.json").read_text())["total_steps"] == 3
     assert list((tmp_path / "tensorboard").iterdir())
 
@@ -116,12 +59,12 @@ def test_tfds_data_set_trains_under_mock_data(tmp_path):
     with tfds.testing.mock_data(num_examples=16):
         final = train_lib.train_and_evaluate(c, tmp_path)
     assert final["num_query"] == 16 and final["num_database"] == 16
-    assert (tmp_path / "checkpoints" / "latest" / "2").is_dir()
+    assert saved_steps(tmp_path) == [2]
 
 
 def _one_step(mesh, config, batch):
     data_classes = 10
-    setup = train_lib.create_train_state(config, data_classes)
+    setup = train_state.create_train_state(config, data_classes)
     step = train_lib.make_train_step(setup.graphdef, setup.tx, setup.schedule, config, False, mesh)
     state = jax.device_put(setup.state, sharding.replicated(mesh))
     state, metrics = step(state, sharding.global_batch(mesh, batch))
@@ -159,13 +102,17 @@ def test_one_device_equals_four_devices():
     p1_perm, _ = _one_step(one, c, {k: v[perm] for k, v in batch.items()})
     p4, m4 = _one_step(sharding.make_mesh(), c, batch)
     np.testing.assert_allclose(float(m1["loss"]), float(m4["loss"]), rtol=1e-6)
-    p0 = jax.tree.map(np.asarray, train_lib.create_train_state(c, 10).state["params"])
+    p0 = jax.tree.map(np.asarray, train_state.create_train_state(c, 10).state["params"])
     # Float32 reduction order alone (the same batch reordered on one device) moves this untrained
     # tiny network's early-layer updates by a few percent; four devices may differ no more.
     noise, noise_all = _update_gaps(p0, p1, p1_perm)
     gaps, gap_all = _update_gaps(p0, p1, p4)
     assert np.median(gaps) < 1e-4
     assert gap_all <= 2 * noise_all + 1e-6 and gaps.max() <= 2 * noise.max() + 1e-6
+
+
+def _comparable(rows):
+    return [{k: v for k, v in r.items() if k != "images_per_sec"} for r in rows]
 
 
 def test_exact_resume_after_kill(tmp_path):
@@ -177,14 +124,15 @@ def test_exact_resume_after_kill(tmp_path):
     straight = tmp_path / "straight"
     run_train(straight, *steps)
     killed = tmp_path / "killed"
-    proc = run_train(killed, *steps, background=True)
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / "latest" / "2").is_dir():
-        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "checkpoints" / "latest" / "6").exists()
+    # The run sends itself SIGKILL right after step 3 (the step-2 checkpoint may still be
+    # being written): a kill -9 at a known moment, without polling.
+    out = run_train(
+        killed, *steps, "--config.testing.signal_at_step=3", "--config.testing.signal=SIGKILL",
+        check=False,
+    )  # fmt: skip
+    assert out.returncode == -9, out.stderr[-2000:]
+    assert max(saved_steps(killed), default=0) <= 3
+    assert not any("query_map" in r for r in read_rows(killed))
     run_train(killed, *steps)  # the same command resumes
     for a, b in zip(
         jax.tree.leaves(final_params(straight, 6)),
@@ -192,33 +140,55 @@ def test_exact_resume_after_kill(tmp_path):
         strict=True,
     ):
         np.testing.assert_array_equal(a, b)
-
-    def comparable(rows):
-        return [{k: v for k, v in r.items() if k != "images_per_sec"} for r in rows]
-
-    assert comparable(read_rows(straight)) == comparable(read_rows(killed))
+    assert _comparable(read_rows(straight)) == _comparable(read_rows(killed))
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_stop_signal_saves_exits_preempted_and_resumes_exactly(tmp_path, signal_name):
+    steps = [
+        "--config.total_steps=5",
+        "--config.eval_every_steps=5",
+        "--config.checkpoint_every_steps=5",
+    ]
+    out = run_train(
+        tmp_path / "stopped", *steps, "--config.testing.signal_at_step=2",
+        f"--config.testing.signal={signal_name}", check=False,
+    )  # fmt: skip
+    assert out.returncode == PREEMPTED, out.stderr[-3000:]
+    assert f"{signal_name}: saving a checkpoint" in out.stderr
+    assert "Traceback" not in out.stderr
+    # The signal arrives after step 2 has been dispatched: the run saves at the next step.
+    assert saved_steps(tmp_path / "stopped") == [3]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"preempted": True, "step": 3}
+    run_train(tmp_path / "stopped", *steps)
+    run_train(tmp_path / "straight", *steps)
+    assert _comparable(read_rows(tmp_path / "stopped")) == _comparable(
+        read_rows(tmp_path / "straight")
+    )
+
+
+def test_external_sigterm_stops_with_a_checkpoint(tmp_path):
+    import signal
+    import time
+
     proc = run_train(
         tmp_path,
-        "--config.total_steps=400",
-        "--config.eval_every_steps=400",
-        "--config.checkpoint_every_steps=400",
+        "--config.total_steps=2000",
+        "--config.eval_every_steps=2000",
+        "--config.checkpoint_every_steps=2000",
         background=True,
     )
     deadline = time.time() + 300
-    while not (tmp_path / "metrics.jsonl").exists() or len(read_rows(tmp_path)) < 3:
+    while not (tmp_path / "metrics.jsonl").exists() or len(read_rows(tmp_path)) < 2:
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out[-2000:]
-    saved = [
-        int(p.name) for p in (tmp_path / "checkpoints" / "latest").iterdir() if p.name.isdigit()
-    ]
-    assert len(saved) == 1 and 3 <= saved[0] < 400, (saved, out[-3000:])
-    assert "preempted" in out
+    assert proc.returncode == PREEMPTED, out[-2000:]
+    saved = saved_steps(tmp_path)
+    assert len(saved) == 1 and 2 <= saved[0] < 2000, (saved, out[-3000:])
+    # the checkpoint is the step the last logged row reached or later
+    assert saved[0] >= max(r["step"] for r in read_rows(tmp_path))
 
 
 def test_rmsprop_matches_hand_computed_update():
@@ -271,9 +241,7 @@ def test_cli_rejects_unknown_key_and_missing_data_before_compiling(tmp_path):
     assert "unknown config key config.modle" in out.stderr and "model" in out.stderr
     out = run_train(tmp_path, "--config.data.name=aircraft", check=False)
     assert out.returncode == 1 and "data.manual_dir is not set" in out.stderr
-    assert not (tmp_path / "checkpoints").exists() or not any(
-        (tmp_path / "checkpoints" / "latest").iterdir()
-    )
+    assert saved_steps(tmp_path) == []
 
 
 def test_missing_data_is_a_data_error():
@@ -283,18 +251,49 @@ def test_missing_data_is_a_data_error():
         load_data(c.data)
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
-    out = run_train(
-        tmp_path,
-        "--config.total_steps=4",
-        "--config.checkpoint_every_steps=2",
-        "--config.optimizer.lr=1e30",
-        "--config.optimizer.warmup_steps=0",
-        check=False,
-    )
-    assert out.returncode != 0
-    assert "non-finite loss" in out.stdout + out.stderr
-    assert os.path.isdir(tmp_path / "checkpoints")
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """Parameters turn NaN at step 3: the run stops there, and step 2's checkpoint restores."""
+    c = tiny_config(6)
+    c.checkpoint_every_steps = 2
+    c.eval_every_steps = 3
+    real = train_lib.make_train_step
+
+    def poisoned(*args, **kwargs):
+        step = real(*args, **kwargs)
+
+        def wrapped(state, batch):
+            new_state, metrics = step(state, batch)
+            if int(new_state["step"]) >= 3:
+                new_state = {
+                    **new_state,
+                    "params": jax.tree.map(lambda p: p * jnp.nan, new_state["params"]),
+                }
+                metrics = {**metrics, "param_norm": jnp.float32(jnp.nan)}
+            return new_state, metrics
+
+        return wrapped
+
+    monkeypatch.setattr(train_lib, "make_train_step", poisoned)
+    with pytest.raises(NonFiniteLossError, match="step 3.*step 2 in .* is kept"):
+        train_lib.train_and_evaluate(c, tmp_path)
+    assert saved_steps(tmp_path) == [2]  # the NaN state of step 3 (an eval step) was not saved
+    step, restored = restore_state(tmp_path, c)
+    assert step == 2
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored["params"]))
+
+
+def test_non_finite_from_the_start_saves_nothing_and_a_rerun_trains(tmp_path):
+    """The reported reproduction: NaN at an evaluation step that is no checkpoint step."""
+    common = ["--config.total_steps=4", "--config.eval_every_steps=3",
+              "--config.checkpoint_every_steps=4"]  # fmt: skip
+    out = run_train(tmp_path, *common, "--config.optimizer.lr=1e30", check=False)
+    assert out.returncode == 1
+    error = out.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: non-finite") and "no checkpoint had been saved" in error
+    assert "Traceback" not in out.stderr
+    assert saved_steps(tmp_path) == []
+    run_train(tmp_path, *common)  # nothing to resume: a fresh, finite run
+    assert np.isfinite(read_rows(tmp_path)[-1]["query_map"])
 
 
 def _free_port():
@@ -331,7 +330,7 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
     for p, out in zip(procs, outs, strict=True):
         assert p.returncode == 0, out[-3000:]
     c = tiny_config(3, linear_optimizer=True)
-    p0 = jax.tree.map(np.asarray, train_lib.create_train_state(c, 10).state["params"])
+    p0 = jax.tree.map(np.asarray, train_state.create_train_state(c, 10).state["params"])
     gaps, gap_all = _update_gaps(
         p0,
         final_params(tmp_path / "one", 3, linear_optimizer=True),
@@ -347,7 +346,7 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
 def test_the_step_compiles_once():
     c = tiny_config(linear_optimizer=True)
     mesh = sharding.make_mesh()
-    setup = train_lib.create_train_state(c, 10)
+    setup = train_state.create_train_state(c, 10)
     step = train_lib.make_train_step(setup.graphdef, setup.tx, setup.schedule, c, False, mesh)
     state = jax.device_put(setup.state, sharding.replicated(mesh))
     rng = np.random.default_rng(0)
@@ -398,9 +397,9 @@ def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path):
         "--config.eval_every_steps=4",
         "--config.keep_checkpoints=3",
     )
-    latest = tmp_path / "checkpoints" / "latest"
-    assert sorted(int(p.name) for p in latest.iterdir() if p.name.isdigit()) == [2, 4]
-    for f in (latest / "4" / "state").rglob("*"):  # truncate every array file of step 4
+    latest = tmp_path / "checkpoints"
+    assert saved_steps(tmp_path) == [2, 4]
+    for f in (latest / "4").rglob("*"):  # truncate every array file of step 4
         if f.is_file() and f.stat().st_size > 64 and "metadata" not in f.name:
             f.write_bytes(f.read_bytes()[:16])
     out = run_train(

@@ -1,4 +1,4 @@
-"""Sliding-window unfold order and AIE against numpy transcriptions of SPEC Sec. 3-4."""
+"""Sliding-window unfold order and AIE against numpy transcriptions of docs/model.md."""
 
 import jax.numpy as jnp
 import numpy as np

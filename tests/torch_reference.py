@@ -1,4 +1,4 @@
-"""A PyTorch reference of the release's network, DSF and loss, written here from SPEC.md.
+"""A PyTorch reference of the release's network, DSF and loss, written here from the description in docs/model.md.
 
 torchvision cannot be installed beside torch 2.13.0 on our machines, so this file carries its own
 ResNet-50 with torchvision's module names. Module names of the CSCE part follow the release's

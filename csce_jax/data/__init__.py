@@ -1,7 +1,7 @@
 """Input pipelines: sources, protocols, the embedded digits set, and grain loaders."""
 
 from csce_jax.data.datasets import DATASETS, RetrievalData, load_data, stratified_split
-from csce_jax.data.images import DataError, normalize
+from csce_jax.data.images import DataError
 from csce_jax.data.pipeline import EvalLoader, TrainLoader, ViewConfig
 
 __all__ = [
@@ -12,6 +12,5 @@ __all__ = [
     "TrainLoader",
     "ViewConfig",
     "load_data",
-    "normalize",
     "stratified_split",
 ]

@@ -1,6 +1,6 @@
 """The data sets by name, each with its retrieval protocol and documented split sizes.
 
-Protocols (SPEC Sec. 9): the fine-grained one (database = training set, query = test set, mAP
+Protocols (``docs/data.md``): the fine-grained one (database = training set, query = test set, mAP
 over the whole database) and the release's DeepHash one (list files train/database/test, mAP@k,
 multi-label relevance for NUS-WIDE and MS-COCO). A validation split, seeded and stratified, is
 carved from the training set for model selection; the database keeps every training image.
@@ -18,7 +18,7 @@ from absl import logging
 
 from csce_jax.data import sources as S
 from csce_jax.data.digits import digits_sources
-from csce_jax.data.images import DataError
+from csce_jax.errors import DataError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,10 +50,10 @@ class RetrievalData:
 
 def _tfds(name: str, train: str, query: str):
     def load(cfg):
-        d = cfg.data_dir or None
+        d, download = cfg.data_dir or None, bool(cfg.get("download", False))
         return {
-            "train": S.tfds_source(name, train, data_dir=d),
-            "query": S.tfds_source(name, query, data_dir=d),
+            "train": S.tfds_source(name, train, data_dir=d, download=download),
+            "query": S.tfds_source(name, query, data_dir=d, download=download),
         }
 
     return load
@@ -66,7 +66,8 @@ def _manual(fn):
                 f"data.manual_dir is not set: {fn.__doc__.splitlines()[0]} is read "
                 "from a manual directory (see the README)"
             )
-        train, query = fn(cfg.manual_dir, skip_missing=cfg.skip_corrupt)
+        extra = {"keep_banner": cfg.get("keep_banner", False)} if fn is S.aircraft_sources else {}
+        train, query = fn(cfg.manual_dir, skip_missing=cfg.skip_corrupt, **extra)
         return {"train": train, "query": query}
 
     return load

@@ -36,20 +36,24 @@ class ViewConfig:
     flip: bool = True
 
 
-class _CorruptCounter:
+class CorruptImages:
+    """The distinct unreadable images a loader skipped (``data.skip_corrupt``)."""
+
     def __init__(self):
-        self.count = 0
-        self.names: list[str] = []  # the first 1000, for reports
+        self.names: set[str] = set()
         self.lock = threading.Lock()
+
+    @property
+    def count(self) -> int:
+        return len(self.names)
 
     def add(self, where: str, err: Exception) -> None:
         with self.lock:
-            self.count += 1
-            n = self.count
-            if n <= 1000:
-                self.names.append(where)
-        if n <= 10 or n % 1000 == 0:
-            logging.warning("skipped corrupt image #%d: %s (%s)", n, where, err)
+            new = where not in self.names
+            self.names.add(where)
+            n = len(self.names)
+        if new and (n <= 10 or n % 1000 == 0):
+            logging.warning("skipped unreadable image #%d: %s (%s)", n, where, err)
 
 
 def _stream_position(q: int, global_batch: int, host_batch: int, process_index: int) -> int:
@@ -108,7 +112,7 @@ class TrainLoader:
         self.host_batch = global_batch // process_count
         self.process_index = process_index
         self.num_threads, self.skip_corrupt = num_threads, skip_corrupt
-        self.corrupt = _CorruptCounter()
+        self.corrupt = CorruptImages()
         epochs = math.ceil(num_steps * global_batch / len(source)) + 1
         self._order = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(epochs)
 
@@ -119,7 +123,12 @@ class TrainLoader:
         for _ in range(len(self.source)):
             rec = self.source[idx]
             try:
-                img = load_rgb(rec["image"], self.view.resize, rec["where"])
+                img = load_rgb(
+                    rec["image"],
+                    self.view.resize,
+                    rec["where"],
+                    trim_bottom=self.source.trim_bottom,
+                )
                 image = train_view(
                     img, rng, resize=self.view.resize, crop=self.view.crop, flip=self.view.flip
                 )
@@ -160,7 +169,7 @@ class EvalLoader:
         self.process_index = process_index
         self.num_steps = max(1, math.ceil(len(source) / global_batch))
         self.num_threads, self.skip_corrupt = num_threads, skip_corrupt
-        self.corrupt = _CorruptCounter()
+        self.corrupt = CorruptImages()
 
     def _example(self, q: int) -> dict[str, Any]:
         pos = _stream_position(q, self.global_batch, self.host_batch, self.process_index)
@@ -169,7 +178,9 @@ class EvalLoader:
             return {"image": blank, "label": self.source.labels[0], "index": -1, "mask": False}
         rec = self.source[pos]
         try:
-            img = load_rgb(rec["image"], self.view.resize, rec["where"])
+            img = load_rgb(
+                rec["image"], self.view.resize, rec["where"], trim_bottom=self.source.trim_bottom
+            )
             image = eval_view(img, resize=self.view.resize, crop=self.view.crop)
         except DataError as e:
             if not self.skip_corrupt:

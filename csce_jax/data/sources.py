@@ -3,7 +3,8 @@
 A source is one split: ``len(src)`` records, ``src[i]`` -> {"image", "label", "where"} where
 ``image`` is a path, encoded bytes or a uint8 array (decoded later, in the pipeline), ``label`` a
 class index (single-label) or a multi-hot vector, and ``where`` names the record in error messages
-(file and list line). ``src.labels`` holds every label without touching an image.
+(file and list line). ``src.labels`` holds every label without touching an image;
+``src.trim_bottom`` is a number of rows every image of the source loses at the bottom (a banner).
 """
 
 from __future__ import annotations
@@ -25,12 +26,21 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".ti
 class Source:
     """A split held as parallel sequences of images, labels and names."""
 
-    def __init__(self, images: Sequence[Any], labels: np.ndarray, where: Sequence[str], name: str):
+    def __init__(
+        self,
+        images: Sequence[Any],
+        labels: np.ndarray,
+        where: Sequence[str],
+        name: str,
+        *,
+        trim_bottom: int = 0,
+    ):
         if not (len(images) == len(labels) == len(where)):
             raise ValueError(
                 f"{name}: {len(images)} images, {len(labels)} labels, {len(where)} names"
             )
         self.images, self.labels, self.where, self.name = images, np.asarray(labels), where, name
+        self.trim_bottom = trim_bottom
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -43,7 +53,11 @@ class Source:
         """The records at ``indices`` (an index array), as a new source."""
         indices = np.asarray(indices, np.int64)
         return Source(
-            _Take(self.images, indices), self.labels[indices], _Take(self.where, indices), name
+            _Take(self.images, indices),
+            self.labels[indices],
+            _Take(self.where, indices),
+            name,
+            trim_bottom=self.trim_bottom,
         )
 
 
@@ -123,24 +137,52 @@ def list_file_source(
     return _existing(paths, lab, where, skip_missing, str(list_file))
 
 
+SYSTEM_FOLDERS = ("__MACOSX", "@eaDir", "$RECYCLE.BIN", "System Volume Information")
+
+
+def _is_listed(p: Path) -> bool:
+    """False for hidden and system entries (``.ipynb_checkpoints``, ``__MACOSX``, ``._x.jpg``)."""
+    return not (p.name.startswith(".") or p.name in SYSTEM_FOLDERS)
+
+
+def folder_images(folder: Path) -> list[Path]:
+    """The image files directly in ``folder`` (sorted), without hidden files and resource forks."""
+    return sorted(
+        f
+        for f in folder.iterdir()
+        if f.is_file() and _is_listed(f) and f.suffix.lower() in IMAGE_SUFFIXES
+    )
+
+
 def folder_source(
     root: str | os.PathLike, *, skip_missing: bool = False
 ) -> tuple[Source, list[str]]:
-    """``root/<class>/<image>`` for every class folder (sorted); returns (source, class names)."""
+    """``root/<class>/<image>`` for every class folder (sorted); returns (source, class names).
+
+    Hidden and system folders and files (``.ipynb_checkpoints``, ``__MACOSX``, ``._x.jpg``) are
+    not classes or images, and a folder without images is no class; each skip is logged.
+    """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"image folder not found: {root}")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    folders = sorted(d for d in root.iterdir() if d.is_dir())
+    ignored = [d.name for d in folders if not _is_listed(d)]
+    if ignored:
+        logging.warning("%s: ignored hidden or system folders: %s", root, ", ".join(ignored))
+    per_class = {d.name: folder_images(d) for d in folders if _is_listed(d)}
+    empty = [name for name, files in per_class.items() if not files]
+    if empty:
+        logging.warning("%s: ignored folders without images: %s", root, ", ".join(empty))
+    classes = [name for name, files in per_class.items() if files]
     if not classes:
-        raise DataError(f"{root}: no class sub-folders (expected root/<class>/<image>)")
+        raise DataError(
+            f"{root}: no class sub-folder holds images with suffix {IMAGE_SUFFIXES} "
+            "(expected root/<class>/<image>)"
+        )
     paths, labels = [], []
     for c, name in enumerate(classes):
-        for f in sorted((root / name).iterdir()):
-            if f.suffix.lower() in IMAGE_SUFFIXES:
-                paths.append(f)
-                labels.append(c)
-    if not paths:
-        raise DataError(f"{root}: no images with suffix {IMAGE_SUFFIXES}")
+        paths.extend(per_class[name])
+        labels.extend([c] * len(per_class[name]))
     where = [str(p) for p in paths]
     return _existing(paths, np.asarray(labels, np.int32), where, skip_missing, str(root)), classes
 
@@ -156,26 +198,34 @@ class _TfdsImages(Sequence):
         return self.ds[int(i)][self.key]
 
 
-def tfds_source(name: str, split: str, *, data_dir: str | None = None) -> Source:
+def tfds_source(
+    name: str, split: str, *, data_dir: str | None = None, download: bool = False
+) -> Source:
     """A tfds split read by random access (ArrayRecord), without TensorFlow.
 
     tfds decodes the images (to uint8 arrays); the label scan at start-up first tries to leave
     images encoded, which is much faster where tfds can do it without TensorFlow. The builder must
-    be prepared (``tfds build NAME``, or ``download_and_prepare`` with network access).
+    be prepared (``tfds build NAME``); only with ``download=True`` (``data.download``) may a
+    missing data set be downloaded and prepared here, never by surprise during a launch.
     """
     import tensorflow_datasets as tfds
 
     try:
-        ds = tfds.data_source(name, split=split, data_dir=data_dir)
+        ds = tfds.data_source(name, split=split, data_dir=data_dir, download=download)
     except Exception as e:
         raise DataError(
             f"tfds data set {name!r} split {split!r} is not available under data_dir="
-            f"{data_dir or '~/tensorflow_datasets'}: {e}. Prepare it once with network access: "
-            f"`tfds build {name} --data_dir=...`"
+            f"{data_dir or '~/tensorflow_datasets'} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200] if str(e) else ''}). Prepare it once with network "
+            f"access: `tfds build {name} --data_dir=...`, or set data.download=True"
         ) from e
     try:
         raw = tfds.data_source(
-            name, split=split, data_dir=data_dir, decoders={"image": tfds.decode.SkipDecoding()}
+            name,
+            split=split,
+            data_dir=data_dir,
+            download=False,
+            decoders={"image": tfds.decode.SkipDecoding()},
         )
         if len(raw):
             _ = raw[0]  # probe: raises where this needs TensorFlow
@@ -215,10 +265,17 @@ def _extracted(manual_dir: Path, folder: str, archive: str, url: str, needed: st
     return base
 
 
+AIRCRAFT_BANNER_ROWS = 20
+
+
 def aircraft_sources(
-    manual_dir: str | os.PathLike, *, skip_missing: bool = False
+    manual_dir: str | os.PathLike, *, skip_missing: bool = False, keep_banner: bool = False
 ) -> tuple[Source, Source]:
-    """FGVC-Aircraft 2013b, variant level (100 classes): (trainval 6,667, test 3,333)."""
+    """FGVC-Aircraft 2013b, variant level (100 classes): (trainval 6,667, test 3,333).
+
+    Every image carries a 20-pixel copyright banner along its bottom edge, which the data
+    set's documentation says to remove; it is cropped off unless ``keep_banner``.
+    """
     base = (
         _extracted(
             Path(manual_dir),
@@ -244,9 +301,11 @@ def aircraft_sources(
             paths.append(base / "images" / f"{image_id}.jpg")
             labels.append(index[variant])
             where.append(f"{paths[-1]} ({f}:{n})")
-        out.append(
-            _existing(paths, np.asarray(labels, np.int32), where, skip_missing, f"aircraft/{split}")
+        src = _existing(
+            paths, np.asarray(labels, np.int32), where, skip_missing, f"aircraft/{split}"
         )
+        src.trim_bottom = 0 if keep_banner else AIRCRAFT_BANNER_ROWS
+        out.append(src)
     return out[0], out[1]
 
 

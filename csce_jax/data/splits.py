@@ -59,14 +59,15 @@ def write_lists(cfg, out_dir: str | os.PathLike) -> dict[str, tuple[int, str]]:
 
 def main(argv):
     del argv
-    from configs.default import data_config
+    from configs.common import data_config
+    from csce_jax import cli
 
     cfg = data_config(FLAGS.dataset)
     for key in ("data_dir", "manual_dir", "list_dir", "image_root"):
         if getattr(FLAGS, key):
             setattr(cfg, key, getattr(FLAGS, key))
     cfg.allow_size_mismatch = FLAGS.allow_size_mismatch
-    for fname, (count, digest) in write_lists(cfg, FLAGS.out).items():
+    for fname, (count, digest) in cli.error_boundary(write_lists, cfg, FLAGS.out).items():
         print(f"{fname:14s} {count:8d}  sha256 {digest}")
 
 

@@ -82,7 +82,7 @@ def encode(
     """Binary codes for retrieval: the DSF applied to ``squash(v)``, as in training.
 
     The release applies the band to raw v at evaluation but to squash(v) in training, so its
-    evaluation band is twice as wide (SPEC defect 4); ``raw_eval_band=True`` reproduces that.
+    evaluation band is twice as wide (docs/model.md, defect 4); ``raw_eval_band=True`` reproduces that.
     """
     x = v if raw_eval_band else squash(v)
     return dynamic_sign(x, t, "release", balance=balance)

@@ -2,6 +2,8 @@
 
 Layout is NHWC throughout. Shapes in comments are for a 224x224 input at full width
 (D = 1024 = f3 channels; the window projections keep D values per window at any width).
+The network takes uint8 RGB images and applies the ImageNet normalisation itself, in float32,
+then casts to its compute dtype: the dtype is decided in one place, the model.
 """
 
 from __future__ import annotations
@@ -18,6 +20,15 @@ from csce_jax.models.layers import BatchNorm, conv, linear, torch_uniform_init
 from csce_jax.models.resnet import RESNET50_DEPTHS, ResNet, downsampled_size
 
 Dtype = Any
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize_images(images: jax.Array, dtype: Dtype | None = None) -> jax.Array:
+    """uint8 NHWC RGB -> ImageNet-normalised float32, cast to ``dtype`` if given."""
+    x = images.astype(jnp.float32) / 255.0
+    x = (x - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)
+    return x.astype(dtype) if dtype is not None else x
 
 
 @struct.dataclass
@@ -56,7 +67,7 @@ def unfold_windows(x: jax.Array, k: int) -> jax.Array:
 
 
 def aie_orthogonal(windows: jax.Array, local: jax.Array) -> jax.Array:
-    """AIE's f_orth: mean over positions of L - G (G^T L) / ||G||_F^2 (SPEC Sec. 4).
+    """AIE's f_orth: mean over positions of L - G (G^T L) / ||G||_F^2 (docs/model.md).
 
     ``windows`` is G as (B, W, D) (window-major), ``local`` is L as (B, h, w, D). The mean over
     the N positions commutes with the projection, so it is taken first: the result is
@@ -142,7 +153,10 @@ def cosine_logits(v: jax.Array, centers: jax.Array) -> jax.Array:
 
 
 class CSCENet(nnx.Module):
-    """The full network. ``__call__(x)`` takes ImageNet-normalised NHWC images.
+    """The full network. ``__call__(images)`` takes uint8 NHWC RGB images and normalises them.
+
+    A floating-point input is taken as already ImageNet-normalised (what a PyTorch pipeline
+    feeds its network), which the parity tests use; it is cast to the compute dtype.
 
     ``image_size`` fixes the number of global windows (the fusion conv has one weight per
     window): (h-1)(w-1) + (h-3)(w-3) = 52 for 224x224, with f4 of size h x w = ceil(size/32).
@@ -201,12 +215,19 @@ class CSCENet(nnx.Module):
         self.window_sizes = tuple(window_sizes)
         self.image_size = size
         self.signt = signt
+        self.dtype = dtype
         self.bits = bits
         self.num_classes = num_classes
 
-    def intermediates(self, x: jax.Array) -> dict[str, jax.Array]:
+    def prepare_input(self, images: jax.Array) -> jax.Array:
+        """uint8 images -> normalised at the compute dtype; floats are taken as normalised."""
+        if images.dtype == jnp.uint8:
+            return normalize_images(images, self.dtype)
+        return images.astype(self.dtype) if self.dtype is not None else images
+
+    def intermediates(self, images: jax.Array) -> dict[str, jax.Array]:
         """Every named tensor of the forward pass (for parity tests and inspection)."""
-        f3, f4 = self.backbone(x)  # (B,14,14,1024), (B,7,7,2048)
+        f3, f4 = self.backbone(self.prepare_input(images))  # (B,14,14,1024), (B,7,7,2048)
         local_in = self.aspp(f3) if self.aspp is not None else f3
         f_local = self.local(local_in)  # (B,14,14,D)
         windows = jnp.concatenate(
@@ -235,8 +256,8 @@ class CSCENet(nnx.Module):
             "logits": logits,
         }
 
-    def __call__(self, x: jax.Array) -> CSCEOutput:
-        out = self.intermediates(x)
+    def __call__(self, images: jax.Array) -> CSCEOutput:
+        out = self.intermediates(images)
         return CSCEOutput(
             logits=out["logits"], codes=out["v"], threshold=out["t"], features=out["f_e"]
         )

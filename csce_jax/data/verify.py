@@ -1,0 +1,138 @@
+"""Decode every image of a data set once, up front, so a corrupt file is found before training.
+
+  python -m csce_jax.data.verify --config configs/cub200.py [--out report.json]
+
+Decoding runs in ``data.num_threads`` threads with a progress line on stderr; the report (JSON:
+counts per split and every unreadable file with its error) is written atomically. With
+``data.verify=True`` ``train.py`` runs the same check before training and writes
+``<workdir>/data_report.json``; an unreadable image then stops the launch, naming it, unless
+``data.skip_corrupt`` is set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from csce_jax.data.datasets import RetrievalData, load_data
+from csce_jax.data.images import load_rgb
+from csce_jax.data.sources import Source
+from csce_jax.errors import DataError
+
+
+def _check(source: Source, i: int, resize: int) -> tuple[str, str] | None:
+    rec = source[i]
+    try:
+        load_rgb(rec["image"], resize, rec["where"], trim_bottom=source.trim_bottom)
+    except DataError as e:
+        return rec["where"], str(e)
+    return None
+
+
+def _splits(data: RetrievalData) -> dict[str, Source]:
+    splits = {"train": data.train, "query": data.query}
+    if data.database is not data.train:
+        splits["database"] = data.database
+    return splits
+
+
+def check_sources(
+    splits: dict[str, Source], *, resize: int, threads: int, progress: bool = True
+) -> dict[str, Any]:
+    """Decode every record; returns {"checked", "splits": {name: count}, "bad": [...]}."""
+    jobs = [(src, i) for src in splits.values() for i in range(len(src))]
+    bad: list[dict[str, str]] = []
+    start, shown = time.time(), -1
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        results = pool.map(lambda job: _check(job[0], job[1], resize), jobs)
+        for n, result in enumerate(results, 1):
+            if result is not None:
+                bad.append({"where": result[0], "error": result[1]})
+            percent = n * 100 // len(jobs)
+            if progress and (percent != shown or n == len(jobs)):
+                shown = percent
+                rate = n / max(time.time() - start, 1e-9)
+                print(
+                    f"\rverify: {n}/{len(jobs)} images ({percent}%), {len(bad)} unreadable, "
+                    f"{rate:.0f} images/s",
+                    end="" if n < len(jobs) else "\n",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    return {
+        "checked": len(jobs),
+        "splits": {name: len(src) for name, src in splits.items()},
+        "bad": bad,
+    }
+
+
+def write_report(report: dict[str, Any], path: str | os.PathLike) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(report, indent=2))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def verify_data(
+    data: RetrievalData, config: ml_collections.ConfigDict, report: str | os.PathLike
+) -> dict[str, Any]:
+    """Check every image; an unreadable one is an error unless ``data.skip_corrupt``."""
+    result = check_sources(
+        _splits(data), resize=config.data.resize, threads=config.data.num_threads
+    )
+    write_report(result, report)
+    if result["bad"] and not config.data.skip_corrupt:
+        first = result["bad"][0]
+        raise DataError(
+            f"{len(result['bad'])} unreadable image(s) in {config.data.name}, first: "
+            f"{first['where']} ({first['error']}); the full list is in {report}. Fix or remove "
+            "them, or set data.skip_corrupt=True to train without them"
+        )
+    return result
+
+
+def main(argv: list[str]) -> None:
+    from absl import flags
+
+    from csce_jax import cli
+
+    del argv
+    config = flags.FLAGS.config
+    out = flags.FLAGS.out or f"{config.data.name}_data_report.json"
+
+    def run() -> dict[str, Any]:
+        data = load_data(config.data)
+        result = check_sources(
+            _splits(data), resize=config.data.resize, threads=config.data.num_threads
+        )
+        write_report(result, out)
+        return result
+
+    result = cli.error_boundary(run)
+    print(f"checked {result['checked']} images, {len(result['bad'])} unreadable; report: {out}")
+    if result["bad"]:
+        for row in result["bad"][:20]:
+            print(f"  {row['where']}: {row['error']}")
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    from csce_jax import cli
+
+    config_flags.DEFINE_config_file("config", None, "config file (configs/*.py[:args])")
+    flags.DEFINE_string("out", None, "report file (default: <data set>_data_report.json)")
+    flags.mark_flags_as_required(["config"])
+    app.run(main, flags_parser=cli.parse_flags)

@@ -1,0 +1,96 @@
+"""Images -> binary codes: the jitted, sharded encoding step, over whole splits.
+
+Used by the trainer's periodic evaluation, by ``eval.py``, by search and by the public
+``csce_jax.encode``. The last batch of a split is padded and masked so that every host runs
+the same number of steps (their collectives must match).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from csce_jax.builders import balance
+from csce_jax.data.pipeline import EvalLoader, ViewConfig
+from csce_jax.data.sources import Source
+from csce_jax.hashing import encode as binarize
+from csce_jax.sharding import data_sharded, gather, global_batch, replicated
+
+
+def make_encode_step(graphdef: Any, mesh: jax.sharding.Mesh, *, raw_eval_band: bool, bal):
+    """jit((weights, uint8 images) -> (int8 {-1,+1} codes, continuous codes v))."""
+
+    def step(weights, images):
+        model = nnx.merge(graphdef, *weights, copy=True)
+        out = model(images)
+        codes = binarize(out.codes, out.threshold, raw_eval_band=raw_eval_band, balance=bal)
+        return codes.astype(jnp.int8), out.codes
+
+    return jax.jit(
+        step,
+        in_shardings=(replicated(mesh), data_sharded(mesh)),
+        out_shardings=data_sharded(mesh),
+    )
+
+
+class Encoder:
+    """Encodes whole sources with one model structure; the weights are passed per call."""
+
+    def __init__(self, graphdef: Any, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+        self.mesh = mesh
+        self.config = config
+        self._step = make_encode_step(
+            graphdef,
+            mesh,
+            raw_eval_band=config.release_compat.raw_eval_band,
+            bal=balance(config),
+        )
+        self.skipped: set[str] = set()  # unreadable images met so far (data.skip_corrupt)
+
+    def encode(
+        self, weights: Any, source: Source, *, with_continuous: bool = False
+    ) -> dict[str, np.ndarray]:
+        """Codes of every record of ``source`` in source order: {"codes", "labels"[, "v"]}.
+
+        ``weights`` is ``(params, rest)``. Unreadable images (with ``data.skip_corrupt``) are
+        left out; their names are in ``out["skipped"]``.
+        """
+        c = self.config
+        loader = EvalLoader(
+            source,
+            global_batch=c.eval_batch_size,
+            view=ViewConfig(c.data.resize, c.data.crop, False),
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            num_threads=c.data.num_threads,
+            skip_corrupt=c.data.skip_corrupt,
+        )
+        codes, cont, index = [], [], []
+        for host in loader.batches():
+            batch = global_batch(self.mesh, {"image": host["image"], "index": host["index"]})
+            b, v = self._step(weights, batch["image"])
+            idx = gather(batch["index"])
+            keep = idx >= 0
+            codes.append(gather(b)[keep])
+            index.append(idx[keep])
+            if with_continuous:
+                cont.append(gather(v)[keep])
+        index = np.concatenate(index)
+        order = np.argsort(index, kind="stable")
+        index = index[order]
+        out = {
+            "codes": np.concatenate(codes)[order],
+            "index": index,
+            "labels": source.labels[index],
+        }
+        if with_continuous:
+            out["v"] = np.concatenate(cont)[order]
+        if loader.corrupt.count:
+            out["skipped"] = loader.corrupt.names
+            self.skipped.update(loader.corrupt.names)
+        return out

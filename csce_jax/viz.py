@@ -1,0 +1,86 @@
+"""Pictures: the precision-recall curve, the retrieval grid of eval.py, search hit strips."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from csce_jax import metrics
+from csce_jax.data.images import eval_view, load_rgb
+from csce_jax.data.pipeline import ViewConfig
+from csce_jax.data.sources import Source
+
+PR_CURVE_SIZE = (600, 450)  # pixels of pr_curve.png
+GRID_CELL = 96  # pixels per image in retrieval_grid.png (plus a 4-pixel frame)
+GRID_TOPK = 10
+RELEVANT, IRRELEVANT = (30, 160, 60), (210, 40, 40)
+
+
+def plot_pr_curve(curve: dict[str, list[float]], path: str, title: str) -> None:
+    """Precision against recall over Hamming radius, as a PNG of PR_CURVE_SIZE pixels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    w, h = PR_CURVE_SIZE
+    fig, ax = plt.subplots(figsize=(w / 100, h / 100), dpi=100)
+    ax.plot(curve["recall"], curve["precision"], marker=".")
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _tile(src: Source, i: int, view: ViewConfig) -> Image.Image:
+    rec = src[int(i)]
+    img = load_rgb(rec["image"], view.resize, rec["where"], trim_bottom=src.trim_bottom)
+    arr = eval_view(img, resize=view.resize, crop=view.crop)
+    return Image.fromarray(arr).resize((GRID_CELL, GRID_CELL))
+
+
+def retrieval_grid(
+    query_src: Source,
+    db_src: Source,
+    query: dict[str, np.ndarray],
+    database: dict[str, np.ndarray],
+    rows: list[int],
+    path: str,
+    view: ViewConfig,
+) -> tuple[int, int]:
+    """Each row: a query, then its top GRID_TOPK results framed green (relevant) or red.
+
+    ``rows`` are query record indices. Returns the (width, height) of the PNG written.
+    """
+    cell = GRID_CELL + 8
+    width, height = cell * (GRID_TOPK + 1) + 12, cell * len(rows)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    q_idx = np.searchsorted(query["index"], rows)
+    dist = metrics.hamming_distances(query["codes"][q_idx], database["codes"])
+    rel = metrics.relevance_fn(query["labels"][q_idx], database["labels"])(slice(None))
+    for r, qi in enumerate(q_idx):
+        y = r * cell
+        canvas.paste(_tile(query_src, query["index"][qi], view), (4, y + 4))
+        draw.rectangle([0, y, cell - 1, y + cell - 1], outline="black", width=4)
+        order = np.argsort(dist[r], kind="stable")[:GRID_TOPK]
+        for c, j in enumerate(order, 1):
+            x = c * cell + 12
+            canvas.paste(_tile(db_src, database["index"][j], view), (x + 4, y + 4))
+            color = RELEVANT if rel[r, j] else IRRELEVANT
+            draw.rectangle([x, y, x + cell - 1, y + cell - 1], outline=color, width=4)
+    canvas.save(path)
+    return width, height
+
+
+def hits_strip(paths: list[str], out: str, cell: int = 128) -> None:
+    """A query image followed by its hits, side by side, as one PNG."""
+    canvas = Image.new("RGB", (cell * len(paths) + 8, cell), "white")
+    for i, p in enumerate(paths):
+        img = load_rgb(p).resize((cell - 4, cell - 4))
+        canvas.paste(img, (i * cell + (8 if i else 0) + 2, 2))
+    canvas.save(out)

@@ -1,0 +1,179 @@
+"""A run folder: one trainer at a time, and a record of the config it was started and resumed with.
+
+- **Lock**: ``<workdir>/.lock`` is held with ``flock`` while ``train.py`` runs. A second trainer
+  on the same folder is refused at once, naming the process that holds it. The kernel drops
+  the lock when its process dies, so a ``kill -9`` never leaves a folder locked.
+- **Resume policy**: a rerun on a folder with checkpoints may change only what does not change
+  the mathematics of training (``RESUMABLE``: cadence of logs, evaluations and checkpoints,
+  the number of steps, paths and workers). Anything else (bits, learning rate, model, seed,
+  ...) is refused before anything is written, listing each change.
+- **Record**: ``config.json`` is the config in force; every launch appends a row to
+  ``config_history.jsonl`` (time, resumed step, the changes it made, the command line).
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from csce_jax.errors import WorkdirError
+
+CONFIG_FILE = "config.json"
+HISTORY_FILE = "config_history.jsonl"
+LOCK_FILE = ".lock"
+
+# Keys a resumed run may change (a trailing ".*" covers a whole group).
+RESUMABLE = (
+    "total_steps",
+    "log_every_steps",
+    "eval_every_steps",
+    "checkpoint_every_steps",
+    "keep_checkpoints",
+    "eval_batch_size",
+    "preempted_exit_code",
+    "distributed",
+    "compilation_cache",
+    "data.data_dir",
+    "data.download",
+    "data.manual_dir",
+    "data.list_dir",
+    "data.image_root",
+    "data.num_threads",
+    "data.skip_corrupt",
+    "data.verify",
+    "model.init_from",
+    "model.init_scope",
+    "model.remat",
+    "testing.*",
+)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def _resumable(key: str) -> bool:
+    return any(key == r or (r.endswith(".*") and key.startswith(r[:-1])) for r in RESUMABLE)
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (old, new)} for every field that differs (JSON values)."""
+    a, b = _flatten(old), _flatten(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+class RunFolder:
+    """The workdir of one training run, locked while open (only the lead process locks)."""
+
+    def __init__(self, workdir: str | os.PathLike, lead: bool = True):
+        self.path = Path(workdir).absolute()
+        self.lead = lead
+        self._lock_fd: int | None = None
+
+    def __enter__(self) -> RunFolder:
+        if self.lead:
+            self._create()
+            self._lock()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor drops the flock
+            self._lock_fd = None
+
+    def _create(self) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise WorkdirError(f"workdir {self.path} exists and is not a folder")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise WorkdirError(f"cannot create workdir {self.path}: {e.strerror}") from None
+        if not os.access(self.path, os.W_OK | os.X_OK):
+            raise WorkdirError(f"workdir {self.path} is not writable")
+
+    def _lock(self) -> None:
+        path = self.path / LOCK_FILE
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise WorkdirError(f"cannot create {path}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise WorkdirError(
+                f"workdir {self.path} is in use by another train.py ({holder}); two trainers "
+                "on one run would delete each other's checkpoints. Wait for it or stop it."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        self._lock_fd = fd
+
+    def has_checkpoints(self) -> bool:
+        ckpt = self.path / "checkpoints"
+        return ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
+
+    def recorded_config(self) -> dict[str, Any] | None:
+        path = self.path / CONFIG_FILE
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return None
+
+    def check_resume(self, config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
+        """The config changes of this launch; refused (nothing written) unless all resumable."""
+        old = self.recorded_config()
+        if old is None or not self.has_checkpoints():
+            return {}
+        changes = config_changes(old, config_json(config))
+        refused = {k: v for k, v in changes.items() if not _resumable(k)}
+        if refused:
+            listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+            raise WorkdirError(
+                f"{self.path} holds a run with another config ({listed}). These change what "
+                "the run computes, so it cannot resume with them: use a new --workdir, or rerun "
+                f"with the values in {self.path / CONFIG_FILE}."
+            )
+        return changes
+
+    def record_config(
+        self, config: ml_collections.ConfigDict, step: int, changes: dict[str, tuple[Any, Any]]
+    ) -> None:
+        """Write ``config.json`` (atomically) and append this launch to the history."""
+        if not self.lead:
+            return
+        path = self.path / CONFIG_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(config_json(config), indent=2, sort_keys=True))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        row = {
+            "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "start_step": step,
+            "changes": {k: list(v) for k, v in changes.items()},
+            "argv": sys.argv,
+        }
+        with open(self.path / HISTORY_FILE, "a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
