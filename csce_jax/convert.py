@@ -26,6 +26,9 @@ import numpy as np
 from flax import nnx
 
 from csce_jax.errors import ConversionError
+from csce_jax.models import CSCENet
+from csce_jax.models.csce import num_windows
+from csce_jax.models.resnet import downsampled_size
 
 # Our top-level names -> the release's (the backbone's names are torchvision's, unprefixed).
 _TOP_LEVEL = {
@@ -318,9 +321,6 @@ def model_from_release(
     state_dict: Mapping[str, np.ndarray], *, image_size: int = 224
 ) -> nnx.Module:
     """A complete CSCENet (centres included) from a release checkpoint's state dict."""
-    from csce_jax.models import CSCENet
-    from csce_jax.models.csce import num_windows
-    from csce_jax.models.resnet import downsampled_size
 
     sd = normalize_release_keys(state_dict)
     arch = infer_architecture(sd)
@@ -369,7 +369,6 @@ def main(argv: list[str] | None = None) -> None:
             print(f"converted {args.src} -> {args.dst}: {arch}")
         else:
             arch = _arch_from_flat(sd)
-            from csce_jax.models import CSCENet
 
             model = CSCENet(sd["centers"], rngs=nnx.Rngs(0), **arch)
             load_flat_arrays(model, sd, args.src)
@@ -377,6 +376,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"exported {args.src} -> {args.dst} in the release's layout")
     except (ConversionError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def model_from_flat(arrays: Mapping[str, np.ndarray], source: str) -> nnx.Module:
+    """A complete CSCENet from a converted file's arrays (our keys), architecture inferred."""
+    model = CSCENet(arrays["centers"], rngs=nnx.Rngs(0), **_arch_from_flat(arrays))
+    load_flat_arrays(model, arrays, source)
+    return model
 
 
 def _arch_from_flat(arrays: Mapping[str, np.ndarray]) -> dict:
@@ -387,8 +393,6 @@ def _arch_from_flat(arrays: Mapping[str, np.ndarray]) -> dict:
         len({k.split("/")[2] for k in arrays if k.startswith(f"backbone/layer{s}/")})
         for s in range(1, 5)
     )
-    from csce_jax.models.csce import num_windows
-    from csce_jax.models.resnet import downsampled_size
 
     n_windows = arrays["window_fusion/kernel"].shape[0]
     # Square inputs: the smallest size whose f4 map gives that many windows.

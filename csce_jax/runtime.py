@@ -8,6 +8,8 @@ from pathlib import Path
 import jax
 import ml_collections
 
+from csce_jax.pretrained import cache_dir
+
 
 def _distributed_ready() -> bool:
     try:
@@ -34,8 +36,6 @@ def enable_compilation_cache(setting: str) -> str | None:
     if not setting:
         return None
     if setting == "auto":
-        from csce_jax.pretrained import cache_dir
-
         setting = str(cache_dir() / "xla")
     try:
         Path(setting).mkdir(parents=True, exist_ok=True)

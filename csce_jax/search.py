@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from csce_jax import cli, eval_lib, state
+from csce_jax.checkpointing import Checkpoints
 from csce_jax.data.sources import IMAGE_SUFFIXES, Source
 from csce_jax.encoding import Encoder
 from csce_jax.errors import CodesError
@@ -74,8 +75,6 @@ def _encoder(workdir: str, step: int | None, config: ml_collections.ConfigDict |
 
 
 def _num_classes(workdir: str) -> int:
-    from csce_jax.checkpointing import Checkpoints
-
     ckpts = Checkpoints(workdir, read_only=True)
     try:
         steps = ckpts.steps()

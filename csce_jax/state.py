@@ -23,6 +23,7 @@ from csce_jax import builders, sharding
 from csce_jax.checkpointing import Checkpoints, abstract_on
 from csce_jax.errors import CheckpointError
 from csce_jax.hashing import centers_fingerprint, hash_centers
+from csce_jax.pretrained import initialize_from
 
 
 @dataclasses.dataclass
@@ -54,8 +55,6 @@ def create_train_state(
     """Model, optimiser and the initial state (optionally loaded from ``init_from``)."""
     model = builders.create_model(config, num_classes)
     if init_from:
-        from csce_jax.pretrained import initialize_from
-
         initialize_from(model, init_from, scope=config.model.get("init_scope", "auto"))
     graphdef, eval_graphdef, params, rest = _split(model)
     tx, schedule = builders.create_optimizer(config)
@@ -133,8 +132,6 @@ def weights_from_file(
     config: ml_collections.ConfigDict, num_classes: int, path: str
 ) -> tuple[Any, dict[str, Any]]:
     """(eval graphdef, {"params", "rest"}) of a weights file (converted or PyTorch), whole."""
-    from csce_jax.pretrained import initialize_from
-
     model = builders.create_model(config, num_classes)
     initialize_from(model, path, scope="model")
     _, eval_graphdef, params, rest = _split(model)

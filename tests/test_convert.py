@@ -6,8 +6,8 @@ import sys
 
 import numpy as np
 import pytest
-from flax import nnx
 from conftest import ROOT
+from flax import nnx
 
 from csce_jax import pretrained
 from csce_jax.convert import (

@@ -6,8 +6,8 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
 from conftest import ROOT, run_train
+from PIL import Image
 
 from csce_jax import eval_lib, metrics, state, viz
 from csce_jax.data.digits import digits_images

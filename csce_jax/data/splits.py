@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
+from csce_jax import cli
 from csce_jax.data.datasets import DATASETS, load_data
 from csce_jax.data.sources import Source
 
@@ -59,8 +60,7 @@ def write_lists(cfg, out_dir: str | os.PathLike) -> dict[str, tuple[int, str]]:
 
 def main(argv):
     del argv
-    from configs.common import data_config
-    from csce_jax import cli
+    from configs.common import data_config  # the repository's configs/, beside the package
 
     cfg = data_config(FLAGS.dataset)
     for key in ("data_dir", "manual_dir", "list_dir", "image_root"):

@@ -20,7 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
 
+from csce_jax import cli
 from csce_jax.data.datasets import RetrievalData, load_data
 from csce_jax.data.images import load_rgb
 from csce_jax.data.sources import Source
@@ -102,10 +105,6 @@ def verify_data(
 
 
 def main(argv: list[str]) -> None:
-    from absl import flags
-
-    from csce_jax import cli
-
     del argv
     config = flags.FLAGS.config
     out = flags.FLAGS.out or f"{config.data.name}_data_report.json"
@@ -127,11 +126,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    from csce_jax import cli
-
     config_flags.DEFINE_config_file("config", None, "config file (configs/*.py[:args])")
     flags.DEFINE_string("out", None, "report file (default: <data set>_data_report.json)")
     flags.mark_flags_as_required(["config"])

@@ -1,0 +1,139 @@
+"""The public Python API: load a model (a converted or PyTorch file, or a run) and encode images.
+
+  model = csce_jax.load_model("runs/cub48")              # or "model.safetensors", "release.pt"
+  codes = csce_jax.encode(model, images_uint8)             # (N, bits) int8 in {-1, +1}
+
+``encode`` prepares images exactly as ``eval.py`` does: shorter side resized to ``resize``,
+centre crop of ``crop``, ImageNet normalisation inside the model, the DSF with the run's
+settings. Both are re-exported by ``csce_jax`` itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from csce_jax import builders, convert, eval_lib, state
+from csce_jax.checkpointing import Checkpoints
+from csce_jax.data.images import eval_view, load_rgb
+from csce_jax.errors import ConversionError
+from csce_jax.hashing import encode as binarize
+from csce_jax.models import CSCENet
+
+DEFAULT_RESIZE_RATIO = 256 / 224  # the release's evaluation resize for its 224 crop
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """An evaluation-mode CSCE-Net with what encoding needs to know about it."""
+
+    model: CSCENet
+    bits: int
+    centers: np.ndarray  # (classes, bits) int8 {-1, +1}
+    resize: int
+    crop: int
+    raw_eval_band: bool = False
+    balance: float | None = None
+    step: int | None = None  # the checkpoint step, for a run
+
+    def __call__(self, images: jax.Array) -> Any:
+        return self.model(images)
+
+
+def _from_run(workdir: Path, step: int | None) -> LoadedModel:
+    config = eval_lib.load_run_config(workdir, None)
+    ckpts = Checkpoints(workdir, read_only=True)
+    try:
+        steps = ckpts.steps()
+        if not steps:
+            raise ConversionError(f"no checkpoint in {ckpts.directory}")
+        num_classes = int(ckpts.read_meta(steps[-1])["num_classes"])
+    finally:
+        ckpts.manager.close()
+    graphdef, weights, got = state.restore_weights(config, workdir, num_classes, step)
+    model = nnx.merge(graphdef, weights["params"], weights["rest"])
+    return _loaded(model, config, step=got)
+
+
+def _loaded(
+    model: CSCENet, config: ml_collections.ConfigDict | None, step: int | None = None
+) -> LoadedModel:
+    crop = config.data.crop if config is not None else model.image_size[0]
+    resize = config.data.resize if config is not None else round(crop * DEFAULT_RESIZE_RATIO)
+    return LoadedModel(
+        model=nnx.view(model, use_running_average=True),
+        bits=model.bits,
+        centers=np.asarray(model.centers[...]).astype(np.int8),
+        resize=resize,
+        crop=crop,
+        raw_eval_band=bool(config.release_compat.raw_eval_band) if config is not None else False,
+        balance=builders.balance(config) if config is not None else None,
+        step=step,
+    )
+
+
+def _from_file(path: Path) -> LoadedModel:
+    arrays = convert.read_state_file(path)
+    if any("/" in k for k in arrays):  # our converted layout
+        model = convert.model_from_flat(arrays, str(path))
+    else:
+        model = convert.model_from_release(arrays)
+    return _loaded(model, None)
+
+
+def load_model(path_or_workdir: str | os.PathLike, step: int | None = None) -> LoadedModel:
+    """An evaluation-mode model from a run folder (its best checkpoint, or ``step``), a
+    converted ``.safetensors``/``.npz``, or a PyTorch release ``.pth``/``.pt``."""
+    path = Path(path_or_workdir)
+    if path.is_dir():
+        return _from_run(path, step)
+    if step is not None:
+        raise ConversionError(f"{path}: step={step} needs a run folder, not a file")
+    return _from_file(path)
+
+
+def _prepare(images: Any, resize: int, crop: int) -> np.ndarray:
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        images = list(images)
+    out = []
+    for i, img in enumerate(images):
+        arr = np.asarray(img)
+        if arr.dtype != np.uint8:
+            raise ValueError(f"image {i}: expected uint8 RGB pixels, got {arr.dtype}")
+        out.append(eval_view(load_rgb(arr), resize=resize, crop=crop))
+    return np.stack(out)
+
+
+def encode(
+    model: LoadedModel, images: np.ndarray | Sequence[np.ndarray], batch_size: int = 64
+) -> np.ndarray:
+    """Binary codes (N, bits) int8 in {-1, +1} of uint8 RGB images (N, H, W, 3) or a list of
+    (H, W[, 3]) arrays of any size, preprocessed as ``eval.py`` does."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be at least 1")
+    pixels = _prepare(images, model.resize, model.crop)
+    codes = []
+    for start in range(0, len(pixels), batch_size):
+        chunk = pixels[start : start + batch_size]
+        pad = batch_size - len(chunk) if len(pixels) > batch_size else 0
+        padded = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.uint8)])
+        got = _encode_step(model.model, jnp.asarray(padded), model.raw_eval_band, model.balance)
+        codes.append(np.asarray(got)[: len(chunk)])
+    return np.concatenate(codes) if codes else np.zeros((0, model.bits), np.int8)
+
+
+def _encode_batch(model: CSCENet, images: jax.Array, raw: bool, bal) -> jax.Array:
+    out = model(images)
+    return binarize(out.codes, out.threshold, raw_eval_band=raw, balance=bal).astype(jnp.int8)
+
+
+_encode_step = nnx.jit(_encode_batch, static_argnums=(2, 3))

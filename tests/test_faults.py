@@ -1,0 +1,468 @@
+"""Faults and bad inputs: each is refused or survived with nothing lost and one clear line."""
+
+import errno
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import (
+    ROOT,
+    read_rows,
+    run_module,
+    run_train,
+    saved_steps,
+    tiny_config,
+)
+from PIL import Image
+
+from csce_jax import cli, eval_lib, metrics, train_lib
+from csce_jax.builders import check_config
+from csce_jax.checkpointing import Checkpoints
+from csce_jax.data import load_data
+from csce_jax.data.images import load_rgb
+from csce_jax.data.sources import aircraft_sources, folder_source, tfds_source
+from csce_jax.errors import CheckpointError, CodesError, ConfigError, DataError
+from csce_jax.workdir import RunFolder
+from csce_jax.writers import MetricsLog
+
+SHORT = [
+    "--config.total_steps=2",
+    "--config.eval_every_steps=2",
+    "--config.checkpoint_every_steps=2",
+]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished 2-step demo run (read-only use)."""
+    workdir = tmp_path_factory.mktemp("finished")
+    run_train(workdir, *SHORT)
+    return workdir
+
+
+# --- Losing or corrupting work ------------------------------------------------------------------
+
+
+def test_readers_never_write_into_a_run(finished_run, tmp_path):
+    """eval.py and search index on a run that is (as far as they know) still saving a step."""
+    in_progress = finished_run / "checkpoints" / "3.orbax-checkpoint-tmp-1234567"
+    in_progress.mkdir()
+    (in_progress / "partial").write_bytes(b"half a checkpoint")
+    before = sorted(p.relative_to(finished_run) for p in (finished_run / "checkpoints").rglob("*"))
+    try:
+        out = run_module("eval.py", "--workdir", str(finished_run), "--export_codes")
+        assert out.returncode == 0, out.stderr[-2000:]
+        folder = tmp_path / "photos"
+        folder.mkdir()
+        Image.new("RGB", (40, 40), "white").save(folder / "a.png")
+        out = run_module(
+            "-m", "csce_jax.search", "index", "--workdir", str(finished_run),
+            "--images", str(folder), "--out", str(tmp_path / "i.npz"),
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        after = sorted(
+            p.relative_to(finished_run) for p in (finished_run / "checkpoints").rglob("*")
+        )
+        assert after == before  # the trainer's temporary step is untouched, nothing added
+    finally:
+        for f in in_progress.iterdir():
+            f.unlink()
+        in_progress.rmdir()
+
+
+def test_a_second_trainer_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; sys.path.insert(0, '.');"
+            "from csce_jax.workdir import RunFolder;"
+            f"f = RunFolder({str(tmp_path)!r}).__enter__(); print('locked', flush=True);"
+            "time.sleep(600)",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    out = run_train(tmp_path, *SHORT, check=False)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1].startswith(f"error: workdir {tmp_path} is in use")
+    assert f"pid {holder.pid}" in out.stderr
+    assert not (tmp_path / "metrics.jsonl").exists() and saved_steps(tmp_path) == []
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with RunFolder(tmp_path):  # the kernel dropped the dead process's lock
+        fd = os.open(tmp_path / ".lock", os.O_RDWR)
+        with pytest.raises(OSError):  # and this process holds it now
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.close(fd)
+
+
+def test_a_refused_resume_writes_nothing_and_allowed_changes_are_recorded(tmp_path):
+    run_train(tmp_path, *SHORT)
+    config_before = (tmp_path / "config.json").read_bytes()
+    history_before = (tmp_path / "config_history.jsonl").read_bytes()
+    rows_before = (tmp_path / "metrics.jsonl").read_bytes()
+    for change, named in (
+        ("--config.bits=32", "bits: 64 -> 32"),
+        ("--config.optimizer.lr=0.01", "optimizer.lr: 0.002 -> 0.01"),
+    ):
+        out = run_train(tmp_path, *SHORT, change, check=False)
+        assert out.returncode == 1 and named in out.stderr, out.stderr[-2000:]
+        assert (tmp_path / "config.json").read_bytes() == config_before
+        assert (tmp_path / "config_history.jsonl").read_bytes() == history_before
+        assert (tmp_path / "metrics.jsonl").read_bytes() == rows_before
+    run_train(tmp_path, *SHORT[1:], "--config.total_steps=3")
+    history = [json.loads(x) for x in (tmp_path / "config_history.jsonl").read_text().splitlines()]
+    assert [h["start_step"] for h in history] == [0, 2]
+    assert history[1]["changes"] == {"total_steps": [2, 3]}
+    assert json.loads((tmp_path / "config.json").read_text())["total_steps"] == 3
+    assert read_rows(tmp_path)[-1]["step"] == 3
+
+
+def test_a_corrupt_best_checkpoint_falls_back_and_keeps_the_final_row(tmp_path, monkeypatch):
+    scores = iter([0.9, 0.5, 0.4, 0.3])  # the first evaluation (step 2) stays the best
+    monkeypatch.setattr(train_lib, "retrieval_map", lambda *a: next(scores))
+    c = tiny_config(4)
+    c.eval_every_steps = c.checkpoint_every_steps = 2
+    c.keep_checkpoints = 1
+    train_lib.train_and_evaluate(c, tmp_path)
+    assert saved_steps(tmp_path) == [2, 4]  # latest 1 + the best
+    for f in (tmp_path / "checkpoints" / "2" / "weights").rglob("*"):
+        if f.is_file() and f.stat().st_size > 64:
+            f.write_bytes(f.read_bytes()[:16])
+    c.total_steps = 6  # resume past the finished run: the final row is recomputed
+    final = train_lib.train_and_evaluate(c, tmp_path)
+    assert final["best_step"] == 6 and np.isfinite(final["query_map"])
+    rows = read_rows(tmp_path)
+    assert rows[-1] == json.loads(json.dumps(final, sort_keys=True))
+    again = train_lib.train_and_evaluate(c, tmp_path)  # a finished run: nothing redone or lost
+    assert again == rows[-1] and read_rows(tmp_path) == rows
+
+
+def test_a_failed_save_stops_the_run_naming_path_and_cause(tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    def disk_full(self, step, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", disk_full)
+    c = tiny_config(4)
+    c.checkpoint_every_steps = 2
+    with pytest.raises(CheckpointError, match=r"step 2 in .*checkpoints: No space left on device"):
+        train_lib.train_and_evaluate(c, tmp_path)
+    assert max(r["step"] for r in read_rows(tmp_path)) == 2  # it did not train on
+
+
+def test_metrics_truncation_leaves_no_temporary_file_when_the_disk_is_full(tmp_path, monkeypatch):
+    log = MetricsLog(tmp_path)
+    for step in (1, 2, 3):
+        log.write({"step": step, "loss": 1.0})
+    original = (tmp_path / "metrics.jsonl").read_bytes()
+    real = type(tmp_path).write_text
+
+    def full(self, *args, **kwargs):
+        if self.name.endswith(".tmp"):
+            real(self, "")  # the 0-byte file a full disk leaves
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tmp_path), "write_text", full)
+    with pytest.raises(OSError):
+        log.truncate_after(2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+    assert (tmp_path / "metrics.jsonl").read_bytes() == original
+
+
+def test_the_error_boundary_prints_one_line_for_os_errors(capsys):
+    def full():
+        raise OSError(errno.ENOSPC, "No space left on device", "/runs/x/metrics.jsonl")
+
+    with pytest.raises(SystemExit) as stop:
+        cli.error_boundary(full)
+    assert stop.value.code == 1
+    assert capsys.readouterr().err == "error: /runs/x/metrics.jsonl: No space left on device\n"
+
+
+# --- Silently wrong answers ---------------------------------------------------------------------
+
+
+def _codes_files(tmp_path, q, d, ql, dl):
+    paths = {}
+    for name, arr in (("q", q), ("d", d), ("ql", ql), ("dl", dl)):
+        paths[name] = str(tmp_path / f"{name}.npy")
+        np.save(paths[name], arr)
+    return paths
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("widths", "64-bit codes but .* 32-bit codes"),
+        ("nan", "non-finite code values"),
+        ("fraction", "labels must be whole numbers"),
+        ("packed_bits", "8 bytes per code, but --bits 32 packs into 4"),
+        ("one_d", "codes must be a 2-D array"),
+        ("packed_no_bits", "packed uint8 codes: pass --bits"),
+        ("not_binary", "codes must be -1 or \\+1"),
+    ],
+)
+def test_scoring_codes_refuses_malformed_input(tmp_path, case, message):
+    rng = np.random.default_rng(0)
+    q = np.where(rng.random((5, 64)) > 0.5, 1, -1).astype(np.int8)
+    d = np.where(rng.random((9, 64)) > 0.5, 1, -1).astype(np.int8)
+    ql, dl = rng.integers(0, 3, 5), rng.integers(0, 3, 9)
+    bits = None
+    if case == "widths":
+        d = d[:, :32]
+    elif case == "nan":
+        q = q.astype(np.float32)
+        q[0, 0] = np.nan
+    elif case == "fraction":
+        ql = ql + 0.5
+    elif case == "packed_bits":
+        q, d, bits = metrics.pack_codes(q), metrics.pack_codes(d), 32
+    elif case == "one_d":
+        q = q[:, 0]
+    elif case == "packed_no_bits":
+        q, d = metrics.pack_codes(q), metrics.pack_codes(d)
+    elif case == "not_binary":
+        q = q * 3
+    p = _codes_files(tmp_path, q, d, ql, dl)
+    with pytest.raises(CodesError, match=message):
+        eval_lib.score_npy(p["q"], p["d"], p["ql"], p["dl"], None, bits)
+
+
+def test_eval_py_reports_bad_codes_in_one_line(tmp_path):
+    q = np.ones((3, 64), np.int8)
+    p = _codes_files(tmp_path, q, q[:, :32], np.zeros(3, int), np.zeros(3, int))
+    out = run_module(
+        "eval.py", "--query_codes", p["q"], "--db_codes", p["d"],
+        "--query_labels", p["ql"], "--db_labels", p["dl"],
+    )  # fmt: skip
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        f"error: {p['q']} holds 64-bit codes but {p['d']} 32-bit codes"
+    ]
+
+
+def test_a_search_index_works_from_any_folder_and_refuses_tampering(finished_run, tmp_path):
+    from csce_jax import search
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, shade in enumerate((0, 90, 180, 255)):
+        Image.new("RGB", (40, 40), (shade, 255 - shade, 20 * i)).save(folder / f"p{i}.png")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:  # relative paths, as a user types them
+        summary = search.build_index(os.path.relpath(finished_run), "photos", "idx.npz")
+    finally:
+        os.chdir(cwd)
+    assert summary["indexed"] == 4 and os.path.isabs(summary["workdir"])
+    codes, paths, meta = search.load_index(str(tmp_path / "idx.npz"))
+    assert all(os.path.isabs(p) for p in paths)
+    hits = search.search(str(tmp_path / "idx.npz"), str(folder / "p2.png"), k=2)
+    assert hits[0] == (str(folder / "p2.png"), 0)
+    with pytest.raises(CodesError, match="number of hits must be at least 1"):
+        search.search(str(tmp_path / "idx.npz"), str(folder / "p2.png"), k=-3)
+    for tamper, message in (
+        ({"paths": np.asarray(paths[:3])}, "4 codes but 3 paths"),
+        ({"codes": codes[:, :4]}, "do not hold 64-bit codes"),
+    ):
+        fields = {"codes": codes, "paths": np.asarray(paths), "meta": np.asarray(json.dumps(meta))}
+        np.savez(tmp_path / "bad.npz", **{**fields, **tamper})
+        with pytest.raises(CodesError, match=message):
+            search.load_index(str(tmp_path / "bad.npz"))
+
+
+@pytest.mark.parametrize("lr", [0.0, -0.01, float("nan")])
+def test_a_learning_rate_that_is_not_positive_is_refused(lr):
+    c = tiny_config()
+    c.optimizer.lr = lr
+    with pytest.raises(ConfigError, match="config.optimizer.lr=.*must be a positive"):
+        check_config(c, 4, 1)
+
+
+def test_sixteen_bit_images_are_scaled_not_saturated(tmp_path):
+    ramp = np.linspace(0, 65535, 64 * 48).reshape(48, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    got = np.asarray(load_rgb(str(tmp_path / "deep.png")))[..., 0].astype(int)
+    expect = np.round(ramp / 257.0).astype(int)
+    assert np.abs(got - expect).max() <= 1
+    assert (got == 255).mean() < 0.01  # PIL's own conversion turns ~99.6 % of it white
+
+
+def test_image_folders_skip_hidden_system_and_empty_folders(tmp_path, caplog):
+    root = tmp_path / "imgs"
+    for cls in ("ant", "bee"):
+        (root / cls).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(root / cls / "a.jpg")
+    (root / "bee" / "._a.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    for junk in (".ipynb_checkpoints", "__MACOSX", "empty"):
+        (root / junk).mkdir()
+    Image.new("RGB", (8, 8)).save(root / ".ipynb_checkpoints" / "x.jpg")
+    Image.new("RGB", (8, 8)).save(root / "__MACOSX" / "y.jpg")
+    with caplog.at_level("WARNING"):
+        src, classes = folder_source(root)
+    assert classes == ["ant", "bee"] and len(src) == 2
+    assert src.labels.tolist() == [0, 1]
+    log = caplog.text
+    assert ".ipynb_checkpoints" in log and "__MACOSX" in log and "empty" in log
+
+
+def test_an_empty_validation_split_is_flagged_in_the_log_and_metrics(tmp_path, caplog):
+    c = tiny_config(2)
+    c.data.val_fraction = 0.0
+    with caplog.at_level("WARNING"):
+        final = train_lib.train_and_evaluate(c, tmp_path)
+    assert "selected on the QUERY set" in caplog.text
+    rows = read_rows(tmp_path)
+    assert rows[0]["select_on"] == "query" and "validation split is empty" in rows[0]["warning"]
+    assert final["select_on"] == "query"
+    assert any("select_map" in r for r in rows) and not any("val_map" in r for r in rows)
+
+
+def _aircraft(tmp_path, height=60):
+    base = tmp_path / "fgvc-aircraft-2013b" / "data"
+    (base / "images").mkdir(parents=True)
+    (base / "variants.txt").write_text("707-320\n")
+    (base / "images_variant_trainval.txt").write_text("0001 707-320\n")
+    (base / "images_variant_test.txt").write_text("0002 707-320\n")
+    for i in ("0001", "0002"):
+        arr = np.full((height, 80, 3), 30, np.uint8)
+        arr[-20:] = 250  # the banner
+        Image.fromarray(arr).save(base / "images" / f"{i}.jpg", quality=100)
+    return tmp_path
+
+
+def test_the_aircraft_banner_is_cropped_unless_kept(tmp_path):
+    manual = _aircraft(tmp_path)
+    train, _ = aircraft_sources(manual)
+    rec = train[0]
+    img = np.asarray(load_rgb(rec["image"], trim_bottom=train.trim_bottom))
+    assert img.shape[:2] == (40, 80) and img.max() < 60  # no banner row left (250)
+    kept, _ = aircraft_sources(manual, keep_banner=True)
+    assert np.asarray(load_rgb(kept[0]["image"], trim_bottom=kept.trim_bottom)).shape[0] == 60
+
+
+def _folder_with_corrupt(tmp_path, corrupt=2):
+    root = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(6):
+            arr = rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / f"c{c}" / f"{i}.jpg")
+    for i in range(corrupt):
+        (root / f"c{i}" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    return root
+
+
+def _folder_config(root, steps=2):
+    c = tiny_config(steps)
+    c.data.name = "folder"
+    c.data.image_root = str(root)
+    c.data.resize, c.data.crop = 112, 112
+    c.data.query_fraction = 0.2
+    c.data.val_fraction = 0.2
+    return c
+
+
+def test_skipped_images_are_counted_once_per_run(tmp_path):
+    c = _folder_config(_folder_with_corrupt(tmp_path))
+    c.data.skip_corrupt = True
+    c.total_steps = 6  # enough batches to meet every training image
+    c.eval_every_steps = c.checkpoint_every_steps = 6
+    final = train_lib.train_and_evaluate(c, tmp_path / "run")
+    assert final["skipped_images"] == 2
+    logged = [r["skipped_images"] for r in read_rows(tmp_path / "run") if "loss" in r]
+    assert logged == sorted(logged) and max(logged) <= 2
+
+
+def test_verify_finds_corrupt_images_up_front(tmp_path):
+    root = _folder_with_corrupt(tmp_path, corrupt=1)
+    out = run_module(
+        "-m", "csce_jax.data.verify", "--config", "configs/default.py",
+        "--config.data.name=folder", f"--config.data.image_root={root}",
+        f"--out={tmp_path / 'report.json'}",
+    )  # fmt: skip
+    assert out.returncode == 1, out.stderr[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["checked"] == 19 and [b["where"] for b in report["bad"]] == [
+        str(root / "c0" / "broken.jpg")
+    ]
+    assert "verify: 19/19 images (100%), 1 unreadable" in out.stderr
+    c = _folder_config(root)
+    c.data.verify = True
+    with pytest.raises(DataError, match=r"1 unreadable image\(s\).*broken.jpg.*data_report.json"):
+        train_lib.train_and_evaluate(c, tmp_path / "run")
+    assert saved_steps(tmp_path / "run") == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--config", "configs/default.py:foo=1"], "unknown config argument 'foo'"),
+        (["--config", "configs/default.py:bits=abc"], "bits='abc': expected int"),
+        (["--config", "{bad}"], "line 1: syntax error"),
+        (["--config", "{empty}"], "has no get_config() function"),
+        (["--config", "configs/default.py", "--workdir", "{file}"], "is not a folder"),
+    ],
+)
+def test_entry_point_errors_are_one_line(tmp_path, args, message):
+    (tmp_path / "bad.py").write_text("def get_config(:\n")
+    (tmp_path / "empty.py").write_text("X = 1\n")
+    (tmp_path / "file").write_text("")
+    args = [a.format(bad=tmp_path / "bad.py", empty=tmp_path / "empty.py", file=tmp_path / "file")
+            for a in args]  # fmt: skip
+    if "--workdir" not in args:
+        args += ["--workdir", str(tmp_path / "w")]
+    out = run_module("train.py", *args)
+    assert out.returncode in (1, 2)
+    lines = out.stderr.strip().splitlines()
+    assert "Traceback" not in out.stderr and lines[-1].startswith("error: ")
+    assert message in lines[-1], out.stderr[-2000:]
+
+
+def test_split_list_size_mismatch_is_one_line(tmp_path):
+    base = _aircraft(tmp_path)
+    out = run_module(
+        "-m", "csce_jax.data.splits", "--dataset", "aircraft", "--out", str(tmp_path / "x"),
+        "--manual_dir", str(base),
+    )  # fmt: skip
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "documented 6667" in out.stderr.strip().splitlines()[-1]
+
+
+def test_tfds_never_downloads_unless_asked(tmp_path, monkeypatch):
+    import tensorflow_datasets as tfds
+
+    calls = []
+
+    def fake(name, **kwargs):
+        calls.append(kwargs.get("download"))
+        raise FileNotFoundError("not prepared")
+
+    monkeypatch.setattr(tfds, "data_source", fake)
+    with pytest.raises(DataError, match="`tfds build caltech_birds2011 --data_dir=...`"):
+        tfds_source("caltech_birds2011", "train", data_dir=str(tmp_path))
+    assert calls == [False]
+    c = tiny_config()
+    c.data.name, c.data.data_dir, c.data.download = "cub200", str(tmp_path), True
+    with pytest.raises(DataError):
+        load_data(c.data)
+    assert calls[-1] is True
+
+
+def test_checkpoint_folder_opened_read_only_needs_checkpoints(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoints in"):
+        Checkpoints(tmp_path, read_only=True)
+    assert list(tmp_path.iterdir()) == []
