@@ -105,9 +105,9 @@ def torch_side(args, images, labels):
     import contextlib
 
     import torch
-    from torch_reference import ReleaseNet, release_dsf, release_loss
 
     from csce_jax.hashing import hash_centers
+    from csce_jax.torch_reference import ReleaseNet, release_dsf, release_loss
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)

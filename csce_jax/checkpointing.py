@@ -16,6 +16,7 @@ folder read-only: they never create, clean up or delete anything in a run that m
 
 from __future__ import annotations
 
+import logging as pylogging
 import os
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,17 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 from csce_jax.errors import CheckpointError
 
 __all__ = ["CheckpointError", "Checkpoints"]
+
+
+class _ReadOnlyNotices(pylogging.Filter):
+    """Drops Orbax's two warnings that a manager was opened read-only: that is our intent."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("read_only=True" in message or "directory is read only" in message)
+
+
+pylogging.getLogger("absl").addFilter(_ReadOnlyNotices())
 
 
 def _score_key(metrics: dict[str, Any]) -> tuple[float, int]:

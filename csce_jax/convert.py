@@ -8,14 +8,18 @@ accepted and must agree. Unknown, missing and mis-shaped keys are all reported b
 anything is written into the model.
 
 Converted files are ``.safetensors`` keyed by our own state paths (``backbone/layer1/0/conv1/
-kernel``), NHWC, loadable without torch. Command line::
+kernel``), NHWC, loadable without torch. Exports to PyTorch hold the release's full
+``ResNet_DOLG`` state-dict layout (the ``input.*`` copies and BatchNorm counters included):
+``.pt``/``.pth`` via ``torch.save`` (what the release's ``torch.load`` + ``load_state_dict``
+reads), or ``.safetensors``. Command line::
 
   python -m csce_jax.convert torch-to-jax --src release.pth --dst model.safetensors
-  python -m csce_jax.convert jax-to-torch --src model.safetensors --dst model_torch.safetensors
+  python -m csce_jax.convert jax-to-torch --src model.safetensors --dst model.pt
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 from collections.abc import Mapping
@@ -25,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from csce_jax import cli
 from csce_jax.errors import ConversionError
 from csce_jax.models import CSCENet
 from csce_jax.models.csce import num_windows
@@ -195,9 +200,52 @@ def export_torch_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
     return out
 
 
+def release_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
+    """The release's full ``ResNet_DOLG.state_dict()`` layout: every key of
+    :func:`export_torch_state_dict`, the ``input.0/1/4/5`` copies of the stem, layer1 and
+    layer2, and a ``num_batches_tracked`` counter (0) for every BatchNorm, so that
+    ``load_state_dict(..., strict=True)`` accepts it."""
+    base = export_torch_state_dict(model)
+    out: dict[str, np.ndarray] = {}
+    for key, value in base.items():
+        out[key] = value
+        if key.endswith(".running_var"):
+            out[key[: -len("running_var")] + "num_batches_tracked"] = np.zeros((), np.int64)
+    for alias, original in _RELEASE_ALIASES.items():
+        for key in [k for k in out if k.startswith(original)]:
+            out[alias + key[len(original) :]] = out[key]
+    return out
+
+
+def write_torch_file(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
+    """``torch.save`` a state dict of tensors atomically (temporary file, then rename)."""
+    try:
+        import torch
+    except ImportError as e:
+        raise ConversionError(
+            f"writing {path} needs torch (pip install torch==2.13.0); or write .safetensors"
+        ) from e
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = collections.OrderedDict(
+        (k, torch.from_numpy(np.array(v, copy=True))) for k, v in state_dict.items()
+    )
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(tensors, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+IMAGE_SIZE_KEY = "image_size"  # a converted file's record of the input size (not a weight)
+
+
 def flat_arrays(model: nnx.Module) -> dict[str, np.ndarray]:
-    """Our model's whole state as {our key: array}: the content of a converted file."""
-    return {_our_key(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model))}
+    """Our model's whole state as {our key: array}, plus its input size: a converted file."""
+    out = {_our_key(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model))}
+    out[IMAGE_SIZE_KEY] = np.asarray(model.image_size, np.int32)
+    return out
 
 
 def load_flat_arrays(
@@ -207,6 +255,7 @@ def load_flat_arrays(
 
     ``only="backbone"`` loads just the trunk's keys and ignores the file's other keys.
     """
+    arrays = {k: v for k, v in arrays.items() if k != IMAGE_SIZE_KEY}
     flat = nnx.to_flat_state(nnx.state(model))
     if only is not None:
         arrays = {k: v for k, v in arrays.items() if k.split("/")[0] == only}
@@ -341,6 +390,19 @@ def model_from_release(
     return model
 
 
+TORCH_SUFFIXES = (".pt", ".pth")
+OUR_SUFFIXES = (".safetensors", ".npz")
+
+
+def _check_suffix(path: str, allowed: tuple[str, ...]) -> None:
+    suffix = Path(path).suffix.lower()
+    if suffix not in allowed:
+        raise ConversionError(
+            f"--dst {path}: unknown output format {suffix or '(none)'!r}; use one of "
+            f"{', '.join(allowed)}"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m csce_jax.convert {torch-to-jax,jax-to-torch} --src A --dst B``."""
     import argparse
@@ -352,7 +414,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("direction", choices=["torch-to-jax", "jax-to-torch"])
     parser.add_argument("--src", required=True, help="input file (.pth/.pt/.safetensors/.npz)")
-    parser.add_argument("--dst", required=True, help="output file (.safetensors or .npz)")
+    parser.add_argument(
+        "--dst",
+        required=True,
+        help="output: .safetensors/.npz (torch-to-jax); .pt/.pth (torch.save, loads into the "
+        "release's ResNet_DOLG) or .safetensors (jax-to-torch)",
+    )
     parser.add_argument(
         "--image_size",
         type=int,
@@ -360,22 +427,25 @@ def main(argv: list[str] | None = None) -> None:
         help="input size the release model was trained at (sets the window count)",
     )
     args = parser.parse_args(argv)
-    try:
-        sd = read_state_file(args.src)
-        if args.direction == "torch-to-jax":
-            model = model_from_release(sd, image_size=args.image_size)
-            write_state_file(flat_arrays(model), args.dst)
-            arch = infer_architecture(normalize_release_keys(sd))
-            print(f"converted {args.src} -> {args.dst}: {arch}")
-        else:
-            arch = _arch_from_flat(sd)
+    print(cli.error_boundary(convert_file, args.direction, args.src, args.dst, args.image_size))
 
-            model = CSCENet(sd["centers"], rngs=nnx.Rngs(0), **arch)
-            load_flat_arrays(model, sd, args.src)
-            write_state_file(export_torch_state_dict(model), args.dst)
-            print(f"exported {args.src} -> {args.dst} in the release's layout")
-    except (ConversionError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+
+def convert_file(direction: str, src: str, dst: str, image_size: int = 224) -> str:
+    """Convert ``src`` to ``dst`` (see :func:`main`); returns a one-line summary."""
+    if direction == "torch-to-jax":
+        _check_suffix(dst, OUR_SUFFIXES)
+        sd = read_state_file(src)
+        model = model_from_release(sd, image_size=image_size)
+        write_state_file(flat_arrays(model), dst)
+        return f"converted {src} -> {dst}: {infer_architecture(normalize_release_keys(sd))}"
+    _check_suffix(dst, (*TORCH_SUFFIXES, ".safetensors"))
+    model = model_from_flat(read_state_file(src), src)
+    state_dict = release_state_dict(model)
+    if Path(dst).suffix.lower() in TORCH_SUFFIXES:
+        write_torch_file(state_dict, dst)
+    else:
+        write_state_file(state_dict, dst)
+    return f"exported {src} -> {dst} in the release's ResNet_DOLG layout ({len(state_dict)} keys)"
 
 
 def model_from_flat(arrays: Mapping[str, np.ndarray], source: str) -> nnx.Module:
@@ -395,17 +465,13 @@ def _arch_from_flat(arrays: Mapping[str, np.ndarray]) -> dict:
     )
 
     n_windows = arrays["window_fusion/kernel"].shape[0]
-    # Square inputs: the smallest size whose f4 map gives that many windows.
-    size = next(
-        (
-            s
-            for s in range(97, 4097)
-            if num_windows((downsampled_size(s, 5),) * 2, (2, 4)) == n_windows
-        ),
-        None,
-    )
-    if size is None:
-        raise ConversionError(f"no square input size gives {n_windows} windows")
+    if IMAGE_SIZE_KEY in arrays:
+        size = tuple(int(x) for x in np.asarray(arrays[IMAGE_SIZE_KEY]).reshape(-1))
+    else:  # an older file: the square size a multiple of 32 that gives that many windows
+        f4 = next((f for f in range(4, 129) if num_windows((f, f), (2, 4)) == n_windows), None)
+        if f4 is None:
+            raise ConversionError(f"no square input size gives {n_windows} windows")
+        size = (32 * f4, 32 * f4)
     return {
         "width": arrays["backbone/conv1/kernel"].shape[-1] / 64,
         "depths": depths,

@@ -203,9 +203,14 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(summary))
     else:
         hits = cli.error_boundary(
-            search, args.index, args.image, args.k, args.picture, workdir=args.workdir,
+            search,
+            args.index,
+            args.image,
+            args.k,
+            args.picture,
+            workdir=args.workdir,
             config=config,
-        )  # fmt: skip
+        )
         for path, d in hits:
             print(f"{d:4d}  {path}")
 

@@ -38,6 +38,11 @@ class TrainSetup:
     fingerprint: str
 
 
+def model_of(setup: TrainSetup) -> nnx.Module:
+    """The model (training mode) holding ``setup.state``'s parameters and statistics."""
+    return nnx.merge(setup.graphdef, setup.state["params"], setup.state["rest"])
+
+
 def config_fingerprint(config: ml_collections.ConfigDict, num_classes: int) -> str:
     """The fingerprint of the hash centres this config gives for ``num_classes`` classes."""
     return centers_fingerprint(hash_centers(num_classes, config.bits, seed=config.centers_seed))

@@ -132,9 +132,13 @@ def train_and_evaluate(
         if run.finished is not None:
             return run.finished
         train_step = make_train_step(
-            run.setup.graphdef, run.setup.tx, run.setup.schedule, config, run.data.multilabel,
+            run.setup.graphdef,
+            run.setup.tx,
+            run.setup.schedule,
+            config,
+            run.data.multilabel,
             run.mesh,
-        )  # fmt: skip
+        )
         log_start(run)
         clock = Clock(run.start)
         with StopSignals(config.log_every_steps) as signals:
@@ -179,10 +183,20 @@ def start_run(config: ml_collections.ConfigDict, folder: RunFolder) -> tuple[Run
     folder.record_config(config, start, changes)
     writers = Writers(folder.path, active=folder.lead)
     run = Run(
-        config, folder, data, setup, mesh, ckpts, writers, Encoder(setup.eval_graphdef, config, mesh),
-        make_loader(config, data), start, meta.get("best_map", -math.inf), meta.get("best_step"),
+        config,
+        folder,
+        data,
+        setup,
+        mesh,
+        ckpts,
+        writers,
+        Encoder(setup.eval_graphdef, config, mesh),
+        make_loader(config, data),
+        start,
+        meta.get("best_map", -math.inf),
+        meta.get("best_step"),
         start if restored else None,
-    )  # fmt: skip
+    )
     if start == config.total_steps and writers.log.final_row() is not None:
         run.finished = writers.log.final_row()
         logging.info("%s has finished already: %s", folder.path, run.finished)
@@ -399,8 +413,12 @@ def final_query_metrics(run: Run, state: dict[str, Any]) -> dict[str, Any]:
     db = run.encoder.encode(weights, run.data.database)
     topk = run.data.topk
     scores = metrics.map_at_ks(
-        q["codes"], db["codes"], q["labels"], db["labels"], sorted({topk, None}, key=lambda k: k or 1 << 62)
-    )  # fmt: skip
+        q["codes"],
+        db["codes"],
+        q["labels"],
+        db["labels"],
+        sorted({topk, None}, key=lambda k: k or 1 << 62),
+    )
     return {
         "step": run.config.total_steps,
         "query_map": scores["map@all" if topk is None else f"map@{topk}"],

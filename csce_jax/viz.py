@@ -36,6 +36,26 @@ def plot_pr_curve(curve: dict[str, list[float]], path: str, title: str) -> None:
     plt.close(fig)
 
 
+def plot_curves(series: dict[str, list[float]], path: str, title: str) -> None:
+    """Named curves over steps (1, 2, ...) on one log-scaled axis, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    for name, values in series.items():
+        style = "--" if "torch" in name else "-"
+        ax.plot(range(1, len(values) + 1), values, style, label=name)
+    ax.set_xlabel("step")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def _tile(src: Source, i: int, view: ViewConfig) -> Image.Image:
     rec = src[int(i)]
     img = load_rgb(rec["image"], view.resize, rec["where"], trim_bottom=src.trim_bottom)

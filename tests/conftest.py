@@ -40,6 +40,20 @@ def tiny_model():
     return CSCENet(hash_centers(10, 16), image_size=128, rngs=nnx.Rngs(0), **TINY)
 
 
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A finished 3-step demo run through train.py, shared read-only by the tests that
+    evaluate, search or inspect a run (none of them may change its checkpoints or rows)."""
+    workdir = tmp_path_factory.mktemp("trained_run")
+    run_train(
+        workdir,
+        "--config.total_steps=3",
+        "--config.eval_every_steps=3",
+        "--config.checkpoint_every_steps=3",
+    )
+    return workdir
+
+
 def tiny_config(steps=4, linear_optimizer=False):
     """The digits demo cut down; ``linear_optimizer``: SGD at a constant rate, whose update is
     linear in the gradient (Adam's first steps are ~lr * sign(g): float noise in a near-zero

@@ -81,12 +81,60 @@ def test_ste_gradients_reach_v_and_t():
     assert not np.any(np.asarray(gv_r)) and not np.any(np.asarray(gt_r))
 
 
-def test_ste_gradient_sign_matches_finite_difference_of_soft_band():
+def _soft_numpy(v, t, tau=0.1):
+    """The STE's soft relaxation with fill and sign(v) held fixed at (v0, t0) (numpy, float64)."""
+
+    def soft(v, t, sign, fill):
+        m = 1.0 / (1.0 + np.exp(-(np.abs(v) - t) / tau))
+        return sign + (1.0 - m) * (fill - sign)
+
+    sign = np.where(v >= 0, 1.0, -1.0)
+    fill = np.where((v > 0).sum(-1, keepdims=True) > v.shape[-1] / 2, -1.0, 1.0)
+    return lambda vv, tt: soft(vv, tt, sign, fill), sign, fill
+
+
+def _ste_case():
+    rng = np.random.default_rng(2)
+    v = rng.uniform(-0.3, 0.3, (3, 12))
+    v[np.abs(v) < 0.02] = 0.05  # keep away from the kink of |v| at 0
+    t = rng.uniform(0.0, 0.2, (3, 1))
+    w = rng.standard_normal((3, 12))
+    return v, t, w
+
+
+def test_ste_gradients_equal_the_closed_form():
+    v, t, w = _ste_case()
+    tau = 0.1
+    gv, gt = jax.grad(
+        lambda a, b: jnp.sum(jnp.asarray(w) * dynamic_sign(a, b, "ste", temperature=tau)),
+        argnums=(0, 1),
+    )(jnp.asarray(v, jnp.float32), jnp.asarray(t, jnp.float32))
+    _, sign, fill = _soft_numpy(v, t, tau)
+    m = 1.0 / (1.0 + np.exp(-(np.abs(v) - t) / tau))
+    ds_dt = m * (1 - m) / tau * (fill - sign)
+    ds_dv = -sign * m * (1 - m) / tau * (fill - sign)
+    np.testing.assert_allclose(np.asarray(gv), w * ds_dv, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(gt), np.sum(w * ds_dt, axis=-1, keepdims=True), rtol=1e-4, atol=1e-6
+    )
+    assert np.count_nonzero(ds_dv) > 5  # the case exercises entries whose sign differs from fill
+
+
+def test_ste_gradients_equal_a_finite_difference_of_the_soft_relaxation():
+    v, t, w = _ste_case()
+    soft, _, _ = _soft_numpy(v, t)
+    gv, gt = jax.grad(
+        lambda a, b: jnp.sum(jnp.asarray(w) * dynamic_sign(a, b, "ste")), argnums=(0, 1)
+    )(jnp.asarray(v, jnp.float32), jnp.asarray(t, jnp.float32))
+    h = 1e-6
+    fd_t = np.sum(w * (soft(v, t + h) - soft(v, t - h)), axis=-1, keepdims=True) / (2 * h)
+    fd_v = w * (soft(v + h, t) - soft(v - h, t)) / (2 * h)
+    np.testing.assert_allclose(np.asarray(gt), fd_t, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(gv), fd_v, rtol=1e-3, atol=1e-5)
     # Raising t pulls an entry whose sign differs from the fill into the band: its code moves
-    # toward the fill. Single entry, fill +1 (no positives), v = -0.012 just outside t = 0.01.
-    v = jnp.asarray([[-0.012, -0.5, -0.5, -0.5]], jnp.float32)
-    gt = jax.grad(lambda t: dynamic_sign(v, t)[0, 0])(jnp.asarray([[0.01]]))
-    assert float(gt[0, 0]) > 0
+    # toward the fill (fill +1 here, v = -0.012 just outside t = 0.01).
+    one = jnp.asarray([[-0.012, -0.5, -0.5, -0.5]], jnp.float32)
+    assert float(jax.grad(lambda b: dynamic_sign(one, b)[0, 0])(jnp.asarray([[0.01]]))[0, 0]) > 0
 
 
 def test_encode_uses_one_band_definition():

@@ -6,23 +6,16 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_train
+from conftest import ROOT
 from PIL import Image
 
 from csce_jax import eval_lib, metrics, state, viz
 from csce_jax.data.digits import digits_images
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("run")
-    run_train(
-        workdir,
-        "--config.total_steps=3",
-        "--config.eval_every_steps=3",
-        "--config.checkpoint_every_steps=3",
-    )
-    return workdir
+@pytest.fixture
+def trained(trained_run):
+    return trained_run
 
 
 def _run(*args):

@@ -37,12 +37,9 @@ SHORT = [
 ]
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    """A finished 2-step demo run (read-only use)."""
-    workdir = tmp_path_factory.mktemp("finished")
-    run_train(workdir, *SHORT)
-    return workdir
+@pytest.fixture
+def finished_run(trained_run):
+    return trained_run
 
 
 # --- Losing or corrupting work ------------------------------------------------------------------
@@ -61,9 +58,16 @@ def test_readers_never_write_into_a_run(finished_run, tmp_path):
         folder.mkdir()
         Image.new("RGB", (40, 40), "white").save(folder / "a.png")
         out = run_module(
-            "-m", "csce_jax.search", "index", "--workdir", str(finished_run),
-            "--images", str(folder), "--out", str(tmp_path / "i.npz"),
-        )  # fmt: skip
+            "-m",
+            "csce_jax.search",
+            "index",
+            "--workdir",
+            str(finished_run),
+            "--images",
+            str(folder),
+            "--out",
+            str(tmp_path / "i.npz"),
+        )
         assert out.returncode == 0, out.stderr[-2000:]
         after = sorted(
             p.relative_to(finished_run) for p in (finished_run / "checkpoints").rglob("*")
@@ -105,7 +109,7 @@ def test_a_second_trainer_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
 
 
 def test_a_refused_resume_writes_nothing_and_allowed_changes_are_recorded(tmp_path):
-    run_train(tmp_path, *SHORT)
+    train_lib.train_and_evaluate(tiny_config(2), tmp_path)  # what SHORT gives through train.py
     config_before = (tmp_path / "config.json").read_bytes()
     history_before = (tmp_path / "config_history.jsonl").read_bytes()
     rows_before = (tmp_path / "metrics.jsonl").read_bytes()
@@ -118,7 +122,9 @@ def test_a_refused_resume_writes_nothing_and_allowed_changes_are_recorded(tmp_pa
         assert (tmp_path / "config.json").read_bytes() == config_before
         assert (tmp_path / "config_history.jsonl").read_bytes() == history_before
         assert (tmp_path / "metrics.jsonl").read_bytes() == rows_before
-    run_train(tmp_path, *SHORT[1:], "--config.total_steps=3")
+    c = tiny_config(2)
+    c.total_steps = 3
+    train_lib.train_and_evaluate(c, tmp_path)
     history = [json.loads(x) for x in (tmp_path / "config_history.jsonl").read_text().splitlines()]
     assert [h["start_step"] for h in history] == [0, 2]
     assert history[1]["changes"] == {"total_steps": [2, 3]}
@@ -243,9 +249,16 @@ def test_eval_py_reports_bad_codes_in_one_line(tmp_path):
     q = np.ones((3, 64), np.int8)
     p = _codes_files(tmp_path, q, q[:, :32], np.zeros(3, int), np.zeros(3, int))
     out = run_module(
-        "eval.py", "--query_codes", p["q"], "--db_codes", p["d"],
-        "--query_labels", p["ql"], "--db_labels", p["dl"],
-    )  # fmt: skip
+        "eval.py",
+        "--query_codes",
+        p["q"],
+        "--db_codes",
+        p["d"],
+        "--query_labels",
+        p["ql"],
+        "--db_labels",
+        p["dl"],
+    )
     assert out.returncode == 1
     assert out.stderr.strip().splitlines() == [
         f"error: {p['q']} holds 64-bit codes but {p['d']} 32-bit codes"
@@ -390,10 +403,14 @@ def test_skipped_images_are_counted_once_per_run(tmp_path):
 def test_verify_finds_corrupt_images_up_front(tmp_path):
     root = _folder_with_corrupt(tmp_path, corrupt=1)
     out = run_module(
-        "-m", "csce_jax.data.verify", "--config", "configs/default.py",
-        "--config.data.name=folder", f"--config.data.image_root={root}",
+        "-m",
+        "csce_jax.data.verify",
+        "--config",
+        "configs/default.py",
+        "--config.data.name=folder",
+        f"--config.data.image_root={root}",
         f"--out={tmp_path / 'report.json'}",
-    )  # fmt: skip
+    )
     assert out.returncode == 1, out.stderr[-2000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["checked"] == 19 and [b["where"] for b in report["bad"]] == [
@@ -421,8 +438,10 @@ def test_entry_point_errors_are_one_line(tmp_path, args, message):
     (tmp_path / "bad.py").write_text("def get_config(:\n")
     (tmp_path / "empty.py").write_text("X = 1\n")
     (tmp_path / "file").write_text("")
-    args = [a.format(bad=tmp_path / "bad.py", empty=tmp_path / "empty.py", file=tmp_path / "file")
-            for a in args]  # fmt: skip
+    args = [
+        a.format(bad=tmp_path / "bad.py", empty=tmp_path / "empty.py", file=tmp_path / "file")
+        for a in args
+    ]
     if "--workdir" not in args:
         args += ["--workdir", str(tmp_path / "w")]
     out = run_module("train.py", *args)
@@ -435,9 +454,15 @@ def test_entry_point_errors_are_one_line(tmp_path, args, message):
 def test_split_list_size_mismatch_is_one_line(tmp_path):
     base = _aircraft(tmp_path)
     out = run_module(
-        "-m", "csce_jax.data.splits", "--dataset", "aircraft", "--out", str(tmp_path / "x"),
-        "--manual_dir", str(base),
-    )  # fmt: skip
+        "-m",
+        "csce_jax.data.splits",
+        "--dataset",
+        "aircraft",
+        "--out",
+        str(tmp_path / "x"),
+        "--manual_dir",
+        str(base),
+    )
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "documented 6667" in out.stderr.strip().splitlines()[-1]
 

@@ -21,7 +21,7 @@ def test_train_mode_forward_backward_and_batch_stats(tiny_model):
         out = model(x)
         return csce_loss(out.logits, out.codes, out.threshold, labels, 0.15)["loss"]
 
-    loss, grads = nnx.value_and_grad(loss_fn)(tiny_model)
+    loss, grads = nnx.jit(nnx.value_and_grad(loss_fn))(tiny_model)
     assert np.isfinite(float(loss))
     leaves = jax.tree.leaves(grads)
     assert all(np.all(np.isfinite(g)) for g in leaves)
@@ -31,7 +31,7 @@ def test_train_mode_forward_backward_and_batch_stats(tiny_model):
     assert any(not np.array_equal(a, b) for a, b in zip(before, after_train, strict=True))
 
     tiny_model.eval()
-    tiny_model(x)
+    nnx.jit(lambda m, x: m(x))(tiny_model, x)
     after_eval = _batch_stats(tiny_model)
     for a, b in zip(after_train, after_eval, strict=True):
         np.testing.assert_array_equal(a, b)
@@ -40,12 +40,13 @@ def test_train_mode_forward_backward_and_batch_stats(tiny_model):
 def test_eval_mode_is_deterministic_per_example(tiny_model):
     tiny_model.eval()
     x = jax.random.normal(jax.random.key(1), (3, 128, 128, 3))
-    full = tiny_model(x).codes
-    single = tiny_model(x[1:2]).codes
+    forward = nnx.jit(lambda m, x: m(x).codes)
+    full = forward(tiny_model, x)
+    single = forward(tiny_model, x[1:2])
     np.testing.assert_allclose(np.asarray(full[1:2]), np.asarray(single), rtol=1e-5, atol=1e-6)
 
 
 def test_centers_are_not_parameters(tiny_model):
-    grads = nnx.grad(lambda m: m(jnp.ones((2, 128, 128, 3))).logits.sum())(tiny_model)
+    grads = nnx.jit(nnx.grad(lambda m: m(jnp.ones((2, 128, 128, 3))).logits.sum()))(tiny_model)
     assert "centers" not in grads
     assert tiny_model.centers[...].shape == (10, 16)

@@ -1,4 +1,4 @@
-"""Numerical parity with the PyTorch reference (tests/torch_reference.py) through the converter.
+"""Numerical parity with the PyTorch reference (csce_jax/torch_reference.py) through the converter.
 
 Skipped only where torch is absent; CI installs it (requirements-dev.txt).
 """
@@ -12,8 +12,6 @@ from flax import nnx
 
 torch = pytest.importorskip("torch")
 
-from torch_reference import ReleaseNet, release_dsf, release_loss  # noqa: E402
-
 from csce_jax.convert import (  # noqa: E402
     export_torch_state_dict,
     load_torch_state_dict,
@@ -23,6 +21,7 @@ from csce_jax.convert import (  # noqa: E402
 from csce_jax.hashing import encode, hash_centers  # noqa: E402
 from csce_jax.losses import csce_loss  # noqa: E402
 from csce_jax.optim import torch_rmsprop, with_frozen  # noqa: E402
+from csce_jax.torch_reference import ReleaseNet, release_dsf, release_loss  # noqa: E402
 
 BITS, CLASSES = 64, 100
 

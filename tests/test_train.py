@@ -29,13 +29,8 @@ from csce_jax.errors import ConfigError, NonFiniteLossError
 from csce_jax.optim import torch_rmsprop
 
 
-def test_three_step_run_through_the_entry_point(tmp_path):
-    run_train(
-        tmp_path,
-        "--config.total_steps=3",
-        "--config.eval_every_steps=3",
-        "--config.checkpoint_every_steps=3",
-    )
+def test_three_step_run_through_the_entry_point(trained_run):
+    tmp_path = trained_run
     rows = read_rows(tmp_path)
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3]
@@ -115,56 +110,66 @@ def _comparable(rows):
     return [{k: v for k, v in r.items() if k != "images_per_sec"} for r in rows]
 
 
-def test_exact_resume_after_kill(tmp_path):
-    steps = [
-        "--config.total_steps=6",
-        "--config.eval_every_steps=3",
-        "--config.checkpoint_every_steps=2",
-    ]
-    straight = tmp_path / "straight"
-    run_train(straight, *steps)
-    killed = tmp_path / "killed"
-    # The run sends itself SIGKILL right after step 3 (the step-2 checkpoint may still be
-    # being written): a kill -9 at a known moment, without polling.
-    out = run_train(
-        killed, *steps, "--config.testing.signal_at_step=3", "--config.testing.signal=SIGKILL",
-        check=False,
-    )  # fmt: skip
-    assert out.returncode == -9, out.stderr[-2000:]
-    assert max(saved_steps(killed), default=0) <= 3
-    assert not any("query_map" in r for r in read_rows(killed))
-    run_train(killed, *steps)  # the same command resumes
+RESUME_STEPS = [
+    "--config.total_steps=6",
+    "--config.eval_every_steps=3",
+    "--config.checkpoint_every_steps=2",
+]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """An uninterrupted 6-step run, the reference for the interrupted ones."""
+    workdir = tmp_path_factory.mktemp("straight")
+    run_train(workdir, *RESUME_STEPS)
+    return workdir
+
+
+def _assert_same_run(straight, resumed):
     for a, b in zip(
         jax.tree.leaves(final_params(straight, 6)),
-        jax.tree.leaves(final_params(killed, 6)),
+        jax.tree.leaves(final_params(resumed, 6)),
         strict=True,
     ):
         np.testing.assert_array_equal(a, b)
-    assert _comparable(read_rows(straight)) == _comparable(read_rows(killed))
+    assert _comparable(read_rows(straight)) == _comparable(read_rows(resumed))
+
+
+def test_exact_resume_after_kill(tmp_path, straight_run):
+    # The run sends itself SIGKILL right after step 3 (the step-2 checkpoint may still be
+    # being written): a kill -9 at a known moment, without polling.
+    out = run_train(
+        tmp_path,
+        *RESUME_STEPS,
+        "--config.testing.signal_at_step=3",
+        "--config.testing.signal=SIGKILL",
+        check=False,
+    )
+    assert out.returncode == -9, out.stderr[-2000:]
+    assert max(saved_steps(tmp_path), default=0) <= 3
+    assert not any("query_map" in r for r in read_rows(tmp_path))
+    run_train(tmp_path, *RESUME_STEPS)  # the same command resumes
+    _assert_same_run(straight_run, tmp_path)
 
 
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
-def test_stop_signal_saves_exits_preempted_and_resumes_exactly(tmp_path, signal_name):
-    steps = [
-        "--config.total_steps=5",
-        "--config.eval_every_steps=5",
-        "--config.checkpoint_every_steps=5",
-    ]
+def test_stop_signal_saves_exits_preempted_and_resumes_exactly(tmp_path, straight_run, signal_name):
     out = run_train(
-        tmp_path / "stopped", *steps, "--config.testing.signal_at_step=2",
-        f"--config.testing.signal={signal_name}", check=False,
-    )  # fmt: skip
+        tmp_path,
+        *RESUME_STEPS,
+        "--config.testing.signal_at_step=4",
+        f"--config.testing.signal={signal_name}",
+        check=False,
+    )
     assert out.returncode == PREEMPTED, out.stderr[-3000:]
     assert f"{signal_name}: saving a checkpoint" in out.stderr
     assert "Traceback" not in out.stderr
-    # The signal arrives after step 2 has been dispatched: the run saves at the next step.
-    assert saved_steps(tmp_path / "stopped") == [3]
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"preempted": True, "step": 3}
-    run_train(tmp_path / "stopped", *steps)
-    run_train(tmp_path / "straight", *steps)
-    assert _comparable(read_rows(tmp_path / "stopped")) == _comparable(
-        read_rows(tmp_path / "straight")
-    )
+    # The signal arrives after step 4 has been dispatched: the run saves at the next step.
+    assert saved_steps(tmp_path)[-1] == 5
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"preempted": True, "step": 5}
+    if signal_name == "SIGTERM":  # resuming is the same for both signals: once is enough
+        run_train(tmp_path, *RESUME_STEPS)
+        _assert_same_run(straight_run, tmp_path)
 
 
 def test_external_sigterm_stops_with_a_checkpoint(tmp_path):
@@ -284,16 +289,23 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 
 def test_non_finite_from_the_start_saves_nothing_and_a_rerun_trains(tmp_path):
     """The reported reproduction: NaN at an evaluation step that is no checkpoint step."""
-    common = ["--config.total_steps=4", "--config.eval_every_steps=3",
-              "--config.checkpoint_every_steps=4"]  # fmt: skip
+    common = [
+        "--config.total_steps=4",
+        "--config.eval_every_steps=3",
+        "--config.checkpoint_every_steps=4",
+    ]
     out = run_train(tmp_path, *common, "--config.optimizer.lr=1e30", check=False)
     assert out.returncode == 1
     error = out.stderr.strip().splitlines()[-1]
     assert error.startswith("error: non-finite") and "no checkpoint had been saved" in error
     assert "Traceback" not in out.stderr
     assert saved_steps(tmp_path) == []
-    run_train(tmp_path, *common)  # nothing to resume: a fresh, finite run
-    assert np.isfinite(read_rows(tmp_path)[-1]["query_map"])
+    c = tiny_config(4)
+    c.eval_every_steps = 3
+    final = train_lib.train_and_evaluate(c, tmp_path)  # nothing to resume: a fresh, finite run
+    assert np.isfinite(final["query_map"]) and read_rows(tmp_path)[-1] == json.loads(
+        json.dumps(final, sort_keys=True)
+    )
 
 
 def _free_port():
@@ -389,29 +401,20 @@ def test_bfloat16_step_tracks_float32():
     # gradient norm and the demo's final mAP (README) stay close.
 
 
-def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path):
-    run_train(
-        tmp_path,
-        "--config.total_steps=4",
-        "--config.checkpoint_every_steps=2",
-        "--config.eval_every_steps=4",
-        "--config.keep_checkpoints=3",
-    )
-    latest = tmp_path / "checkpoints"
+def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    c = tiny_config(4)
+    c.checkpoint_every_steps, c.eval_every_steps, c.keep_checkpoints = 2, 4, 3
+    train_lib.train_and_evaluate(c, tmp_path)
+    folder = tmp_path / "checkpoints"
     assert saved_steps(tmp_path) == [2, 4]
-    for f in (latest / "4").rglob("*"):  # truncate every array file of step 4
+    for f in (folder / "4").rglob("*"):  # truncate every array file of step 4
         if f.is_file() and f.stat().st_size > 64 and "metadata" not in f.name:
             f.write_bytes(f.read_bytes()[:16])
-    out = run_train(
-        tmp_path,
-        "--config.total_steps=6",
-        "--config.checkpoint_every_steps=2",
-        "--config.eval_every_steps=4",
-        "--config.keep_checkpoints=3",
-    )
-    log = out.stdout + out.stderr
-    assert "cannot restore checkpoint" in log and str(latest / "4") in log
-    assert "resumed from step 2" in log
+    c.total_steps = 6
+    with caplog.at_level("INFO"):
+        train_lib.train_and_evaluate(c, tmp_path)
+    assert "cannot restore checkpoint" in caplog.text and str(folder / "4") in caplog.text
+    assert "resumed from step 2" in caplog.text
     rows = read_rows(tmp_path)
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
 

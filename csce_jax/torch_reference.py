@@ -1,11 +1,13 @@
-"""A PyTorch reference of the release's network, DSF and loss, written here from the description in docs/model.md.
+"""A PyTorch reference of the release's network, DSF and loss (described in docs/model.md).
 
-torchvision cannot be installed beside torch 2.13.0 on our machines, so this file carries its own
-ResNet-50 with torchvision's module names. Module names of the CSCE part follow the release's
-``ResNet_DOLG`` (``localmodel``, ``conv_f4_s1``, ``conv_f4_s2``, ``conv_last``, ``fc``, ``fc_t``,
+It carries its own ResNet-50 with torchvision's module names, so it needs torch but not
+torchvision. Module names of the CSCE part follow the release's ``ResNet_DOLG``
+(``localmodel``, ``conv_f4_s1``, ``conv_f4_s2``, ``conv_last``, ``fc``, ``fc_t``,
 ``ce_fc.centroids``), including its ``input`` Sequential that registers the stem, layer1 and
-layer2 a second time, so that ``state_dict()`` has the same keys as a release checkpoint.
-Used by the parity tests and ``benchmarks/bench_train_step.py``; imports torch at module level.
+layer2 a second time, so that ``state_dict()`` has the keys of a release checkpoint and loads
+our ``.pt`` exports with ``strict=True``. Used by ``python -m csce_jax.compare_torch``, the
+parity tests and ``benchmarks/bench_train_step.py``. It imports torch at module level; nothing
+else in the package imports it at module level.
 """
 
 from __future__ import annotations

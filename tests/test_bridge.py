@@ -1,0 +1,147 @@
+"""The PyTorch bridge: exports the release loads, the side-by-side comparison, the public API."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import run_module
+from flax import nnx
+
+import csce_jax
+from csce_jax import metrics, state
+from csce_jax.convert import (
+    convert_file,
+    flat_arrays,
+    load_torch_state_dict,
+    release_state_dict,
+    write_state_file,
+)
+from csce_jax.data.digits import digits_sources
+from csce_jax.errors import ConversionError
+from csce_jax.eval_lib import load_run_config
+from csce_jax.hashing import encode as binarize
+from csce_jax.hashing import hash_centers
+from csce_jax.models import CSCENet
+
+
+def _model(seed=0, classes=10, bits=64):
+    return CSCENet(
+        hash_centers(classes, bits),
+        image_size=112,
+        width=1 / 16,
+        depths=(1, 1, 1, 1),
+        rngs=nnx.Rngs(seed),
+    )
+
+
+def test_a_pt_export_loads_strictly_into_the_release_network_and_gives_its_codes(tmp_path):
+    torch = pytest.importorskip("torch")
+    from csce_jax.torch_reference import ReleaseNet, release_dsf
+
+    model = _model(seed=1)
+    write_state_file(flat_arrays(model), tmp_path / "ours.safetensors")
+    convert_file("jax-to-torch", str(tmp_path / "ours.safetensors"), str(tmp_path / "net.pt"))
+    state_dict = torch.load(tmp_path / "net.pt")  # the release's own loading: weights_only
+    assert any(k.startswith("input.4.") for k in state_dict)
+    assert state_dict["bn1.num_batches_tracked"].dtype == torch.int64
+    net = ReleaseNet(
+        state_dict["ce_fc.centroids"], width=1 / 16, depths=(1, 1, 1, 1), num_windows=10
+    )
+    net.load_state_dict(state_dict, strict=True)
+    net.eval()
+    images = np.random.default_rng(0).normal(size=(3, 112, 112, 3)).astype(np.float32)
+    with torch.no_grad():
+        ref = net(torch.from_numpy(images.transpose(0, 3, 1, 2)))
+    model.eval()
+    ours = model(images)
+    np.testing.assert_allclose(np.asarray(ours.codes), ref["v"].numpy(), atol=1e-4)
+    codes_ref = release_dsf(ref["v"], ref["t"]).numpy()
+    codes = binarize(ours.codes, ours.threshold, raw_eval_band=True, balance=32)
+    np.testing.assert_array_equal(np.asarray(codes), codes_ref)
+
+
+def test_exports_refuse_unknown_suffixes(tmp_path):
+    write_state_file(flat_arrays(_model()), tmp_path / "ours.safetensors")
+    for direction, dst in (
+        ("jax-to-torch", "x.npz"),
+        ("jax-to-torch", "x.bin"),
+        ("torch-to-jax", "x.pt"),
+    ):
+        with pytest.raises(ConversionError, match="unknown output format"):
+            convert_file(direction, str(tmp_path / "ours.safetensors"), str(tmp_path / dst))
+    out = run_module(
+        "-m",
+        "csce_jax.convert",
+        "jax-to-torch",
+        "--src",
+        str(tmp_path / "ours.safetensors"),
+        "--dst",
+        str(tmp_path / "back.ckpt"),
+    )
+    assert out.returncode == 1 and out.stderr.strip().startswith("error: --dst")
+    assert "Traceback" not in out.stderr
+
+
+def test_a_transposed_key_is_reported_in_pytorch_layout():
+    model = _model()
+    sd = release_state_dict(model)
+    sd["fc.weight"] = sd["fc.weight"].T.copy()  # (64, 128) stored as (128, 64)
+    with pytest.raises(
+        ConversionError, match=r"fc.weight: checkpoint \(128, 64\), model wants \(64, 128\)"
+    ):
+        load_torch_state_dict(_model(seed=3), sd)
+
+
+def test_load_model_and_encode_give_eval_py_codes(trained_run, tmp_path):
+    if not (trained_run / "eval" / "query_codes.npy").exists():
+        out = run_module("eval.py", "--workdir", str(trained_run), "--export_codes")
+        assert out.returncode == 0, out.stderr[-2000:]
+    expected = metrics.unpack_codes(np.load(trained_run / "eval" / "query_codes.npy"), 64)
+    _, query = digits_sources()
+    images = [query[i]["image"] for i in range(len(query))]
+    model = csce_jax.load_model(trained_run)
+    assert model.bits == 64 and model.centers.shape == (10, 64) and model.step == 3
+    codes = csce_jax.encode(model, images, batch_size=128)
+    assert codes.dtype == np.int8 and set(np.unique(codes)) <= {-1, 1}
+    np.testing.assert_array_equal(codes, expected)
+    # The same weights as a converted file encode the same (a 224-free, 112 px model).
+    config = load_run_config(trained_run, None)
+    graphdef, weights, _ = state.restore_weights(config, trained_run, 10)
+    write_state_file(
+        flat_arrays(nnx.merge(graphdef, weights["params"], weights["rest"])),
+        tmp_path / "model.safetensors",
+    )
+    from_file = csce_jax.load_model(tmp_path / "model.safetensors")
+    assert (from_file.crop, from_file.resize) == (112, 128)
+    np.testing.assert_array_equal(
+        csce_jax.encode(from_file, images[:20], batch_size=8), expected[:20]
+    )
+    with pytest.raises(ValueError, match="expected uint8"):
+        csce_jax.encode(model, [np.zeros((8, 8), np.float32)])
+
+
+@pytest.mark.slow
+def test_compare_torch_trains_both_sides_on_the_same_batches(tmp_path):
+    pytest.importorskip("torch")
+    out = run_module(
+        "-m",
+        "csce_jax.compare_torch",
+        "--config",
+        "configs/default.py",
+        "--steps",
+        "3",
+        "--workdir",
+        str(tmp_path),
+        "--config.eval_batch_size=256",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 3
+    # Float32 rounding grows step by step (docs/results.md), but three steps stay close.
+    assert summary["max_loss_rel_diff"] < 1e-4
+    assert abs(summary["map_jax"] - summary["map_torch"]) < 0.01
+    assert summary["code_bits_differing"] < 0.01 * summary["code_bits_total"]
+    saved = json.loads((tmp_path / "comparison.json").read_text())
+    assert [r["step"] for r in saved["steps"]] == [1, 2, 3]
+    assert saved["steps"][0]["loss_rel_diff"] < 1e-5
+    assert (tmp_path / "loss_curves.png").stat().st_size > 1000
