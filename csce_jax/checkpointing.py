@@ -31,15 +31,18 @@ from csce_jax.errors import CheckpointError
 __all__ = ["CheckpointError", "Checkpoints"]
 
 
-class _ReadOnlyNotices(pylogging.Filter):
-    """Drops Orbax's two warnings that a manager was opened read-only: that is our intent."""
+class _IntendedNotices(pylogging.Filter):
+    """Drops Orbax's warnings about what we do on purpose: opening a run read-only, and saving
+    a periodic checkpoint without a validation score."""
+
+    NOTICES = ("read_only=True", "directory is read only", "did not provide metrics")
 
     def filter(self, record: pylogging.LogRecord) -> bool:
         message = record.getMessage()
-        return not ("read_only=True" in message or "directory is read only" in message)
+        return not any(n in message for n in self.NOTICES)
 
 
-pylogging.getLogger("absl").addFilter(_ReadOnlyNotices())
+pylogging.getLogger("absl").addFilter(_IntendedNotices())
 
 
 def _score_key(metrics: dict[str, Any]) -> tuple[float, int]:
@@ -75,6 +78,10 @@ class Checkpoints:
             ]
         )
         options = ocp.CheckpointManagerOptions(
+            # The policy decides what is kept. best_fn is set too because this Orbax writes a
+            # checkpoint's metrics to disk only when it is: without it the scores are lost on
+            # restart and BestN would delete the best step at the next save.
+            best_fn=_score_key,
             create=not read_only,
             read_only=read_only,
             cleanup_tmp_directories=not read_only,

@@ -1,0 +1,99 @@
+"""FLOPs of CSCE-Net counted from its shapes, independent of any backend's cost analysis.
+
+Convention: every convolution and matrix product of the computation, 2 FLOPs per
+multiply-add, read off the traced program (its jaxpr) from the operand shapes:
+
+- **forward**: the network's forward pass on one batch;
+- **train**: the whole training step (forward, backward and the optimiser update), where the
+  backward pass brings the input and weight gradients of every convolution and matmul (the
+  first convolution has no input gradient);
+- elementwise work (batch norm, activations, the loss, the update itself) is not counted:
+  a few percent of the total for ResNet-50 (XLA:CPU counts it, and ``tests/test_flops.py``
+  checks that the two agree within 5 % at full size).
+
+XLA:GPU's cost analysis leaves out the convolutions it hands to cuDNN, so it cannot give MFU
+there; this count can (``mfu``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from jax.extend import core as jax_core
+
+# Dense peak FLOP/s by device-kind fragment (vendor data sheets, SXM parts): (bf16, tf32/fp32).
+PEAK_FLOPS = {
+    "H200": (989e12, 494e12),
+    "H100": (989e12, 494e12),
+    "A100": (312e12, 156e12),
+    "TPU v5p": (459e12, 459e12),
+    "TPU v5 lite": (197e12, 197e12),
+    "TPU v4": (275e12, 275e12),
+}
+
+
+def _conv_flops(eqn) -> int:
+    lhs, rhs = (v.aval for v in eqn.invars[:2])
+    out = eqn.outvars[0].aval
+    dn = eqn.params["dimension_numbers"]
+    rhs_spec = dn.rhs_spec  # (out feature dim, in feature dim, spatial...)
+    window = math.prod(rhs.shape[d] for d in rhs_spec[2:])
+    in_features = rhs.shape[rhs_spec[1]]
+    del lhs
+    return 2 * math.prod(out.shape) * window * in_features
+
+
+def _dot_flops(eqn) -> int:
+    lhs, _ = (v.aval for v in eqn.invars[:2])
+    out = eqn.outvars[0].aval
+    (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+    k = math.prod(lhs.shape[d] for d in lhs_contract)
+    return 2 * math.prod(out.shape) * k
+
+
+def _sub_jaxprs(params: dict[str, Any]):
+    for value in params.values():
+        items = value if isinstance(value, list | tuple) else [value]
+        for item in items:
+            if isinstance(item, jax_core.ClosedJaxpr):
+                yield item.jaxpr
+            elif isinstance(item, jax_core.Jaxpr):
+                yield item
+
+
+def jaxpr_flops(jaxpr: jax_core.Jaxpr) -> int:
+    """Convolution and matmul FLOPs of a jaxpr, sub-programs (jit, custom VJPs, remat) included."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "conv_general_dilated":
+            total += _conv_flops(eqn)
+        elif name == "dot_general":
+            total += _dot_flops(eqn)
+        for sub in _sub_jaxprs(eqn.params):
+            total += jaxpr_flops(sub)
+    return total
+
+
+def count_flops(fn: Callable[..., Any], *args: Any) -> int:
+    """Convolution and matmul FLOPs of ``fn(*args)`` (arrays or ShapeDtypeStructs)."""
+    return jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def peak_flops(device: jax.Device, dtype: str) -> float | None:
+    """The device's dense peak FLOP/s for ``dtype`` (bfloat16, else float32/TF32), if known."""
+    kind = getattr(device, "device_kind", "") or ""
+    for fragment, (bf16, fp32) in PEAK_FLOPS.items():
+        if fragment.lower() in kind.lower():
+            return bf16 if dtype == "bfloat16" else fp32
+    return None
+
+
+def mfu(flops_per_image: float, images_per_sec: float, devices: int, peak: float | None):
+    """Model FLOPs utilisation: achieved FLOP/s over the devices' peak (None if unknown)."""
+    if not peak or not flops_per_image:
+        return None
+    return flops_per_image * images_per_sec / (peak * devices)
