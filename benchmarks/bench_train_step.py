@@ -1,4 +1,5 @@
-"""Training-step and encoding throughput: our JAX model vs the PyTorch reference (tests/).
+"""Training-step and encoding throughput: our JAX model vs the PyTorch reference of the release
+(``csce_jax/torch_reference.py``).
 
 Same device kind, batch, resolution and work: the release's network, loss (arc margin, cs
 quantisation with the release DSF) and one RMSprop step; encoding = evaluation-mode forward +
@@ -13,9 +14,11 @@ Both frameworks run in one process, under the same host allocator: ``train.py``'
 (``csce_jax.hostmem``: freed memory kept for reuse); ``CSCE_JAX_HOST_ALLOCATOR=default`` runs
 both on glibc's default instead.
 
-FLOPs are XLA's count for our compiled training step (forward, backward and update of the
-same network, so they serve both frameworks); MFU = FLOPs / step time / the device's dense
-peak for the dtype (TF32 tensor-core peak for float32), where the device is in ``PEAK_FLOPS``.
+FLOPs are the analytic count of ``csce_jax.flops`` (forward + backward of the same network,
+so they serve both frameworks; ``model_gflops_per_image``), beside XLA's own count of the
+compiled step where the backend counts everything (the CPU; ``xla_gflops_per_image``, null on
+GPU, whose count leaves out cuDNN's convolutions). MFU = FLOPs / step time / the device's
+dense peak for the dtype (TF32 tensor-core peak for float32), where ``csce_jax.flops`` knows it.
 Last line: JSON with images/s, peak memory and ``train_ratio_vs_torch`` /
 ``encode_ratio_vs_torch`` (ours over the reference's; above 1 means we are faster).
 """
@@ -41,27 +44,11 @@ hostmem.apply_environment()
 import numpy as np  # noqa: E402
 from common import median_time, report  # noqa: E402
 
-# Dense peak FLOP/s by device-name fragment (vendor data sheets, SXM parts): (bf16, tf32).
-PEAK_FLOPS = {
-    "H200": (989e12, 494e12),
-    "H100": (989e12, 494e12),
-    "A100": (312e12, 156e12),
-}
 
-
-def peak_flops(device_name: str, dtype: str) -> float | None:
-    for fragment, (bf16, tf32) in PEAK_FLOPS.items():
-        if fragment in device_name:
-            return bf16 if dtype == "bfloat16" else tf32
-    return None
-
-
-def jax_side(args, images, labels):
-    import jax
-
+def _config(args):
+    """The release recipe on the benchmark's model size, dtype and kernels."""
     from configs.common import apply_release
     from configs.default import get_config
-    from csce_jax import encoding, sharding, state, train_lib
 
     c = get_config()
     apply_release(c)
@@ -71,15 +58,29 @@ def jax_side(args, images, labels):
     c.optimizer.name, c.optimizer.lr, c.optimizer.weight_decay = "rmsprop", 1e-5, 1e-5
     c.optimizer.schedule, c.optimizer.warmup_steps = "constant", 0
     c.model.dtype = args.dtype
+    c.model.kernels = args.kernels
+    return c
+
+
+def jax_side(args, images, labels):
+    import jax
+
+    from csce_jax import encoding, sharding, train_lib
+    from csce_jax import state as train_state
+
+    c = _config(args)
     mesh = sharding.make_mesh()
-    setup = state.create_train_state(c, 100)
+    setup = train_state.create_train_state(c, 100)
     step = train_lib.make_train_step(setup.graphdef, setup.tx, setup.schedule, c, False, mesh)
     state = jax.device_put(setup.state, sharding.replicated(mesh))
     batch = sharding.global_batch(mesh, {"image": images, "label": labels})
     start = time.perf_counter()
     cost = step.lower(state, batch).compile().cost_analysis()  # the step's one compilation
     cost = cost[0] if isinstance(cost, list) else cost
-    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    # XLA:GPU's cost analysis leaves out the convolutions it hands to cuDNN: only the CPU's
+    # count covers the whole step.
+    counted = jax.default_backend() == "cpu" and cost and cost.get("flops")
+    xla_flops = float(cost["flops"]) / args.batch if counted else None
     holder = {"state": state}
 
     def train():
@@ -98,7 +99,7 @@ def jax_side(args, images, labels):
     t_enc = median_time(encode, repeats=args.repeats, warmup=1)
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
-    return first, t_train, t_enc, flops, peak
+    return first, t_train, t_enc, xla_flops, peak
 
 
 def torch_side(args, images, labels):
@@ -171,6 +172,9 @@ def main() -> None:
     p.add_argument("--width", type=float, default=None, help="default 1.0 (full), 1/16 (demo)")
     p.add_argument("--repeats", type=int, default=None, help="default 5 (full), 50 (demo)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument(
+        "--kernels", default="auto", choices=["auto", "xla", "cpu"], help="model.kernels"
+    )
     p.add_argument("--no-torch", action="store_true", help="our side only")
     args = p.parse_args()
     full = args.preset == "full"
@@ -182,11 +186,14 @@ def main() -> None:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (args.batch, args.size, args.size, 3), dtype=np.uint8)
     labels = rng.integers(0, 100, args.batch).astype(np.int32)
-    first, jt, je, flops, jax_peak = jax_side(args, images, labels)
+    first, jt, je, xla_flops, jax_peak = jax_side(args, images, labels)
     import jax
 
+    from csce_jax.flops import model_flops_per_image, peak_flops
+
     device = str(jax.devices()[0].device_kind)
-    peak = peak_flops(device, args.dtype)
+    peak = peak_flops(jax.devices()[0], args.dtype)
+    flops = model_flops_per_image(_config(args), 100)["train"] * args.batch  # per step
     figures = {
         "device": device,
         "cpu_count": os.cpu_count(),
@@ -195,8 +202,11 @@ def main() -> None:
         "size": args.size,
         "width": args.width,
         "dtype": args.dtype,
+        "kernels": _config(args).model.kernels,
         "host_allocator": "tuned" if hostmem.is_tuned() else "default",
         "train_step_gflops": round(flops / 1e9, 1),
+        "model_gflops_per_image": round(flops / args.batch / 1e9, 2),
+        "xla_gflops_per_image": None if xla_flops is None else round(xla_flops / 1e9, 2),
         "jax_first_step_seconds": round(first, 2),
         "jax_train_images_per_sec": round(args.batch / jt, 2),
         "jax_encode_images_per_sec": round(args.batch / je, 2),

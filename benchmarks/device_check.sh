@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One-GPU check, under 5 minutes: both frameworks' training step (and encoding) at batch 64,
 # 224x224, in float32 and in bf16 (ours: model.dtype=bfloat16; PyTorch: autocast bf16), with
-# images/s, peak device memory and MFU from XLA's FLOP count (benchmarks/bench_train_step.py).
+# images/s, peak device memory and MFU from the analytic FLOP count (benchmarks/bench_train_step.py).
 #
 #   benchmarks/device_check.sh              # needs jax[cuda12] and a CUDA build of torch
-#   BATCH=2 SIZE=64 WIDTH=0.0625 benchmarks/device_check.sh --allow-cpu   # a smoke run
+#   BATCH=2 SIZE=112 WIDTH=0.0625 REPEATS=1 benchmarks/device_check.sh --allow-cpu   # a smoke run
 #
 # Prints each run's figures; the last two lines are the float32 and bf16 JSON objects, also
 # written to ${OUT:-runs/device_check}/device_check.jsonl.

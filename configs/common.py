@@ -98,6 +98,9 @@ def base_config() -> ml_collections.ConfigDict:
             "signt": 0.01,  # threshold clip
             "dtype": "float32",  # compute dtype: float32 or bfloat16 (parameters stay float32)
             "remat": False,  # rematerialise the backbone in the backward pass (large batches)
+            # layer implementations: "auto" (CPU-tuned on a CPU backend, plain XLA elsewhere),
+            # "xla" or "cpu"; the same parameters and mathematics (docs/performance.md)
+            "kernels": "auto",
             "init_from": "",  # .safetensors/.npz/.pth file or torchvision:IMAGENET1K_V1|V2
         }
     )

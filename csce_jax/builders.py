@@ -24,6 +24,7 @@ from csce_jax.optim import learning_rate_schedule, make_optimizer, with_frozen
 
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
+    "model.kernels": ("auto", "xla", "cpu"),
     "dsf.estimator": ("ste", "release"),
     "loss.margin_type": ("arc", "cos"),
     "loss.quan_type": ("cs", "l1", "l2"),
@@ -116,6 +117,7 @@ def create_model(
         learn_centers=m.learn_centers,
         signt=m.signt,
         dtype=compute_dtype(config),
+        kernels=m.get("kernels", "auto"),
         rngs=nnx.Rngs(config.seed),
     )
 

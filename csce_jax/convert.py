@@ -367,7 +367,7 @@ def infer_architecture(state_dict: Mapping[str, np.ndarray]) -> dict:
 
 
 def model_from_release(
-    state_dict: Mapping[str, np.ndarray], *, image_size: int = 224
+    state_dict: Mapping[str, np.ndarray], *, image_size: int = 224, kernels: str = "auto"
 ) -> nnx.Module:
     """A complete CSCENet (centres included) from a release checkpoint's state dict."""
 
@@ -384,6 +384,7 @@ def model_from_release(
         image_size=image_size,
         width=arch["width"],
         depths=arch["depths"],
+        kernels=kernels,
         rngs=nnx.Rngs(0),
     )
     load_torch_state_dict(model, sd)

@@ -1,15 +1,15 @@
 """FLOPs of CSCE-Net counted from its shapes, independent of any backend's cost analysis.
 
-Convention: every convolution and matrix product of the computation, 2 FLOPs per
-multiply-add, read off the traced program (its jaxpr) from the operand shapes:
+Convention:
 
-- **forward**: the network's forward pass on one batch;
-- **train**: the whole training step (forward, backward and the optimiser update), where the
-  backward pass brings the input and weight gradients of every convolution and matmul (the
-  first convolution has no input gradient);
-- elementwise work (batch norm, activations, the loss, the update itself) is not counted:
-  a few percent of the total for ResNet-50 (XLA:CPU counts it, and ``tests/test_flops.py``
-  checks that the two agree within 5 % at full size).
+- **forward**: every convolution and matrix product of the network's forward pass, 2 FLOPs per
+  multiply-add, read off the traced forward program (its jaxpr) from the operand shapes;
+- **train** (a training step: forward, backward and update) = 3 x forward: the backward pass
+  computes, for every convolution and matmul, the gradient of its input and of its weights,
+  each as many multiply-adds as the forward product;
+- elementwise work (batch norm, activations, the loss, the optimiser update) is not counted.
+  For ResNet-50 at 224 px this comes within a few percent of what XLA:CPU's cost analysis
+  counts for the compiled step (``tests/test_flops.py`` holds it to 5 %).
 
 XLA:GPU's cost analysis leaves out the convolutions it hands to cuDNN, so it cannot give MFU
 there; this count can (``mfu``).
@@ -22,7 +22,10 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+from flax import nnx
 from jax.extend import core as jax_core
+
+from csce_jax import builders
 
 # Dense peak FLOP/s by device-kind fragment (vendor data sheets, SXM parts): (bf16, tf32/fp32).
 PEAK_FLOPS = {
@@ -81,6 +84,15 @@ def jaxpr_flops(jaxpr: jax_core.Jaxpr) -> int:
 def count_flops(fn: Callable[..., Any], *args: Any) -> int:
     """Convolution and matmul FLOPs of ``fn(*args)`` (arrays or ShapeDtypeStructs)."""
     return jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def model_flops_per_image(config: Any, num_classes: int) -> dict[str, float]:
+    """{"forward", "train"} FLOPs per image of the configured CSCE-Net (see the convention)."""
+    model = nnx.eval_shape(lambda: builders.create_model(config, num_classes))
+    crop = config.data.crop
+    images = jax.ShapeDtypeStruct((1, crop, crop, 3), jax.numpy.uint8)
+    forward = float(count_flops(lambda m, x: m(x).logits, model, images))
+    return {"forward": forward, "train": 3.0 * forward}
 
 
 def peak_flops(device: jax.Device, dtype: str) -> float | None:

@@ -29,7 +29,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from csce_jax import builders, hostmem, metrics, runtime, sharding
+from csce_jax import builders, flops, hostmem, metrics, runtime, sharding
 from csce_jax.checkpointing import Checkpoints
 from csce_jax.data import RetrievalData, TrainLoader, ViewConfig, load_data
 from csce_jax.data.verify import verify_data
@@ -109,6 +109,8 @@ class Run:
     best_step: int | None = None
     last_saved: int | None = None
     finished: dict[str, Any] | None = None
+    train_flops: float | None = None  # per image, where the devices' peak is known (for mfu)
+    peak_flops: float | None = None
 
     @property
     def select_on(self) -> str:
@@ -204,6 +206,9 @@ def start_run(config: ml_collections.ConfigDict, folder: RunFolder) -> tuple[Run
         writers.close()
     else:
         writers.log.truncate_after(start)
+    run.peak_flops = flops.peak_flops(jax.devices()[0], config.model.dtype)
+    if run.peak_flops:  # MFU is logged only where the peak is known (not on a CPU)
+        run.train_flops = flops.model_flops_per_image(config, data.num_classes)["train"]
     return run, state
 
 
@@ -316,6 +321,10 @@ def log_train_row(run: Run, step: int, row: dict[str, float], clock: Clock) -> N
     row = {**row, "step": step, "images_per_sec": clock.rate(step, c.batch_size)}
     if c.data.skip_corrupt:
         row["skipped_images"] = run.skipped_images()
+    if run.peak_flops:
+        row["mfu"] = flops.mfu(
+            run.train_flops, row["images_per_sec"], jax.device_count(), run.peak_flops
+        )
     run.writers.write(row)
     logging.info(
         "step %d/%d loss %.4f (ce %.4f quant %.4f) %.1f img/s, ETA %s",

@@ -52,6 +52,7 @@ RESUMABLE = (
     "model.init_from",
     "model.init_scope",
     "model.remat",
+    "model.kernels",
     "testing.*",
 )
 

@@ -13,6 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_device_check_script_smoke_run(tmp_path):
     pytest.importorskip("torch")
     env = dict(

@@ -1,4 +1,5 @@
-"""The hand-written gradients in models/layers.py agree with autodiff and PyTorch's rules."""
+"""The CPU kernels' hand-written gradients agree with autodiff and PyTorch's rules, and both
+kernel choices (``model.kernels``) compute the same layers."""
 
 from __future__ import annotations
 
@@ -8,13 +9,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from csce_jax.models.layers import (
-    _bn_forward,
+from csce_jax.models.cpu_kernels import (
     batch_norm_train,
-    max_pool_3x3_s2,
     pointwise_matmul,
     pointwise_or_general_conv,
 )
+from csce_jax.models.layers import batch_norm_train_xla, max_pool_3x3_s2, resolve_kernels
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -94,14 +94,16 @@ def _pool_reference(x: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return y, dx
 
 
+@pytest.mark.parametrize("kernels", ["cpu", "xla"])
 @pytest.mark.parametrize("shape", [(2, 9, 9, 3), (1, 8, 7, 2), (1, 2, 3, 1)])
-def test_max_pool_forward_and_first_max_gradient_with_ties(shape):
+def test_max_pool_forward_and_first_max_gradient_with_ties(shape, kernels):
     rng = np.random.default_rng(sum(shape))
     # ReLU-like inputs: most windows hold ties (zeros), where the gradient rule matters
     x = np.maximum(rng.integers(-3, 3, shape), 0).astype(np.float32)
-    y = max_pool_3x3_s2(jnp.asarray(x))
+    pool = lambda v: max_pool_3x3_s2(v, kernels)  # noqa: E731
+    y = pool(jnp.asarray(x))
     g = rng.normal(size=y.shape).astype(np.float32)
-    dx = jax.vjp(max_pool_3x3_s2, jnp.asarray(x))[1](jnp.asarray(g))[0]
+    dx = jax.vjp(pool, jnp.asarray(x))[1](jnp.asarray(g))[0]
     y_ref, dx_ref = _pool_reference(x, g)
     np.testing.assert_array_equal(np.asarray(y), y_ref)
     np.testing.assert_allclose(np.asarray(dx), dx_ref, atol=1e-6)
@@ -109,13 +111,15 @@ def test_max_pool_forward_and_first_max_gradient_with_ties(shape):
     np.testing.assert_array_equal(np.asarray(y), np.asarray(flax_pool))
 
 
-def test_max_pool_gradient_matches_torch_with_ties():
+@pytest.mark.parametrize("kernels", ["cpu", "xla"])
+def test_max_pool_gradient_matches_torch_with_ties(kernels):
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(3)
     x = np.maximum(rng.integers(-2, 3, (2, 11, 10, 4)), 0).astype(np.float32)
-    y = max_pool_3x3_s2(jnp.asarray(x))
+    pool = lambda v: max_pool_3x3_s2(v, kernels)  # noqa: E731
+    y = pool(jnp.asarray(x))
     g = rng.normal(size=y.shape).astype(np.float32)
-    dx = jax.vjp(max_pool_3x3_s2, jnp.asarray(x))[1](jnp.asarray(g))[0]
+    dx = jax.vjp(pool, jnp.asarray(x))[1](jnp.asarray(g))[0]
     xt = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
     yt = torch.nn.functional.max_pool2d(xt, 3, 2, 1)
     yt.backward(torch.tensor(g.transpose(0, 3, 1, 2)))
@@ -136,11 +140,22 @@ def test_batch_norm_vjp_matches_autodiff_including_stat_cotangents():
         )
 
     ours = jax.grad(objective(lambda x, s, b: batch_norm_train(x, s, b, 1e-5)), (0, 1, 2))
-    ref = jax.grad(objective(lambda x, s, b: _bn_forward(x, s, b, 1e-5)[0]), (0, 1, 2))
+    ref = jax.grad(objective(lambda x, s, b: batch_norm_train_xla(x, s, b, 1e-5)), (0, 1, 2))
     for got, want in zip(ours(x, scale, bias), ref(x, scale, bias), strict=True):
         assert _rel(got, want) < 1e-5
     # forward: the same numbers as the plain formula
     for got, want in zip(
-        batch_norm_train(x, scale, bias, 1e-5), _bn_forward(x, scale, bias, 1e-5)[0], strict=True
+        batch_norm_train(x, scale, bias, 1e-5),
+        batch_norm_train_xla(x, scale, bias, 1e-5),
+        strict=True,
     ):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_auto_kernels_follow_the_default_backend(monkeypatch):
+    assert resolve_kernels("auto") == "cpu"  # the tests run on the CPU backend
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert resolve_kernels("auto") == "xla"
+    assert resolve_kernels("cpu") == "cpu" and resolve_kernels("xla") == "xla"
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        resolve_kernels("triton")

@@ -77,14 +77,15 @@ def _images(seed, batch=2, size=224):
 
 
 @pytest.fixture(scope="module")
-def full_size_pair():
-    net = _reference()
-    model = model_from_release(_state_dict(net))
-    return net, model
+def full_size_reference():
+    return _reference()
 
 
-def test_eval_mode_parity_full_size(full_size_pair):
-    net, model = full_size_pair
+@pytest.mark.slow
+@pytest.mark.parametrize("kernels", ["cpu", "xla"])
+def test_eval_mode_parity_full_size(full_size_reference, kernels):
+    net = full_size_reference
+    model = model_from_release(_state_dict(net), kernels=kernels)
     net.eval()
     model.eval()
     x = _images(0)
@@ -103,14 +104,15 @@ def test_eval_mode_parity_full_size(full_size_pair):
     np.testing.assert_array_equal(codes_ours, codes_ref)
 
 
-def test_train_mode_batchnorm_parity():
+@pytest.mark.parametrize("kernels", ["cpu", "xla"])
+def test_train_mode_batchnorm_parity(kernels):
     net = _reference(width=0.25, depths=(1, 2, 1, 1), seed=1)
-    model = model_from_release(_state_dict(net))
+    model = model_from_release(_state_dict(net), kernels=kernels)
     net.train()
     x = _images(1, batch=4)
     with torch.no_grad():
         ref = net(torch.from_numpy(x.transpose(0, 3, 1, 2)))
-    ours = model.intermediates(jnp.asarray(x))
+    ours = nnx.jit(lambda m, x: m.intermediates(x))(model, jnp.asarray(x))
     for name in ("f3", "f4", "f_local", "f_e", "v", "logits"):
         err = np.abs(np.asarray(ours[name]) - _nchw_to_ours(name, ref[name].numpy())).max()
         assert err <= 1e-4, f"{name}: max abs error {err:.3g}"
@@ -123,10 +125,12 @@ def test_train_mode_batchnorm_parity():
         np.testing.assert_allclose(exported[key], sd[key], rtol=1e-4, atol=1e-5, err_msg=key)
 
 
-def test_loss_gradients_and_one_rmsprop_step_parity():
+@pytest.mark.slow
+@pytest.mark.parametrize("kernels", ["cpu", "xla"])
+def test_loss_gradients_and_one_rmsprop_step_parity(kernels):
     net = _reference(width=0.25, depths=(1, 1, 1, 1), seed=2)
     sd0 = _state_dict(net)
-    model = model_from_release(sd0)
+    model = model_from_release(sd0, kernels=kernels)
     net.train()
     x = _images(2, batch=4)
     labels = np.array([3, 17, 3, 99])
@@ -165,7 +169,7 @@ def test_loss_gradients_and_one_rmsprop_step_parity():
         )
         return losses["loss"], losses
 
-    grads, losses = jax.grad(loss_fn, has_aux=True)(params, rest)
+    grads, losses = jax.jit(jax.grad(loss_fn, has_aux=True))(params, rest)
     np.testing.assert_allclose(float(losses["loss"]), loss_t.item(), rtol=1e-5)
     np.testing.assert_allclose(float(losses["ce"]), ce_t.item(), rtol=1e-5)
     np.testing.assert_allclose(float(losses["quant"]), q_t.item(), rtol=1e-5, atol=1e-7)

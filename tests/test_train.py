@@ -135,6 +135,7 @@ def _assert_same_run(straight, resumed):
     assert _comparable(read_rows(straight)) == _comparable(read_rows(resumed))
 
 
+@pytest.mark.slow
 def test_exact_resume_after_kill(tmp_path, straight_run):
     # The run sends itself SIGKILL right after step 3 (the step-2 checkpoint may still be
     # being written): a kill -9 at a known moment, without polling.
@@ -152,6 +153,7 @@ def test_exact_resume_after_kill(tmp_path, straight_run):
     _assert_same_run(straight_run, tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
 def test_stop_signal_saves_exits_preempted_and_resumes_exactly(tmp_path, straight_run, signal_name):
     out = run_train(
@@ -172,6 +174,7 @@ def test_stop_signal_saves_exits_preempted_and_resumes_exactly(tmp_path, straigh
         _assert_same_run(straight_run, tmp_path)
 
 
+@pytest.mark.slow
 def test_external_sigterm_stops_with_a_checkpoint(tmp_path):
     import signal
     import time
@@ -316,6 +319,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_four_devices(tmp_path):
     worker = str(ROOT / "tests" / "distributed_worker.py")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}

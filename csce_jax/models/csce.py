@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from csce_jax.models.layers import BatchNorm, conv, linear, torch_uniform_init
+from csce_jax.models.layers import BatchNorm, conv, linear, resolve_kernels, torch_uniform_init
 from csce_jax.models.resnet import RESNET50_DEPTHS, ResNet, downsampled_size
 
 Dtype = Any
@@ -90,6 +90,7 @@ class ASPP(nnx.Module):
         dilations: Sequence[int] = (3, 6, 9),
         *,
         dtype: Dtype | None = None,
+        kernels: str = "xla",
         rngs: nnx.Rngs,
     ):
         branches = len(dilations) + 1
@@ -108,13 +109,21 @@ class ASPP(nnx.Module):
                     bias=True,
                     kernel_init=default,
                     dtype=dtype,
+                    kernels=kernels,
                     rngs=rngs,
                 )
                 for d in dilations
             ]
         )
         self.pooled = conv(
-            channels, hidden, 1, bias=True, kernel_init=default, dtype=dtype, rngs=rngs
+            channels,
+            hidden,
+            1,
+            bias=True,
+            kernel_init=default,
+            dtype=dtype,
+            kernels=kernels,
+            rngs=rngs,
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -128,11 +137,13 @@ class SpatialAttention(nnx.Module):
     """Local branch (release "SpatialAttention2d"): a = softplus(conv2(relu(bn(conv1(x))))),
     output a * normalize(bn(conv1(x))) over channels."""
 
-    def __init__(self, channels: int, *, dtype: Dtype | None = None, rngs: nnx.Rngs):
-        self.conv1 = conv(channels, channels, 1, bias=True, dtype=dtype, rngs=rngs)
+    def __init__(
+        self, channels: int, *, dtype: Dtype | None = None, kernels: str = "xla", rngs: nnx.Rngs
+    ):
+        self.conv1 = conv(channels, channels, 1, bias=True, dtype=dtype, kernels=kernels, rngs=rngs)
         # The release builds this BN with PyTorch momentum 0.9.
-        self.bn = BatchNorm(channels, momentum=0.9, dtype=dtype)
-        self.conv2 = conv(channels, 1, 1, bias=True, dtype=dtype, rngs=rngs)
+        self.bn = BatchNorm(channels, momentum=0.9, dtype=dtype, kernels=kernels)
+        self.conv2 = conv(channels, 1, 1, bias=True, dtype=dtype, kernels=kernels, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.bn(self.conv1(x))
@@ -160,6 +171,8 @@ class CSCENet(nnx.Module):
 
     ``image_size`` fixes the number of global windows (the fusion conv has one weight per
     window): (h-1)(w-1) + (h-3)(w-3) = 52 for 224x224, with f4 of size h x w = ceil(size/32).
+    ``kernels``: "auto" (the CPU-tuned layers where JAX's default backend is the CPU, plain XLA
+    layers elsewhere), "xla" or "cpu"; the parameters and the mathematics are the same.
     """
 
     def __init__(
@@ -174,8 +187,10 @@ class CSCENet(nnx.Module):
         learn_centers: bool = False,
         signt: float = 0.01,
         dtype: Dtype | None = None,
+        kernels: str = "auto",
         rngs: nnx.Rngs,
     ):
+        kernels = resolve_kernels(kernels)
         centers = jnp.asarray(centers, jnp.float32)
         num_classes, bits = centers.shape
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
@@ -186,17 +201,26 @@ class CSCENet(nnx.Module):
                 f"{max(window_sizes)}x{max(window_sizes)} windows (need >= "
                 f"{32 * (max(window_sizes) - 1) + 1} pixels per side)"
             )
-        self.backbone = ResNet(width=width, depths=depths, dtype=dtype, rngs=rngs)
+        self.backbone = ResNet(width=width, depths=depths, dtype=dtype, kernels=kernels, rngs=rngs)
         d3, d4 = self.backbone.f3_channels, self.backbone.f4_channels
         for k in window_sizes:
             if d3 % (k * k):
                 raise ValueError(f"f3 channels {d3} not divisible by window area {k * k}")
-        self.aspp = ASPP(d3, dtype=dtype, rngs=rngs) if use_aspp else None
-        self.local = SpatialAttention(d3, dtype=dtype, rngs=rngs)
+        self.aspp = ASPP(d3, dtype=dtype, kernels=kernels, rngs=rngs) if use_aspp else None
+        self.local = SpatialAttention(d3, dtype=dtype, kernels=kernels, rngs=rngs)
         default = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
         self.window_proj = nnx.List(
             [
-                conv(d4, d3 // (k * k), 1, bias=True, kernel_init=default, dtype=dtype, rngs=rngs)
+                conv(
+                    d4,
+                    d3 // (k * k),
+                    1,
+                    bias=True,
+                    kernel_init=default,
+                    dtype=dtype,
+                    kernels=kernels,
+                    rngs=rngs,
+                )
                 for k in window_sizes
             ]
         )

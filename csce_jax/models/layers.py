@@ -8,13 +8,14 @@ both, which drifts from PyTorch by a factor n / (n - 1) per update.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from csce_jax.models import cpu_kernels
 
 Dtype = Any
 
@@ -34,137 +35,40 @@ def torch_uniform_init(fan_in: int) -> nnx.Initializer:
 conv_fan_out_normal = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def pointwise_or_general_conv(
-    x: jax.Array,
-    kernel: jax.Array,
-    window_strides,
-    padding,
-    *,
-    lhs_dilation=None,
-    rhs_dilation=None,
-    feature_group_count: int = 1,
-    **kwargs,
-) -> jax.Array:
-    """``lax.conv_general_dilated`` (NHWC/HWIO), with unpadded 1x1 convs done as a matmul.
+KERNELS = ("auto", "xla", "cpu")
 
-    Why: XLA:CPU computes a convolution's kernel gradient as a second convolution whose window
-    is the whole feature map, over activations transposed to batch-last; for ResNet-50's 1x1
-    convs (two thirds of its convs) that costs 3-4x a plain matmul (``benchmarks/
-    bench_train_step.py``). As a matmul the kernel gradient is a matmul too. The mathematics is
-    the same; only the order of the float32 sums may differ.
-    """
-    pointwise = (
-        kernel.shape[:2] == (1, 1)
-        and not isinstance(padding, str)
-        and all(tuple(p) == (0, 0) for p in padding)
-        and all(d == 1 for d in (lhs_dilation or (1, 1)))
-        and feature_group_count == 1
+
+def resolve_kernels(kernels: str) -> str:
+    """``"auto"`` -> ``"cpu"`` where JAX's default backend is the CPU, else ``"xla"``."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    if kernels == "auto":
+        return "cpu" if jax.default_backend() == "cpu" else "xla"
+    return kernels
+
+
+def max_pool_3x3_s2_xla(x: jax.Array) -> jax.Array:
+    """PyTorch's ``MaxPool2d(3, stride=2, padding=1)`` on NHWC as one ``reduce_window``."""
+    return jax.lax.reduce_window(
+        x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
     )
-    if not pointwise:
-        return jax.lax.conv_general_dilated(
-            x,
-            kernel,
-            window_strides,
-            padding,
-            lhs_dilation=lhs_dilation,
-            rhs_dilation=rhs_dilation,
-            feature_group_count=feature_group_count,
-            **kwargs,
-        )
-    sh, sw = window_strides
-    if (sh, sw) != (1, 1):
-        x = x[:, ::sh, ::sw]
-    return pointwise_matmul(x, kernel[0, 0])
 
 
-@jax.custom_vjp
-def pointwise_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """``x @ w`` over the last axis of ``x`` (a 1x1 conv), with a transpose-aware kernel gradient.
-
-    The kernel gradient sum_n x[n, i] dy[n, o] needs one operand transposed; XLA picked the
-    larger one (often the 4x wider conv output, fused into batch norm's backward pass). Here
-    the narrower one is transposed explicitly, so the product itself is a plain matmul.
-    """
-    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+def max_pool_3x3_s2(x: jax.Array, kernels: str = "xla") -> jax.Array:
+    """The stem's max-pool with the chosen kernels (the same values either way)."""
+    return cpu_kernels.max_pool_3x3_s2(x) if kernels == "cpu" else max_pool_3x3_s2_xla(x)
 
 
-def _pointwise_fwd(x, w):
-    return pointwise_matmul(x, w), (x, w)
-
-
-def _pointwise_bwd(res, dy):
-    x, w = res
-    cin, cout = w.shape
-    x2, dy2 = x.reshape(-1, cin), dy.reshape(-1, cout)
-    dx = jax.lax.dot_general(dy, w, (((dy.ndim - 1,), (1,)), ((), ())))
-    if cin <= cout:
-        dw = jnp.matmul(x2.T, dy2.astype(x2.dtype))
-    else:
-        dw = jnp.matmul(dy2.T, x2.astype(dy2.dtype)).T
-    return dx.astype(x.dtype), dw.astype(w.dtype)
-
-
-pointwise_matmul.defvjp(_pointwise_fwd, _pointwise_bwd)
-
-
-@jax.custom_vjp
-def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
-    """PyTorch's ``MaxPool2d(3, stride=2, padding=1)`` on NHWC: -inf padding, floor output size.
-
-    The gradient goes to the first maximum of each window in row-major order, as in PyTorch.
-    Written out (nine strided views, a custom VJP) because XLA:CPU's generic max-pool gradient
-    (a variadic reduce-window over four index arrays, then a scatter) cost about 8 % of a
-    ResNet-50 training step here.
-    """
-    return _max_pool_forward(x)[0]
-
-
-def _max_pool_forward(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(pooled, index 0..8 of each window's first maximum), over nine strided views."""
-    h, w = x.shape[1:3]
-    ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-    views = [
-        xp[:, i : i + 2 * (ho - 1) + 1 : 2, j : j + 2 * (wo - 1) + 1 : 2]
-        for i in range(3)
-        for j in range(3)
-    ]
-    best, arg = views[0], jnp.zeros(views[0].shape, jnp.int8)
-    for k, v in enumerate(views[1:], start=1):
-        better = v > best  # strict: ties keep the earlier position
-        best = jnp.where(better, v, best)
-        arg = jnp.where(better, jnp.int8(k), arg)
-    return best, arg
-
-
-def _max_pool_fwd(x):
-    y, arg = _max_pool_forward(x)
-    return y, (arg, x.shape)
-
-
-def _max_pool_bwd(res, g):
-    arg, shape = res
-    h, w = shape[1:3]
-    ho, wo = g.shape[1:3]
-    zero = jnp.zeros((), g.dtype)
-    total = None
-    for k in range(9):
-        i, j = divmod(k, 3)
-        part = jax.lax.pad(
-            jnp.where(arg == k, g, zero),
-            zero,
-            (
-                (0, 0, 0),
-                (i, h + 2 - i - (2 * (ho - 1) + 1), 1),
-                (j, w + 2 - j - (2 * (wo - 1) + 1), 1),
-                (0, 0, 0),
-            ),
-        )
-        total = part if total is None else total + part
-    return (total[:, 1 : h + 1, 1 : w + 1],)
-
-
-max_pool_3x3_s2.defvjp(_max_pool_fwd, _max_pool_bwd)
+def batch_norm_train_xla(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Training-mode batch norm, differentiated by autodiff: (float32 y, mean, biased var)."""
+    xf = x.astype(jnp.float32)
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(xf, axis=axes)
+    var = jnp.mean(jnp.square(xf - mean), axis=axes)
+    y = (xf - mean) * jax.lax.rsqrt(var + epsilon) * scale + bias
+    return y, mean, var
 
 
 def conv(
@@ -178,9 +82,13 @@ def conv(
     bias: bool = False,
     kernel_init: nnx.Initializer = conv_fan_out_normal,
     dtype: Dtype | None = None,
+    kernels: str = "xla",
     rngs: nnx.Rngs,
 ) -> nnx.Conv:
-    """An NHWC conv with PyTorch's symmetric explicit padding (never Flax's asymmetric 'SAME')."""
+    """An NHWC conv with PyTorch's symmetric explicit padding (never Flax's asymmetric 'SAME').
+
+    ``kernels="cpu"`` computes unpadded 1x1 convolutions as matmuls (``cpu_kernels``).
+    """
     fan_in = in_ch * kernel * kernel
     return nnx.Conv(
         in_ch,
@@ -194,7 +102,11 @@ def conv(
         bias_init=torch_uniform_init(fan_in),
         dtype=dtype,
         param_dtype=jnp.float32,
-        conv_general_dilated=pointwise_or_general_conv,
+        conv_general_dilated=(
+            cpu_kernels.pointwise_or_general_conv
+            if kernels == "cpu"
+            else jax.lax.conv_general_dilated
+        ),
         rngs=rngs,
     )
 
@@ -230,6 +142,7 @@ class BatchNorm(nnx.Module):
         epsilon: float = 1e-5,
         use_running_average: bool = False,
         dtype: Dtype | None = None,
+        kernels: str = "xla",
     ):
         self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
@@ -240,6 +153,7 @@ class BatchNorm(nnx.Module):
         self.epsilon = epsilon
         self.use_running_average = use_running_average
         self.dtype = dtype
+        self.kernels = kernels
 
     def set_view(self, use_running_average: bool | None = None) -> None:
         """Hook for ``nnx.view`` / ``Module.eval()``: switch between batch and running stats."""
@@ -252,52 +166,11 @@ class BatchNorm(nnx.Module):
             xf = x.astype(jnp.float32)
             y = (xf - self.mean[...]) * jax.lax.rsqrt(self.var[...] + self.epsilon)
             return (y * self.scale[...] + self.bias[...]).astype(out_dtype)
-        y, mean, var = batch_norm_train(x, self.scale[...], self.bias[...], self.epsilon)
+        train = cpu_kernels.batch_norm_train if self.kernels == "cpu" else batch_norm_train_xla
+        y, mean, var = train(x, self.scale[...], self.bias[...], self.epsilon)
         n = math.prod(x.shape[:-1])
         unbiased = var * (n / max(n - 1, 1))
         m = self.momentum
         self.mean[...] = (1.0 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
         self.var[...] = (1.0 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased)
         return y.astype(out_dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def batch_norm_train(
-    x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Training-mode batch norm over every axis but the last: (float32 y, batch mean, biased var).
-
-    The VJP is the closed form (two per-channel sums, then one elementwise pass) rather than
-    autodiff's chain of broadcasts, which XLA:CPU ran as several passes over each activation.
-    Cotangents of the returned mean and variance are honoured too.
-    """
-    return _bn_forward(x, scale, bias, epsilon)[0]
-
-
-def _bn_forward(x, scale, bias, epsilon):
-    xf = x.astype(jnp.float32)
-    axes = tuple(range(x.ndim - 1))
-    mean = jnp.mean(xf, axis=axes)
-    var = jnp.mean(jnp.square(xf - mean), axis=axes)
-    rstd = jax.lax.rsqrt(var + epsilon)
-    y = (xf - mean) * rstd * scale + bias
-    return (y, mean, var), (x, mean, rstd, scale)
-
-
-def _bn_bwd(epsilon, res, cotangents):
-    x, mean, rstd, scale = res
-    dy, dmean, dvar = cotangents
-    axes = tuple(range(x.ndim - 1))
-    n = math.prod(x.shape[:-1])
-    xhat = (x.astype(jnp.float32) - mean) * rstd
-    dy = dy.astype(jnp.float32)
-    dbias = jnp.sum(dy, axis=axes)
-    dscale = jnp.sum(dy * xhat, axis=axes)
-    # dx = rstd*scale*dy + xhat*b + c, with per-channel b and c (mean/var cotangents included).
-    b = -rstd * scale * dscale / n + 2.0 * dvar / (n * rstd)
-    c = -rstd * scale * dbias / n + dmean / n
-    dx = (rstd * scale) * dy + xhat * b + c
-    return dx.astype(x.dtype), dscale, dbias
-
-
-batch_norm_train.defvjp(_bn_forward, _bn_bwd)
