@@ -6,14 +6,15 @@
 #   benchmarks/device_check.sh              # needs jax[cuda12] and a CUDA build of torch
 #   BATCH=2 SIZE=112 WIDTH=0.0625 REPEATS=1 benchmarks/device_check.sh --allow-cpu   # a smoke run
 #
-# Prints each run's figures; the last two lines are the float32 and bf16 JSON objects, also
-# written to ${OUT:-runs/device_check}/device_check.jsonl.
+# Prints each run's figures; the last lines are the JSON objects of the runs (float32, then
+# bf16; DTYPES="float32" for one), also written to ${OUT:-runs/device_check}/device_check.jsonl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BATCH="${BATCH:-64}"
 SIZE="${SIZE:-224}"
 WIDTH="${WIDTH:-1.0}"
 REPEATS="${REPEATS:-10}"
+DTYPES="${DTYPES:-float32 bfloat16}"
 OUTDIR="${OUT:-runs/device_check}"
 mkdir -p "$OUTDIR"
 PYTHON="${PYTHON:-python}"
@@ -38,7 +39,7 @@ fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 
 : >"$OUTDIR/device_check.jsonl"
-for dtype in float32 bfloat16; do
+for dtype in $DTYPES; do
   echo "== training step, batch $BATCH, ${SIZE}x${SIZE}, width $WIDTH, $dtype"
   "$PYTHON" benchmarks/bench_train_step.py --batch "$BATCH" --size "$SIZE" --width "$WIDTH" \
     --repeats "$REPEATS" --dtype "$dtype" | tee "$OUTDIR/run_$dtype.txt"

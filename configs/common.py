@@ -84,6 +84,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2  # the latest N are kept, and the best by validation mAP
     c.preempted_exit_code = 75  # exit status after SIGTERM/SIGINT (EX_TEMPFAIL: rerun me)
     c.distributed = False  # call jax.distributed.initialize() (also: CSCE_DISTRIBUTED=1)
+    c.coordinator_address = ""  # HOST:PORT of process 0; with num_processes and process_id
+    c.num_processes = 0
+    c.process_id = -1
     # XLA's persistent compilation cache: "auto" = $CSCE_JAX_CACHE/xla (~/.cache/csce_jax/xla),
     # a path, or "" to disable. A restart or a second run then skips recompiling.
     c.compilation_cache = "auto"
@@ -102,6 +105,9 @@ def base_config() -> ml_collections.ConfigDict:
             # "xla" or "cpu"; the same parameters and mathematics (docs/performance.md)
             "kernels": "auto",
             "init_from": "",  # .safetensors/.npz/.pth file or torchvision:IMAGENET1K_V1|V2
+            # what init_from loads: "model" (all), "backbone", or "auto" (backbone for
+            # torchvision's ImageNet weights, the whole model for any other file)
+            "init_scope": "auto",
         }
     )
     c.loss = ml_collections.ConfigDict(

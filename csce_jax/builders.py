@@ -25,6 +25,7 @@ from csce_jax.optim import learning_rate_schedule, make_optimizer, with_frozen
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.kernels": ("auto", "xla", "cpu"),
+    "model.init_scope": ("auto", "model", "backbone"),
     "dsf.estimator": ("ste", "release"),
     "loss.margin_type": ("arc", "cos"),
     "loss.quan_type": ("cs", "l1", "l2"),
@@ -117,7 +118,7 @@ def create_model(
         learn_centers=m.learn_centers,
         signt=m.signt,
         dtype=compute_dtype(config),
-        kernels=m.get("kernels", "auto"),
+        kernels=m.kernels,
         rngs=nnx.Rngs(config.seed),
     )
 

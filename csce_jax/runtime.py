@@ -8,6 +8,8 @@ from pathlib import Path
 import jax
 import ml_collections
 
+from csce_jax.errors import ConfigError
+from csce_jax.hostmem import accelerator_present
 from csce_jax.pretrained import cache_dir
 
 
@@ -21,14 +23,34 @@ def _distributed_ready() -> bool:
 
 
 def initialize_distributed(config: ml_collections.ConfigDict) -> None:
-    """``jax.distributed.initialize()`` when asked by the config or ``CSCE_DISTRIBUTED=1``.
+    """Join a multi-process job when asked: ``config.distributed``, ``CSCE_DISTRIBUTED=1``, or
+    an explicit ``config.coordinator_address`` (with ``num_processes`` and ``process_id``).
 
-    JAX itself finds the coordinator on SLURM, Open MPI and Cloud TPU; elsewhere set
-    ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (docs/training.md).
+    Without an address JAX finds the job itself on SLURM, Open MPI and Cloud TPU (or from
+    ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``). On CPU-only hosts
+    the cross-process collectives are set to gloo first.
     """
-    wanted = config.distributed or os.environ.get("CSCE_DISTRIBUTED") == "1"
-    if wanted and not _distributed_ready():
-        jax.distributed.initialize()
+    explicit = bool(config.coordinator_address)
+    wanted = config.distributed or explicit or os.environ.get("CSCE_DISTRIBUTED") == "1"
+    if not wanted or _distributed_ready():
+        return
+    kwargs = {}
+    if explicit:
+        n, i = config.num_processes, config.process_id
+        if n < 1 or not 0 <= i < n:
+            raise ConfigError(
+                f"config.coordinator_address={config.coordinator_address!r} needs "
+                f"config.num_processes >= 1 and 0 <= config.process_id < num_processes "
+                f"(got {n} and {i})"
+            )
+        kwargs = {
+            "coordinator_address": config.coordinator_address,
+            "num_processes": n,
+            "process_id": i,
+        }
+    if not accelerator_present():
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kwargs)
 
 
 def enable_compilation_cache(setting: str) -> str | None:

@@ -60,7 +60,7 @@ def create_train_state(
     """Model, optimiser and the initial state (optionally loaded from ``init_from``)."""
     model = builders.create_model(config, num_classes)
     if init_from:
-        initialize_from(model, init_from, scope=config.model.get("init_scope", "auto"))
+        initialize_from(model, init_from, scope=config.model.init_scope)
     graphdef, eval_graphdef, params, rest = _split(model)
     tx, schedule = builders.create_optimizer(config)
     state = {

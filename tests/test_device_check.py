@@ -22,6 +22,7 @@ def test_device_check_script_smoke_run(tmp_path):
         SIZE="112",
         WIDTH="0.0625",
         REPEATS="1",
+        DTYPES="float32",  # bf16 training is checked by test_train; one run keeps this short
         OUT=str(tmp_path),
         PYTHON=sys.executable,
     )
@@ -36,10 +37,11 @@ def test_device_check_script_smoke_run(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "device_check.jsonl").read_text().splitlines()]
-    assert [r["dtype"] for r in rows] == ["float32", "bfloat16"]
+    assert [r["dtype"] for r in rows] == ["float32"]
     for r in rows:
         assert (r["batch"], r["size"]) == (2, 112)
         assert r["jax_train_images_per_sec"] > 0 and r["torch_train_images_per_sec"] > 0
         assert r["train_ratio_vs_torch"] > 0 and r["train_step_gflops"] > 0
+        assert r["model_gflops_per_image"] > 0 and r["xla_gflops_per_image"] > 0
         assert r["jax_mfu"] is None  # no peak FLOP/s known for a CPU: no invented MFU
     assert out.stdout.strip().splitlines()[-1] == json.dumps(rows[-1], sort_keys=True)

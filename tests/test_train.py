@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +10,6 @@ import optax
 import pytest
 from conftest import (
     PREEMPTED,
-    ROOT,
     final_params,
     read_rows,
     restore_state,
@@ -321,23 +318,27 @@ def _free_port():
 
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_four_devices(tmp_path):
-    worker = str(ROOT / "tests" / "distributed_worker.py")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    single = subprocess.run(
-        [sys.executable, worker, "0", "1", "0", str(tmp_path / "one")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert single.returncode == 0, single.stderr[-3000:]
-    port = str(_free_port())
+    """Two train.py processes of two fake CPU devices each form one 4-device job on 127.0.0.1."""
+    common = [
+        "--config.total_steps=3",
+        "--config.eval_every_steps=3",
+        "--config.checkpoint_every_steps=3",
+        "--config.optimizer.name=sgd",
+        "--config.optimizer.lr=0.05",
+        "--config.optimizer.warmup_steps=0",
+        "--config.optimizer.schedule=constant",
+    ]
+    run_train(tmp_path / "one", *common)  # one process, the suite's 4 fake devices
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    port = _free_port()
     procs = [
-        subprocess.Popen(
-            [sys.executable, worker, port, "2", str(i), str(tmp_path / "two")],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+        run_train(
+            tmp_path / "two",
+            *common,
+            f"--config.coordinator_address=127.0.0.1:{port}",
+            "--config.num_processes=2",
+            f"--config.process_id={i}",
+            background=True,
             env=env,
         )
         for i in range(2)
@@ -345,6 +346,7 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
     outs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outs, strict=True):
         assert p.returncode == 0, out[-3000:]
+    assert "4 device(s), 2 process(es)" in outs[0]
     c = tiny_config(3, linear_optimizer=True)
     p0 = jax.tree.map(np.asarray, train_state.create_train_state(c, 10).state["params"])
     gaps, gap_all = _update_gaps(
@@ -357,6 +359,15 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
     one, two = read_rows(tmp_path / "one"), read_rows(tmp_path / "two")
     assert [r["step"] for r in one] == [r["step"] for r in two]
     np.testing.assert_allclose(one[-1]["query_map"], two[-1]["query_map"], atol=1e-6)
+
+
+def test_a_bad_process_setting_is_refused():
+    from csce_jax.runtime import initialize_distributed
+
+    c = tiny_config()
+    c.coordinator_address, c.num_processes, c.process_id = "127.0.0.1:1", 2, 2
+    with pytest.raises(ConfigError, match="0 <= config.process_id < num_processes"):
+        initialize_distributed(c)
 
 
 def test_the_step_compiles_once():

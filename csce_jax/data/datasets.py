@@ -50,7 +50,7 @@ class RetrievalData:
 
 def _tfds(name: str, train: str, query: str):
     def load(cfg):
-        d, download = cfg.data_dir or None, bool(cfg.get("download", False))
+        d, download = cfg.data_dir or None, bool(cfg.download)
         return {
             "train": S.tfds_source(name, train, data_dir=d, download=download),
             "query": S.tfds_source(name, query, data_dir=d, download=download),
@@ -66,7 +66,7 @@ def _manual(fn):
                 f"data.manual_dir is not set: {fn.__doc__.splitlines()[0]} is read "
                 "from a manual directory (see the README)"
             )
-        extra = {"keep_banner": cfg.get("keep_banner", False)} if fn is S.aircraft_sources else {}
+        extra = {"keep_banner": cfg.keep_banner} if fn is S.aircraft_sources else {}
         train, query = fn(cfg.manual_dir, skip_missing=cfg.skip_corrupt, **extra)
         return {"train": train, "query": query}
 
