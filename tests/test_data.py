@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from conftest import run_module
 from PIL import Image
 
 from configs.common import data_config
@@ -260,21 +261,11 @@ def test_split_lists_command_writes_counts_and_checksums(tmp_path):
         check=True,
     )
     assert (again / "val.txt").read_text() == (tmp_path / "val.txt").read_text()
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "csce_jax.data.splits",
-            "--dataset",
-            "aircraft",
-            "--out",
-            str(tmp_path / "x"),
-            "--manual_dir",
-            str(tmp_path / "none"),
-        ],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    bad = run_module(
+        "-m",
+        "csce_jax.data.splits",
+        "--dataset=aircraft",
+        f"--out={tmp_path / 'x'}",
+        f"--manual_dir={tmp_path / 'none'}",
     )
     assert bad.returncode != 0 and "does not exist" in bad.stderr

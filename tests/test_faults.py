@@ -456,12 +456,9 @@ def test_split_list_size_mismatch_is_one_line(tmp_path):
     out = run_module(
         "-m",
         "csce_jax.data.splits",
-        "--dataset",
-        "aircraft",
-        "--out",
-        str(tmp_path / "x"),
-        "--manual_dir",
-        str(base),
+        "--dataset=aircraft",
+        f"--manual_dir={base}",
+        f"--out={tmp_path / 'x'}",
     )
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "documented 6667" in out.stderr.strip().splitlines()[-1]

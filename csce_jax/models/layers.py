@@ -4,6 +4,10 @@ A converted PyTorch checkpoint must behave the same in training mode too, so Bat
 normalises with the biased batch variance but updates its running variance with the unbiased one,
 exactly like ``torch.nn.BatchNorm2d``. Flax's own ``nnx.BatchNorm`` uses the biased variance for
 both, which drifts from PyTorch by a factor n / (n - 1) per update.
+
+Each layer takes ``kernels``: ``"xla"`` is plain lax (convolutions, autodiff batch norm, a
+``reduce_window`` max-pool); ``"cpu"`` uses the CPU-tuned gradients of ``cpu_kernels``;
+:func:`resolve_kernels` turns ``"auto"`` into one of them by JAX's default backend.
 """
 
 from __future__ import annotations
