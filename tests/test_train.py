@@ -132,6 +132,7 @@ def _assert_same_run(straight, resumed):
     assert _comparable(read_rows(straight)) == _comparable(read_rows(resumed))
 
 
+@pytest.mark.xdist_group("straight_run")
 @pytest.mark.slow
 def test_exact_resume_after_kill(tmp_path, straight_run):
     # The run sends itself SIGKILL right after step 3 (the step-2 checkpoint may still be
@@ -150,6 +151,7 @@ def test_exact_resume_after_kill(tmp_path, straight_run):
     _assert_same_run(straight_run, tmp_path)
 
 
+@pytest.mark.xdist_group("straight_run")
 @pytest.mark.slow
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
 def test_stop_signal_saves_exits_preempted_and_resumes_exactly(tmp_path, straight_run, signal_name):
@@ -359,6 +361,7 @@ def two_process_run(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.xdist_group("two_processes")
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_four_devices(tmp_path, two_process_run):
     run_train(tmp_path, *MULTI_STEPS)  # one process, the suite's 4 fake devices
@@ -377,6 +380,7 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path, two_process
     np.testing.assert_allclose(one[-1]["query_map"], two[-1]["query_map"], atol=2e-3)
 
 
+@pytest.mark.xdist_group("two_processes")
 @pytest.mark.slow
 def test_a_signal_to_one_process_stops_the_whole_job_at_one_step(tmp_path, two_process_run):
     hook = ("--config.testing.signal_at_step=2", "--config.testing.signal=SIGTERM")
