@@ -114,7 +114,7 @@ RESUME_STEPS = [
 ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def straight_run(tmp_path_factory):
     """An uninterrupted 6-step run, the reference for the interrupted ones."""
     workdir = tmp_path_factory.mktemp("straight")
@@ -350,7 +350,7 @@ MULTI_STEPS = [
 ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def two_process_run(tmp_path_factory):
     """An uninterrupted job of two train.py processes joined on 127.0.0.1."""
     workdir = tmp_path_factory.mktemp("two_processes")
