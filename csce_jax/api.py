@@ -23,7 +23,6 @@ import numpy as np
 from flax import nnx
 
 from csce_jax import builders, convert, eval_lib, state
-from csce_jax.checkpointing import Checkpoints
 from csce_jax.data.images import eval_view, load_rgb
 from csce_jax.errors import ConversionError
 from csce_jax.hashing import encode as binarize
@@ -51,14 +50,7 @@ class LoadedModel:
 
 def _from_run(workdir: Path, step: int | None) -> LoadedModel:
     config = eval_lib.load_run_config(workdir, None)
-    ckpts = Checkpoints(workdir, read_only=True)
-    try:
-        steps = ckpts.steps()
-        if not steps:
-            raise ConversionError(f"no checkpoint in {ckpts.directory}")
-        num_classes = int(ckpts.read_meta(steps[-1])["num_classes"])
-    finally:
-        ckpts.manager.close()
+    num_classes = state.run_num_classes(workdir)
     graphdef, weights, got = state.restore_weights(config, workdir, num_classes, step)
     model = nnx.merge(graphdef, weights["params"], weights["rest"])
     return _loaded(model, config, step=got)

@@ -33,7 +33,7 @@ from csce_jax import builders, cli, convert, metrics, sharding, state, train_lib
 from csce_jax.data import EvalLoader, ViewConfig, load_data
 from csce_jax.encoding import Encoder
 from csce_jax.losses import elastic_margins
-from csce_jax.models.csce import IMAGENET_MEAN, IMAGENET_STD
+from csce_jax.models.csce import normalize_images
 from csce_jax.viz import plot_curves
 
 SERIES = ("loss", "ce", "quant", "grad_norm")
@@ -52,9 +52,8 @@ def release_recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
 
 def _normalized_nchw(images: np.ndarray) -> np.ndarray:
-    x = images.astype(np.float32) / np.float32(255.0)
-    x = (x - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    """The model's own input normalisation, laid out NCHW for PyTorch."""
+    return np.ascontiguousarray(np.asarray(normalize_images(images)).transpose(0, 3, 1, 2))
 
 
 class TorchSide:

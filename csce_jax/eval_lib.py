@@ -18,6 +18,7 @@ from csce_jax.data.pipeline import ViewConfig
 from csce_jax.encoding import Encoder
 from csce_jax.errors import CodesError, ConfigError
 from csce_jax.sharding import make_mesh, replicated
+from csce_jax.writers import write_text_atomically
 
 PRECISION_KS = (1, 10, 50, 100, 500, 1000, 5000)
 
@@ -229,9 +230,4 @@ def score_npy(
 
 def write_json(path: Path, obj: dict[str, Any]) -> None:
     """Write ``obj`` as JSON atomically (temporary file, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomically(path, json.dumps(obj, indent=2, sort_keys=True))

@@ -25,7 +25,6 @@ import ml_collections
 import numpy as np
 
 from csce_jax import cli, eval_lib, state
-from csce_jax.checkpointing import Checkpoints
 from csce_jax.data.sources import IMAGE_SUFFIXES, Source
 from csce_jax.encoding import Encoder
 from csce_jax.errors import CodesError
@@ -54,7 +53,7 @@ def _encoder(workdir: str, step: int | None, config: ml_collections.ConfigDict |
     """(encode(paths) -> dict, meta) for the run's best (or ``step``) checkpoint."""
     config = eval_lib.load_run_config(workdir, config)
     config.data.skip_corrupt = True
-    num_classes = _num_classes(workdir)
+    num_classes = state.run_num_classes(workdir)
     mesh = make_mesh()
     graphdef, weights, got_step = state.restore_weights(
         config, workdir, num_classes, step, mesh=mesh
@@ -72,17 +71,6 @@ def _encoder(workdir: str, step: int | None, config: ml_collections.ConfigDict |
         "workdir": str(Path(workdir).absolute()),
         "step": got_step,
     }
-
-
-def _num_classes(workdir: str) -> int:
-    ckpts = Checkpoints(workdir, read_only=True)
-    try:
-        steps = ckpts.steps()
-        if not steps:
-            raise CodesError(f"no checkpoint in {ckpts.directory}")
-        return int(ckpts.read_meta(steps[-1])["num_classes"])
-    finally:
-        ckpts.manager.close()
 
 
 def build_index(

@@ -96,6 +96,18 @@ def abstract_train_state(
     )
 
 
+def run_num_classes(workdir: str | Path) -> int:
+    """The class count a run was trained with, from its newest checkpoint's record."""
+    ckpts = Checkpoints(workdir, read_only=True)
+    try:
+        steps = ckpts.steps()
+        if not steps:
+            raise CheckpointError(f"no checkpoint in {ckpts.directory}")
+        return int(ckpts.read_meta(steps[-1])["num_classes"])
+    finally:
+        ckpts.manager.close()
+
+
 def restore_weights(
     config: ml_collections.ConfigDict,
     workdir: str | Path,

@@ -107,7 +107,6 @@ class Run:
     start: int
     best_map: float = -math.inf
     best_step: int | None = None
-    last_saved: int | None = None
     finished: dict[str, Any] | None = None
     train_flops: float | None = None  # per image, where the devices' peak is known (for mfu)
     peak_flops: float | None = None
@@ -197,7 +196,6 @@ def start_run(config: ml_collections.ConfigDict, folder: RunFolder) -> tuple[Run
         start,
         meta.get("best_map", -math.inf),
         meta.get("best_step"),
-        start if restored else None,
     )
     if start == config.total_steps and writers.log.final_row() is not None:
         run.finished = writers.log.final_row()
@@ -374,7 +372,6 @@ def save_if_due(run: Run, step: int, state, score: float | None, *, force: bool)
         "config": json.loads(c.to_json_best_effort()),
     }
     run.ckpts.save(step, state, meta, score=score)
-    run.last_saved = step
 
 
 def fire_test_signal(config: ml_collections.ConfigDict, step: int) -> None:

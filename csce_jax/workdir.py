@@ -25,6 +25,7 @@ from typing import Any
 import ml_collections
 
 from csce_jax.errors import WorkdirError
+from csce_jax.writers import write_text_atomically
 
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "config_history.jsonl"
@@ -166,13 +167,8 @@ class RunFolder:
         """Write ``config.json`` (atomically) and append this launch to the history."""
         if not self.lead:
             return
-        path = self.path / CONFIG_FILE
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            tmp.write_text(json.dumps(config_json(config), indent=2, sort_keys=True))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        text = json.dumps(config_json(config), indent=2, sort_keys=True)
+        write_text_atomically(self.path / CONFIG_FILE, text)
         row = {
             "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "start_step": step,

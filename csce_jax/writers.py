@@ -18,6 +18,18 @@ from typing import Any
 METRICS_FILE = "metrics.jsonl"
 
 
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: the old file stays
+    whole if writing fails (a full disk), and no temporary file is left behind."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class MetricsLog:
     """``<workdir>/metrics.jsonl``."""
 
@@ -47,12 +59,9 @@ class MetricsLog:
         if not self.active or not self.path.exists():
             return
         kept = [r for r in self.rows() if r.get("step", 0) <= step and "query_map" not in r]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        try:
-            tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
-            os.replace(tmp, self.path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_text_atomically(
+            self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)
+        )
 
     def write(self, row: dict[str, Any]) -> None:
         if self.active:

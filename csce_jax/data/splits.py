@@ -19,6 +19,7 @@ from absl import app, flags
 from csce_jax import cli
 from csce_jax.data.datasets import DATASETS, load_data
 from csce_jax.data.sources import Source
+from csce_jax.writers import write_text_atomically
 
 
 def list_lines(source: Source, num_classes: int, root: str | None = None) -> list[str]:
@@ -51,9 +52,7 @@ def write_lists(cfg, out_dir: str | os.PathLike) -> dict[str, tuple[int, str]]:
         parts["val.txt"] = data.val
     for fname, src in parts.items():
         text = "\n".join(list_lines(src, data.num_classes, root)) + "\n"
-        tmp = out_dir / (fname + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out_dir / fname)
+        write_text_atomically(out_dir / fname, text)
         result[fname] = (len(src), hashlib.sha256(text.encode()).hexdigest())
     return result
 

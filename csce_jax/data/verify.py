@@ -16,7 +16,6 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import ml_collections
@@ -28,6 +27,7 @@ from csce_jax.data.datasets import RetrievalData, load_data
 from csce_jax.data.images import load_rgb
 from csce_jax.data.sources import Source
 from csce_jax.errors import DataError
+from csce_jax.writers import write_text_atomically
 
 
 def _check(source: Source, i: int, resize: int) -> tuple[str, str] | None:
@@ -77,13 +77,7 @@ def check_sources(
 
 
 def write_report(report: dict[str, Any], path: str | os.PathLike) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(report, indent=2))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomically(path, json.dumps(report, indent=2))
 
 
 def verify_data(
