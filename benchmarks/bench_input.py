@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import median_time, report
 
-from csce_jax.data import TrainLoader, ViewConfig
+from csce_jax.data import TrainLoader, ViewConfig, Workers
 from csce_jax.data.images import resize_shorter
 from csce_jax.data.sources import Source
 
@@ -68,7 +68,7 @@ def pipeline(paths: list[str], threads: int, batch: int = 20) -> int:
         num_steps=steps,
         seed=0,
         view=ViewConfig(256, 224, True),
-        num_threads=threads,
+        workers=Workers(threads),
     )
     n = 0
     for b in loader.batches():

@@ -64,7 +64,8 @@ def data_config(name: str = "digits") -> ml_collections.ConfigDict:
             "skip_corrupt": False,  # skip (and count) unreadable images instead of failing
             "verify": False,  # decode every image once before training (csce_jax.data.verify)
             "allow_size_mismatch": False,  # accept split sizes that differ from the documented
-            "num_threads": 4,  # host decode threads
+            "num_workers": 4,  # batches decoded at once on each host
+            "worker_processes": True,  # decode in processes (False: threads)
         }
     )
 
@@ -145,7 +146,11 @@ def base_config() -> ml_collections.ConfigDict:
     )
     # Deterministic fault injection for the test suite: after step ``signal_at_step`` the run
     # sends itself ``signal`` (SIGTERM, SIGINT or SIGKILL). 0 = off.
-    c.testing = ml_collections.ConfigDict({"signal_at_step": 0, "signal": "SIGTERM"})
+    # The test suite's fault injection: after step signal_at_step, send `signal` to this process
+    # (or, with signal_group, to its whole process group, as a terminal's Ctrl-C does).
+    c.testing = ml_collections.ConfigDict(
+        {"signal_at_step": 0, "signal": "SIGTERM", "signal_group": False}
+    )
     return c
 
 

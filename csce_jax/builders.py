@@ -16,6 +16,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from csce_jax.data.pipeline import Workers
 from csce_jax.errors import ConfigError
 from csce_jax.hashing import hash_centers
 from csce_jax.models import CSCENet
@@ -90,10 +91,15 @@ def check_config(config: ml_collections.ConfigDict, device_count: int, process_c
     for key in ("optimizer.weight_decay", "optimizer.warmup_steps", "testing.signal_at_step"):
         if _get(config, key) < 0:
             fail(key, "must be >= 0")
-    if config.data.num_threads < 1:
-        fail("data.num_threads", "must be at least 1")
+    if config.data.num_workers < 1:
+        fail("data.num_workers", "must be at least 1")
     if not 0 <= config.preempted_exit_code <= 255:
         fail("preempted_exit_code", "must be an exit status in 0..255")
+
+
+def decode_workers(config: ml_collections.ConfigDict) -> Workers:
+    """The host decoding of ``data.num_workers`` / ``data.worker_processes``."""
+    return Workers(config.data.num_workers, config.data.worker_processes)
 
 
 def compute_dtype(config: ml_collections.ConfigDict) -> Any:

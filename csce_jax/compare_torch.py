@@ -176,7 +176,7 @@ def score_both(config, data, setup, torch_side: TorchSide) -> dict[str, Any]:
     codes = {}
     for name, src in (("query", data.query), ("database", data.database)):
         ours = encoder.encode(weights, src)
-        loader = EvalLoader(src, global_batch=config.eval_batch_size, view=view, num_threads=2)
+        loader = EvalLoader(src, global_batch=config.eval_batch_size, view=view)
         codes[name] = (ours["codes"], torch_side.encode(loader)["codes"], ours["labels"])
     for side, i in (("jax", 0), ("torch", 1)):
         out[f"map_{side}"] = metrics.mean_average_precision(

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from csce_jax.builders import balance
+from csce_jax.builders import balance, decode_workers
 from csce_jax.data.pipeline import EvalLoader, ViewConfig
 from csce_jax.data.sources import Source
 from csce_jax.hashing import encode as binarize
@@ -67,7 +67,7 @@ class Encoder:
             view=ViewConfig(c.data.resize, c.data.crop, False),
             process_index=jax.process_index(),
             process_count=jax.process_count(),
-            num_threads=c.data.num_threads,
+            workers=decode_workers(c),
             skip_corrupt=c.data.skip_corrupt,
         )
         codes, cont, index = [], [], []

@@ -12,7 +12,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from csce_jax import metrics, state, viz
+from csce_jax import metrics, runtime, state, viz
 from csce_jax.data import load_data
 from csce_jax.data.pipeline import ViewConfig
 from csce_jax.encoding import Encoder
@@ -96,6 +96,8 @@ def run_eval(
 ) -> dict[str, Any]:
     """Encode the query and database sets with a checkpoint (or a weights file, e.g. a converted
     PyTorch checkpoint) and write ``<workdir>/eval/``. The checkpoints are only read."""
+    runtime.set_xla_flags(config)
+    runtime.enable_compilation_cache(config.compilation_cache)
     data = load_data(config.data)
     mesh = make_mesh()
     if weights_file:

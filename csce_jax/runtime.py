@@ -1,4 +1,5 @@
-"""Process-level setup before training: joining a multi-host job and XLA's compilation cache."""
+"""Process-level setup before training: XLA flags the layers need, joining a multi-host job,
+and XLA's compilation cache."""
 
 from __future__ import annotations
 
@@ -7,10 +8,47 @@ from pathlib import Path
 
 import jax
 import ml_collections
+from absl import logging
+from jax._src import xla_bridge
 
 from csce_jax.errors import ConfigError
 from csce_jax.hostmem import accelerator_present
 from csce_jax.pretrained import cache_dir
+
+# The CPU-tuned layers (model.kernels="cpu") give XLA:GPU dots that its Triton GEMM fusion
+# cannot tile: compiling the training step aborts in triton_tiling_propagation.cc. With Triton
+# GEMM off, XLA:GPU hands those dots to cuBLAS and the step compiles.
+TRITON_GEMM_OFF = "--xla_gpu_enable_triton_gemm=false"
+
+
+def xla_flags_for(kernels: str, accelerator: bool, flags: str) -> str | None:
+    """The ``XLA_FLAGS`` value ``kernels`` needs on this host, or None when ``flags`` will do.
+
+    Only the CPU-tuned layers on an accelerator host need a flag; a Triton GEMM setting the
+    user gave stands.
+    """
+    if kernels != "cpu" or not accelerator or "xla_gpu_enable_triton_gemm" in flags:
+        return None
+    return f"{flags} {TRITON_GEMM_OFF}".strip()
+
+
+def set_xla_flags(config: ml_collections.ConfigDict) -> None:
+    """Set the XLA flags ``config.model.kernels`` needs before JAX starts its backends, and log
+    them; refuse when a GPU backend already started without them."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    wanted = xla_flags_for(config.model.kernels, accelerator_present(), flags)
+    if wanted is None:
+        return
+    if xla_bridge.backends_are_initialized():
+        if jax.default_backend() == "gpu":
+            raise ConfigError(
+                f"model.kernels='cpu' on a GPU needs XLA_FLAGS={TRITON_GEMM_OFF} before JAX "
+                "starts (XLA:GPU's Triton GEMM cannot compile these layers): set it, or use "
+                "model.kernels=auto"
+            )
+        return
+    os.environ["XLA_FLAGS"] = wanted
+    logging.info("model.kernels=cpu on an accelerator host: XLA_FLAGS=%r", wanted)
 
 
 def _distributed_ready() -> bool:
@@ -64,5 +102,8 @@ def enable_compilation_cache(setting: str) -> str | None:
     except OSError:  # an unwritable cache only costs compile time: run without it
         return None
     jax.config.update("jax_compilation_cache_dir", setting)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    # Every program, however quick to compile: building the model runs its initialisers
+    # eagerly, a few dozen small programs (about 9 s for the demo's model on a 2-core CPU)
+    # that a warm cache serves in about 1 s at every later start (resume, eval.py).
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return setting

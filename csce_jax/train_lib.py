@@ -13,6 +13,7 @@ Outputs in the workdir (``docs/training.md``): ``config.json`` and ``config_hist
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import math
@@ -34,7 +35,7 @@ from csce_jax.checkpointing import Checkpoints
 from csce_jax.data import RetrievalData, TrainLoader, ViewConfig, load_data
 from csce_jax.data.verify import verify_data
 from csce_jax.encoding import Encoder
-from csce_jax.errors import CheckpointError, NonFiniteLossError, WorkdirError
+from csce_jax.errors import CheckpointError, ConfigError, NonFiniteLossError, WorkdirError
 from csce_jax.eval_lib import retrieval_map
 from csce_jax.losses import csce_loss, elastic_margins
 from csce_jax.preemption import StopSignals
@@ -125,6 +126,7 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
     """Train (or resume) ``config`` in ``workdir``; returns the final metrics row, or
     ``{"step", "preempted": True}`` when a signal stopped it after saving."""
+    runtime.set_xla_flags(config)
     runtime.initialize_distributed(config)
     builders.check_config(config, jax.device_count(), jax.process_count())
     runtime.enable_compilation_cache(config.compilation_cache)
@@ -142,8 +144,9 @@ def train_and_evaluate(
         )
         log_start(run)
         clock = Clock(run.start)
-        with StopSignals(config.log_every_steps) as signals:
-            for step, batch in enumerate(device_batches(run), start=run.start + 1):
+        batches = contextlib.closing(device_batches(run))  # stops the decoding workers
+        with StopSignals(config.log_every_steps) as signals, batches as batches:
+            for step, batch in enumerate(batches, start=run.start + 1):
                 state, step_metrics = train_step(state, batch)
                 last = step == config.total_steps
                 stopping = signals.should_stop(step, last)
@@ -232,7 +235,7 @@ def make_loader(config: ml_collections.ConfigDict, data: RetrievalData) -> Train
         view=ViewConfig(config.data.resize, config.data.crop, config.data.flip),
         process_index=jax.process_index(),
         process_count=jax.process_count(),
-        num_threads=config.data.num_threads,
+        workers=builders.decode_workers(config),
         skip_corrupt=config.data.skip_corrupt,
     )
 
@@ -240,11 +243,12 @@ def make_loader(config: ml_collections.ConfigDict, data: RetrievalData) -> Train
 def device_batches(run: Run) -> Iterator[dict[str, jax.Array]]:
     """Global batches from step ``run.start`` on, ``PREFETCH`` of them already on the devices."""
     queue: collections.deque = collections.deque()
-    for host in run.loader.batches(run.start):
-        batch = {"image": host["image"], "label": host["label"]}
-        queue.append(sharding.global_batch(run.mesh, batch))
-        if len(queue) > PREFETCH:
-            yield queue.popleft()
+    with contextlib.closing(run.loader.batches(run.start)) as hosts:
+        for host in hosts:
+            batch = {"image": host["image"], "label": host["label"]}
+            queue.append(sharding.global_batch(run.mesh, batch))
+            if len(queue) > PREFETCH:
+                yield queue.popleft()
     while queue:
         yield queue.popleft()
 
@@ -376,8 +380,15 @@ def save_if_due(run: Run, step: int, state, score: float | None, *, force: bool)
 
 def fire_test_signal(config: ml_collections.ConfigDict, step: int) -> None:
     """The test suite's deterministic fault injection (``config.testing``)."""
-    if config.testing.signal_at_step and step == config.testing.signal_at_step:
-        os.kill(os.getpid(), getattr(signal, config.testing.signal))
+    if not config.testing.signal_at_step or step != config.testing.signal_at_step:
+        return
+    sig = getattr(signal, config.testing.signal)
+    if not config.testing.signal_group:
+        os.kill(os.getpid(), sig)
+    elif os.getpgrp() == os.getpid():
+        os.killpg(os.getpgrp(), sig)
+    else:  # the group would reach whoever started train.py
+        raise ConfigError("testing.signal_group needs train.py to lead its own process group")
 
 
 def stop_preempted(run: Run, step: int) -> dict[str, Any]:

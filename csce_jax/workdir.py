@@ -50,7 +50,9 @@ RESUMABLE = (
     "data.manual_dir",
     "data.list_dir",
     "data.image_root",
-    "data.num_threads",
+    "data.num_threads",  # the decode setting's earlier name
+    "data.num_workers",
+    "data.worker_processes",
     "data.skip_corrupt",
     "data.verify",
     "model.init_from",

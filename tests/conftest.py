@@ -18,13 +18,19 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest
 
+from csce_jax import runtime
+
+# In-process tests build models too: share train.py's persistent compilation cache.
+runtime.enable_compilation_cache("auto")
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"width": 1 / 16, "depths": (1, 1, 1, 1)}
 TINY_OVERRIDES = [
     "--config.batch_size=8",
     "--config.eval_batch_size=64",
     "--config.log_every_steps=1",
-    "--config.data.num_threads=2",
+    "--config.data.num_workers=2",
+    "--config.data.worker_processes=False",  # threads start at once; processes: test_pipeline
 ]
 PREEMPTED = 75  # train.py's exit status after a stop signal (config.preempted_exit_code)
 
@@ -67,7 +73,7 @@ def tiny_config(steps=4, linear_optimizer=False):
     c.log_every_steps = 1
     c.eval_every_steps = steps
     c.checkpoint_every_steps = steps
-    c.data.num_threads = 2
+    c.data.num_workers, c.data.worker_processes = 2, False
     if linear_optimizer:
         c.optimizer.name = "sgd"
         c.optimizer.lr = 0.05
@@ -76,8 +82,17 @@ def tiny_config(steps=4, linear_optimizer=False):
     return c
 
 
-def run_train(workdir, *extra, check=True, background=False, env=None, config="configs/default.py"):
-    """``train.py`` on the tiny demo in a subprocess; ``check``: it must exit 0."""
+def run_train(
+    workdir,
+    *extra,
+    check=True,
+    background=False,
+    env=None,
+    config="configs/default.py",
+    new_session=False,
+):
+    """``train.py`` on the tiny demo in a subprocess; ``check``: it must exit 0;
+    ``new_session``: it leads a process group of its own."""
     cmd = [
         sys.executable,
         "train.py",
@@ -90,9 +105,23 @@ def run_train(workdir, *extra, check=True, background=False, env=None, config="c
     ]
     if background:
         return subprocess.Popen(
-            cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+            cmd,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=new_session,
         )
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    out = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        start_new_session=new_session,
+    )
     if check:
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out

@@ -13,16 +13,25 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# The script's three kinds of check, one each (the other step checks differ only in batch,
+# dtype, kernels or PyTorch layout, each covered by bench_train_step's own options): JAX
+# against channels_last PyTorch, end to end, the demo.
+CHECKS = [("step_b4_bf16_xla", "xla", "channels_last")]
+
+
 @pytest.mark.slow
 def test_device_check_script_smoke_run(tmp_path):
     pytest.importorskip("torch")
     env = dict(
         os.environ,
+        PRESET="demo",
         BATCH="2",
-        SIZE="112",
-        WIDTH="0.0625",
+        BIG_BATCH="4",
         REPEATS="1",
-        DTYPES="float32",  # bf16 training is checked by test_train; one run keeps this short
+        E2E_IMAGES="48",
+        E2E_STEPS="4",
+        DEMO_STEPS="6",
+        CHECKS=" ".join([c[0] for c in CHECKS] + ["e2e_b4_bf16", "demo_train"]),
         OUT=str(tmp_path),
         PYTHON=sys.executable,
     )
@@ -33,15 +42,35 @@ def test_device_check_script_smoke_run(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
     )
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "device_check.jsonl").read_text().splitlines()]
-    assert [r["dtype"] for r in rows] == ["float32"]
-    for r in rows:
-        assert (r["batch"], r["size"]) == (2, 112)
-        assert r["jax_train_images_per_sec"] > 0 and r["torch_train_images_per_sec"] > 0
-        assert r["train_ratio_vs_torch"] > 0 and r["train_step_gflops"] > 0
-        assert r["model_gflops_per_image"] > 0 and r["xla_gflops_per_image"] > 0
-        assert r["jax_mfu"] is None  # no peak FLOP/s known for a CPU: no invented MFU
-    assert out.stdout.strip().splitlines()[-1] == json.dumps(rows[-1], sort_keys=True)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    lines = (tmp_path / "device_check.jsonl").read_text().splitlines()
+    rows = {r["check"]: r for r in map(json.loads, lines)}
+    assert list(rows) == [c[0] for c in CHECKS] + ["e2e_b4_bf16", "demo_train"]
+    for name, kernels, layout in CHECKS:
+        r = rows[name]
+        assert (r["preset"], r["size"]) == ("demo", 112) and r["model_gflops_per_image"] > 0
+        if kernels:
+            assert r["kernels"] == kernels and r["jax_train_images_per_sec"] > 0
+            assert r["xla_gflops_per_image"] > 0  # the CPU counts every convolution
+            assert r["jax_mfu"] is None  # no peak FLOP/s known for a CPU: no invented MFU
+        else:
+            assert "jax_train_images_per_sec" not in r
+        if layout:
+            assert r["torch_layout"] == layout and r["torch_train_images_per_sec"] > 0
+        else:
+            assert "torch_train_images_per_sec" not in r
+        assert ("train_ratio_vs_torch" in r) == bool(kernels and layout)
+    e2e = rows["e2e_b4_bf16"]
+    assert e2e["batch"] == 4 and e2e["dtype"] == "bfloat16" and e2e["worker_processes"]
+    assert e2e["e2e_images_per_sec"] > 0 and e2e["step_images_per_sec"] > 0
+    assert e2e["e2e_vs_step"] > 0 and e2e["input_images_per_sec_2_processes"] > 0
+    demo = rows["demo_train"]
+    assert 0 < demo["demo_query_map"] <= 1 and demo["demo_images_per_sec"] > 0
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["seconds"] == sum(r["seconds"] for r in rows.values())
+    assert (
+        summary["step_b4_bf16_xla.train_ratio_vs_torch"]
+        == rows["step_b4_bf16_xla"]["train_ratio_vs_torch"]
+    )

@@ -3,12 +3,17 @@ kernel choices (``model.kernels``) compute the same layers."""
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_module
 from flax import nnx
 
+from csce_jax import runtime
+from csce_jax.errors import ConfigError
 from csce_jax.models.cpu_kernels import (
     batch_norm_train,
     pointwise_matmul,
@@ -159,3 +164,48 @@ def test_auto_kernels_follow_the_default_backend(monkeypatch):
     assert resolve_kernels("cpu") == "cpu" and resolve_kernels("xla") == "xla"
     with pytest.raises(ValueError, match="kernels must be one of"):
         resolve_kernels("triton")
+
+
+def test_the_cpu_kernels_get_their_xla_flag_only_on_accelerator_hosts():
+    off = runtime.TRITON_GEMM_OFF
+    assert runtime.xla_flags_for("cpu", True, "") == off
+    assert (
+        runtime.xla_flags_for("cpu", True, "--xla_dump_to=/tmp/x") == f"--xla_dump_to=/tmp/x {off}"
+    )
+    assert runtime.xla_flags_for("cpu", True, "--xla_gpu_enable_triton_gemm=true") is None
+    assert runtime.xla_flags_for("cpu", False, "") is None  # a CPU host needs nothing
+    assert runtime.xla_flags_for("xla", True, "") is None
+    assert runtime.xla_flags_for("auto", True, "") is None
+
+
+def test_the_flag_is_set_before_jax_starts_and_jax_runs_with_it():
+    code = (
+        "import os\n"
+        "from csce_jax import runtime\n"
+        "from configs.default import get_config\n"
+        "runtime.accelerator_present = lambda: True  # as on a GPU host\n"
+        "c = get_config()\n"
+        "c.model.kernels = 'cpu'\n"
+        "runtime.set_xla_flags(c)\n"
+        "import jax.numpy as jnp\n"
+        "print(os.environ['XLA_FLAGS'], float(jnp.ones(3).sum()))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = run_module("-c", code, env=env)
+    assert out.stdout.split() == [runtime.TRITON_GEMM_OFF, "3.0"]
+
+
+def test_a_gpu_backend_started_without_the_flag_is_refused(monkeypatch):
+    from configs.default import get_config
+
+    c = get_config()
+    c.model.kernels = "cpu"
+    jax.devices()  # the backends have started
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setattr(runtime, "accelerator_present", lambda: True)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # backends already started
+    with pytest.raises(ConfigError, match="xla_gpu_enable_triton_gemm=false"):
+        runtime.set_xla_flags(c)
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    runtime.set_xla_flags(c)  # on a CPU backend nothing is needed
+    assert os.environ["XLA_FLAGS"] == ""

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from csce_jax.data import EvalLoader, TrainLoader, ViewConfig
+from csce_jax.data import EvalLoader, TrainLoader, ViewConfig, Workers
 from csce_jax.data.sources import Source
 
 VIEW = ViewConfig(resize=20, crop=16, flip=True)
@@ -17,7 +17,7 @@ def source():
 
 
 def _run(source, steps=8, start=0, **kw):
-    args = {"global_batch": 8, "num_steps": steps, "seed": 3, "view": VIEW, "num_threads": 2}
+    args = {"global_batch": 8, "num_steps": steps, "seed": 3, "view": VIEW, "workers": Workers(2)}
     args.update(kw)
     return list(TrainLoader(source, **args).batches(start))
 
@@ -96,3 +96,37 @@ def test_eval_pads_and_masks_so_hosts_run_equal_steps(source):
     np.testing.assert_array_equal(
         whole[0]["image"], np.concatenate([parts[0][0]["image"], parts[1][0]["image"]])
     )
+
+
+def test_worker_processes_give_the_threads_batches(source):
+    """Decoding in processes changes nothing: same pixels, same order, also when resuming."""
+    threads = _run(source, steps=5, start=1)
+    processes = _run(source, steps=5, start=1, workers=Workers(2, processes=True))
+    assert len(processes) == len(threads) == 4
+    for x, y in zip(threads, processes, strict=True):
+        assert set(x) == set(y) == {"image", "label", "index"}
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+
+
+def test_a_skip_in_a_worker_process_is_counted_once_by_the_loader(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    paths = []
+    for i in range(6):
+        paths.append(tmp_path / f"{i}.jpg")
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(paths[-1])
+    paths[3].write_bytes(paths[3].read_bytes()[:40])  # truncated
+    src = Source([str(p) for p in paths], np.zeros(6, np.int32), [str(p) for p in paths], "six")
+    view = ViewConfig(resize=20, crop=16, flip=False)
+    workers = Workers(2, processes=True)
+    train = TrainLoader(
+        src, global_batch=3, num_steps=4, seed=0, view=view, workers=workers, skip_corrupt=True
+    )
+    assert sum(len(b["image"]) for b in train.batches()) == 12
+    assert train.corrupt.names == {str(paths[3])}  # drawn twice in two epochs, counted once
+    evaluate = EvalLoader(src, global_batch=4, view=view, workers=workers, skip_corrupt=True)
+    mask = np.concatenate([b["mask"] for b in evaluate.batches()])
+    assert mask.tolist() == [True] * 3 + [False] + [True] * 2 + [False] * 2
+    assert evaluate.corrupt.names == {str(paths[3])}

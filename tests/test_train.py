@@ -2,6 +2,9 @@
 
 import json
 import os
+import subprocess
+import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -132,19 +135,44 @@ def _assert_same_run(straight, resumed):
     assert _comparable(read_rows(straight)) == _comparable(read_rows(resumed))
 
 
+def _group_alive(pgid: int) -> bool:
+    """Whether a running (not zombie) process of group ``pgid`` is left (Linux /proc)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it ended while we looked
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
+
+
+def _wait_for_group_to_end(pgid: int, seconds: float = 20) -> None:
+    """train.py led process group ``pgid``; none of its decoding processes may outlive it."""
+    deadline = time.time() + seconds
+    while _group_alive(pgid) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _group_alive(pgid), "a decoding process outlived train.py"
+
+
 @pytest.mark.xdist_group("straight_run")
 @pytest.mark.slow
 def test_exact_resume_after_kill(tmp_path, straight_run):
     # The run sends itself SIGKILL right after step 3 (the step-2 checkpoint may still be
-    # being written): a kill -9 at a known moment, without polling.
-    out = run_train(
+    # being written): a kill -9 at a known moment, without polling. Its decoding processes
+    # must not outlive it.
+    proc = run_train(
         tmp_path,
         *RESUME_STEPS,
         "--config.testing.signal_at_step=3",
         "--config.testing.signal=SIGKILL",
-        check=False,
+        "--config.data.worker_processes=True",
+        background=True,
+        new_session=True,
     )
-    assert out.returncode == -9, out.stderr[-2000:]
+    stdout, _ = proc.communicate(timeout=600)
+    assert proc.returncode == -9, stdout[-2000:]
+    _wait_for_group_to_end(proc.pid)
     assert max(saved_steps(tmp_path), default=0) <= 3
     assert not any("query_map" in r for r in read_rows(tmp_path))
     run_train(tmp_path, *RESUME_STEPS)  # the same command resumes
@@ -155,19 +183,31 @@ def test_exact_resume_after_kill(tmp_path, straight_run):
 @pytest.mark.slow
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
 def test_stop_signal_saves_exits_preempted_and_resumes_exactly(tmp_path, straight_run, signal_name):
-    out = run_train(
+    # SIGINT goes to the whole process group, as a terminal's Ctrl-C does, with the batches
+    # decoded in worker processes: they leave the signal to the trainer and end with it.
+    group = signal_name == "SIGINT"
+    proc = run_train(
         tmp_path,
         *RESUME_STEPS,
         "--config.testing.signal_at_step=4",
         f"--config.testing.signal={signal_name}",
-        check=False,
+        f"--config.testing.signal_group={group}",
+        f"--config.data.worker_processes={group}",
+        background=True,
+        new_session=group,
     )
+    stdout, _ = proc.communicate(timeout=600)
+    out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stdout)
     assert out.returncode == PREEMPTED, out.stderr[-3000:]
+    if group:
+        assert json.loads((tmp_path / "config.json").read_text())["data"]["worker_processes"]
+        _wait_for_group_to_end(proc.pid)
     assert f"{signal_name}: saving a checkpoint" in out.stderr
     assert "Traceback" not in out.stderr
     # The signal arrives after step 4 has been dispatched: the run saves at the next step.
     assert saved_steps(tmp_path)[-1] == 5
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"preempted": True, "step": 5}
+    final = [line for line in out.stdout.splitlines() if line.startswith("{")][-1]
+    assert json.loads(final) == {"preempted": True, "step": 5}
     if signal_name == "SIGTERM":  # resuming is the same for both signals: once is enough
         run_train(tmp_path, *RESUME_STEPS)
         _assert_same_run(straight_run, tmp_path)

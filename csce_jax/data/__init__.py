@@ -2,7 +2,7 @@
 
 from csce_jax.data.datasets import DATASETS, RetrievalData, load_data, stratified_split
 from csce_jax.data.images import DataError
-from csce_jax.data.pipeline import EvalLoader, TrainLoader, ViewConfig
+from csce_jax.data.pipeline import EvalLoader, TrainLoader, ViewConfig, Workers
 
 __all__ = [
     "DATASETS",
@@ -11,6 +11,7 @@ __all__ = [
     "RetrievalData",
     "TrainLoader",
     "ViewConfig",
+    "Workers",
     "load_data",
     "stratified_split",
 ]

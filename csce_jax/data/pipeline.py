@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import signal
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import grain
 import numpy as np
-from absl import logging
+from absl import flags, logging
 
 from csce_jax.data.images import DataError, eval_view, load_rgb, train_view
 from csce_jax.data.sources import Source
@@ -36,24 +39,54 @@ class ViewConfig:
     flip: bool = True
 
 
+WORKER_NICENESS = 10  # decoding processes' CPU priority below the trainer's
+
+
+@dataclasses.dataclass(frozen=True)
+class Workers:
+    """How host batches are decoded in parallel: ``count`` threads, or ``count`` processes.
+
+    ``Workers()`` is threads, which start at once (a spawned process takes about a second).
+    ``train.py`` decodes in processes by default (``data.worker_processes``): decoded in the
+    trainer, batches fragment the host heap that the CPU step reuses (docs/data.md).
+    """
+
+    count: int = 4
+    processes: bool = False
+
+
 class CorruptImages:
-    """The distinct unreadable images a loader skipped (``data.skip_corrupt``)."""
+    """The distinct unreadable images a loader skipped (``data.skip_corrupt``).
+
+    Examples report what they skipped inside their batch (``skipped``), so the count is kept
+    in the consuming thread whether the batch was decoded by a thread or by another process.
+    """
 
     def __init__(self):
         self.names: set[str] = set()
-        self.lock = threading.Lock()
 
     @property
     def count(self) -> int:
         return len(self.names)
 
-    def add(self, where: str, err: Exception) -> None:
-        with self.lock:
-            new = where not in self.names
-            self.names.add(where)
-            n = len(self.names)
-        if new and (n <= 10 or n % 1000 == 0):
+    def add(self, where: str, err: str) -> None:
+        if where in self.names:
+            return
+        self.names.add(where)
+        n = len(self.names)
+        if n <= 10 or n % 1000 == 0:
             logging.warning("skipped unreadable image #%d: %s (%s)", n, where, err)
+
+    def noting(self, batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, np.ndarray]]:
+        """``batches`` without their ``skipped`` lists, each skip recorded here; closing this
+        closes ``batches`` (and stops their workers)."""
+        try:
+            for batch in batches:
+                for where, err in batch.pop("skipped"):
+                    self.add(where, err)
+                yield batch
+        finally:
+            getattr(batches, "close", lambda: None)()
 
 
 def _stream_position(q: int, global_batch: int, host_batch: int, process_index: int) -> int:
@@ -64,11 +97,13 @@ def _stream_position(q: int, global_batch: int, host_batch: int, process_index: 
 
 
 def _collate(items: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    """Stack examples into a host batch (image, label, index, and mask where present)."""
+    """Stack examples into a host batch (image, label, index, and mask where present); the
+    images they skipped as one list of (name, error)."""
     out = {
         "image": np.stack([x["image"] for x in items]),
         "label": np.stack([np.asarray(x["label"]) for x in items]),
         "index": np.asarray([x["index"] for x in items], np.int64),
+        "skipped": [s for x in items for s in x["skipped"]],
     }
     if "mask" in items[0]:
         out["mask"] = np.asarray([x["mask"] for x in items], bool)
@@ -76,13 +111,42 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 
 
 def _host_batches(
-    examples, num_steps: int, host_batch: int, threads: int, start: int = 0
-) -> Iterator[dict[str, np.ndarray]]:
-    """Batches ``start..num_steps-1`` of ``examples(q)``, read ahead by ``threads`` threads."""
+    examples, num_steps: int, host_batch: int, workers: Workers, start: int = 0
+) -> Iterator[dict[str, Any]]:
+    """Batches ``start..num_steps-1`` of ``examples(q)``, each decoded whole by one worker
+    and read ahead two per worker; the order does not depend on the workers."""
     ds = grain.MapDataset.range(num_steps * host_batch).map(examples)
     ds = ds.batch(host_batch, drop_remainder=True, batch_fn=_collate)[start:]
-    options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
-    return iter(ds.to_iter_dataset(options))
+    if not workers.processes:
+        options = grain.ReadOptions(
+            num_threads=workers.count, prefetch_buffer_size=2 * workers.count
+        )
+        return iter(ds.to_iter_dataset(options))
+    if not flags.FLAGS.is_parsed():  # grain's worker pool reads absl flags; outside an absl app
+        flags.FLAGS.mark_as_parsed()
+    serial = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
+    options = grain.MultiprocessingOptions(num_workers=workers.count, per_worker_buffer_size=2)
+    return iter(serial.mp_prefetch(options, worker_init_fn=_start_decoding_process))
+
+
+def _start_decoding_process(worker_index: int, num_workers: int) -> None:
+    """In each decoding process: yield the CPU to the trainer where they share cores (nice +10;
+    a worker then waits for a core instead of stalling half of the step's parallel work),
+    leave SIGINT and SIGTERM to the trainer (a Ctrl-C reaches the whole process group; the
+    trainer saves, then closes its workers), and exit when the trainer is gone (``kill -9``),
+    so no worker outlives it."""
+    del worker_index, num_workers
+    os.nice(WORKER_NICENESS)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    trainer = os.getppid()
+
+    def exit_when_orphaned() -> None:
+        while os.getppid() == trainer:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=exit_when_orphaned, daemon=True).start()
 
 
 class TrainLoader:
@@ -98,7 +162,7 @@ class TrainLoader:
         view: ViewConfig,
         process_index: int = 0,
         process_count: int = 1,
-        num_threads: int = 4,
+        workers: Workers = Workers(),
         skip_corrupt: bool = False,
     ):
         if global_batch % process_count:
@@ -111,7 +175,7 @@ class TrainLoader:
         self.global_batch, self.num_steps = global_batch, num_steps
         self.host_batch = global_batch // process_count
         self.process_index = process_index
-        self.num_threads, self.skip_corrupt = num_threads, skip_corrupt
+        self.workers, self.skip_corrupt = workers, skip_corrupt
         self.corrupt = CorruptImages()
         epochs = math.ceil(num_steps * global_batch / len(source)) + 1
         self._order = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(epochs)
@@ -120,6 +184,7 @@ class TrainLoader:
         pos = _stream_position(q, self.global_batch, self.host_batch, self.process_index)
         idx = int(self._order[pos])
         rng = np.random.default_rng((self.seed, pos))
+        skipped = []
         for _ in range(len(self.source)):
             rec = self.source[idx]
             try:
@@ -132,19 +197,24 @@ class TrainLoader:
                 image = train_view(
                     img, rng, resize=self.view.resize, crop=self.view.crop, flip=self.view.flip
                 )
-                return {"image": image, "label": rec["label"], "index": idx}
+                return {"image": image, "label": rec["label"], "index": idx, "skipped": skipped}
             except DataError as e:
                 if not self.skip_corrupt:
                     raise
-                self.corrupt.add(rec["where"], e)
+                skipped.append((rec["where"], str(e)))
                 idx = (idx + 1) % len(self.source)  # a deterministic stand-in
         raise DataError(f"{self.source.name}: no decodable image")
 
     def batches(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """Host batches for steps start_step, start_step + 1, ..., num_steps - 1."""
-        return _host_batches(
-            self._example, self.num_steps, self.host_batch, self.num_threads, start_step
+        batches = _host_batches(
+            self._example, self.num_steps, self.host_batch, self.workers, start_step
         )
+        return self.corrupt.noting(batches)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a decoding process needs: everything but the parent's record of skips."""
+        return {k: v for k, v in self.__dict__.items() if k != "corrupt"}
 
 
 class EvalLoader:
@@ -158,7 +228,7 @@ class EvalLoader:
         view: ViewConfig,
         process_index: int = 0,
         process_count: int = 1,
-        num_threads: int = 4,
+        workers: Workers = Workers(),
         skip_corrupt: bool = False,
     ):
         if global_batch % process_count:
@@ -168,14 +238,15 @@ class EvalLoader:
         self.host_batch = global_batch // process_count
         self.process_index = process_index
         self.num_steps = max(1, math.ceil(len(source) / global_batch))
-        self.num_threads, self.skip_corrupt = num_threads, skip_corrupt
+        self.workers, self.skip_corrupt = workers, skip_corrupt
         self.corrupt = CorruptImages()
 
     def _example(self, q: int) -> dict[str, Any]:
         pos = _stream_position(q, self.global_batch, self.host_batch, self.process_index)
         blank = np.zeros((self.view.crop, self.view.crop, 3), np.uint8)
+        pad = {"image": blank, "index": -1, "mask": False, "skipped": []}
         if pos >= len(self.source):  # padding: nothing to read
-            return {"image": blank, "label": self.source.labels[0], "index": -1, "mask": False}
+            return {**pad, "label": self.source.labels[0]}
         rec = self.source[pos]
         try:
             img = load_rgb(
@@ -185,9 +256,12 @@ class EvalLoader:
         except DataError as e:
             if not self.skip_corrupt:
                 raise
-            self.corrupt.add(rec["where"], e)
-            return {"image": blank, "label": rec["label"], "index": -1, "mask": False}
-        return {"image": image, "label": rec["label"], "index": pos, "mask": True}
+            return {**pad, "label": rec["label"], "skipped": [(rec["where"], str(e))]}
+        return {"image": image, "label": rec["label"], "index": pos, "mask": True, "skipped": []}
 
     def batches(self) -> Iterator[dict[str, np.ndarray]]:
-        return _host_batches(self._example, self.num_steps, self.host_batch, self.num_threads)
+        """Host batches over the whole split."""
+        batches = _host_batches(self._example, self.num_steps, self.host_batch, self.workers)
+        return self.corrupt.noting(batches)
+
+    __getstate__ = TrainLoader.__getstate__

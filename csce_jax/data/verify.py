@@ -2,7 +2,7 @@
 
   python -m csce_jax.data.verify --config configs/cub200.py [--out report.json]
 
-Decoding runs in ``data.num_threads`` threads with a progress line on stderr; the report (JSON:
+Decoding runs in ``data.num_workers`` threads with a progress line on stderr; the report (JSON:
 counts per split and every unreadable file with its error) is written atomically. With
 ``data.verify=True`` ``train.py`` runs the same check before training and writes
 ``<workdir>/data_report.json``; an unreadable image then stops the launch, naming it, unless
@@ -85,7 +85,7 @@ def verify_data(
 ) -> dict[str, Any]:
     """Check every image; an unreadable one is an error unless ``data.skip_corrupt``."""
     result = check_sources(
-        _splits(data), resize=config.data.resize, threads=config.data.num_threads
+        _splits(data), resize=config.data.resize, threads=config.data.num_workers
     )
     write_report(result, report)
     if result["bad"] and not config.data.skip_corrupt:
@@ -106,7 +106,7 @@ def main(argv: list[str]) -> None:
     def run() -> dict[str, Any]:
         data = load_data(config.data)
         result = check_sources(
-            _splits(data), resize=config.data.resize, threads=config.data.num_threads
+            _splits(data), resize=config.data.resize, threads=config.data.num_workers
         )
         write_report(result, out)
         return result
