@@ -13,9 +13,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# The script's three kinds of check, one each (the other step checks differ only in batch,
-# dtype, kernels or PyTorch layout, each covered by bench_train_step's own options): JAX
-# against channels_last PyTorch, end to end, the demo.
+# Two of the script's three kinds of check (the other step checks differ only in batch,
+# dtype, kernels or PyTorch layout, options of bench_train_step's): JAX against channels_last
+# PyTorch, and end to end. The third trains the demo through train.py, as most of this suite
+# does.
 CHECKS = [("step_b4_bf16_xla", "xla", "channels_last")]
 
 
@@ -31,7 +32,7 @@ def test_device_check_script_smoke_run(tmp_path):
         E2E_IMAGES="48",
         E2E_STEPS="4",
         DEMO_STEPS="6",
-        CHECKS=" ".join([c[0] for c in CHECKS] + ["e2e_b4_bf16", "demo_train"]),
+        CHECKS=" ".join([c[0] for c in CHECKS] + ["e2e_b4_bf16"]),
         OUT=str(tmp_path),
         PYTHON=sys.executable,
     )
@@ -47,7 +48,7 @@ def test_device_check_script_smoke_run(tmp_path):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     lines = (tmp_path / "device_check.jsonl").read_text().splitlines()
     rows = {r["check"]: r for r in map(json.loads, lines)}
-    assert list(rows) == [c[0] for c in CHECKS] + ["e2e_b4_bf16", "demo_train"]
+    assert list(rows) == [c[0] for c in CHECKS] + ["e2e_b4_bf16"]
     for name, kernels, layout in CHECKS:
         r = rows[name]
         assert (r["preset"], r["size"]) == ("demo", 112) and r["model_gflops_per_image"] > 0
@@ -66,8 +67,6 @@ def test_device_check_script_smoke_run(tmp_path):
     assert e2e["batch"] == 4 and e2e["dtype"] == "bfloat16" and e2e["worker_processes"]
     assert e2e["e2e_images_per_sec"] > 0 and e2e["step_images_per_sec"] > 0
     assert e2e["e2e_vs_step"] > 0 and e2e["input_images_per_sec_2_processes"] > 0
-    demo = rows["demo_train"]
-    assert 0 < demo["demo_query_map"] <= 1 and demo["demo_images_per_sec"] > 0
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["seconds"] == sum(r["seconds"] for r in rows.values())
     assert (
