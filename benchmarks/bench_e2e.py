@@ -93,8 +93,7 @@ def step_only(config, intervals: int) -> dict[str, float]:
     from csce_jax import state as train_state
     from csce_jax.data import load_data
 
-    runtime.set_xla_flags(config)
-    runtime.enable_compilation_cache(config.compilation_cache)
+    runtime.prepare_jax(config)
     data = load_data(config.data)
     mesh = sharding.make_mesh()
     setup = train_state.create_train_state(config, data.num_classes)

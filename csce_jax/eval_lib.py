@@ -96,8 +96,7 @@ def run_eval(
 ) -> dict[str, Any]:
     """Encode the query and database sets with a checkpoint (or a weights file, e.g. a converted
     PyTorch checkpoint) and write ``<workdir>/eval/``. The checkpoints are only read."""
-    runtime.set_xla_flags(config)
-    runtime.enable_compilation_cache(config.compilation_cache)
+    runtime.prepare_jax(config)
     data = load_data(config.data)
     mesh = make_mesh()
     if weights_file:

@@ -51,6 +51,12 @@ def set_xla_flags(config: ml_collections.ConfigDict) -> None:
     logging.info("model.kernels=cpu on an accelerator host: XLA_FLAGS=%r", wanted)
 
 
+def prepare_jax(config: ml_collections.ConfigDict) -> None:
+    """Before a run touches JAX: the XLA flags its layers need, then the compilation cache."""
+    set_xla_flags(config)
+    enable_compilation_cache(config.compilation_cache)
+
+
 def _distributed_ready() -> bool:
     try:
         from jax._src import distributed

@@ -126,10 +126,9 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
     """Train (or resume) ``config`` in ``workdir``; returns the final metrics row, or
     ``{"step", "preempted": True}`` when a signal stopped it after saving."""
-    runtime.set_xla_flags(config)
+    runtime.prepare_jax(config)
     runtime.initialize_distributed(config)
     builders.check_config(config, jax.device_count(), jax.process_count())
-    runtime.enable_compilation_cache(config.compilation_cache)
     with RunFolder(workdir, lead=jax.process_index() == 0) as folder:
         run, state = start_run(config, folder)
         if run.finished is not None:
