@@ -50,10 +50,15 @@ def data_config(name: str = "digits") -> ml_collections.ConfigDict:
             "name": name,
             "data_dir": "",  # tfds data_dir (tfds data sets)
             "download": False,  # let tfds download and prepare a missing data set
-            "manual_dir": "",  # aircraft / nabirds / vegfru archives or extracted folders
-            "list_dir": "",  # DeepHash list files train.txt, database.txt, test.txt
+            "manual_dir": "",  # official files of aircraft, nabirds, vegfru, oxford_flowers102
+            "list_dir": "",  # DeepHash list files train.txt, database.txt, test.txt[, val.txt]
             "image_root": "",  # root of the list files' paths, or an image folder
+            "multilabel": "auto",  # name=lists: auto (any line with several 1s), true, false
+            # a record set written by `python -m csce_jax.data.prepare` (decoded, resized
+            # images): read instead of the image files, the same pixels
+            "prepared": "",
             "resize": 256,  # shorter side before cropping
+            "jpeg_draft": False,  # decode JPEGs at reduced DCT scale (faster, other pixels)
             "crop": 224,  # the network's input size
             "flip": True,
             "keep_banner": False,  # aircraft: keep the 20-pixel copyright banner at the bottom

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from csce_jax.data.pipeline import Workers
+from csce_jax.data.pipeline import ViewConfig, Workers
 from csce_jax.errors import ConfigError
 from csce_jax.hashing import hash_centers
 from csce_jax.models import CSCENet
@@ -95,6 +95,12 @@ def check_config(config: ml_collections.ConfigDict, device_count: int, process_c
         fail("data.num_workers", "must be at least 1")
     if not 0 <= config.preempted_exit_code <= 255:
         fail("preempted_exit_code", "must be an exit status in 0..255")
+
+
+def view_config(config: ml_collections.ConfigDict, *, train: bool) -> ViewConfig:
+    """How the data block sizes images: training (random crop, flip) or evaluation views."""
+    d = config.data
+    return ViewConfig(d.resize, d.crop, bool(d.flip) and train, bool(d.get("jpeg_draft", False)))
 
 
 def decode_workers(config: ml_collections.ConfigDict) -> Workers:

@@ -30,7 +30,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from csce_jax import builders, cli, convert, metrics, sharding, state, train_lib
-from csce_jax.data import EvalLoader, ViewConfig, load_data
+from csce_jax.data import EvalLoader, load_data
 from csce_jax.encoding import Encoder
 from csce_jax.losses import elastic_margins
 from csce_jax.models.csce import normalize_images
@@ -171,7 +171,7 @@ def score_both(config, data, setup, torch_side: TorchSide) -> dict[str, Any]:
     mesh = sharding.make_mesh()
     encoder = Encoder(setup.eval_graphdef, config, mesh)
     weights = (setup.state["params"], setup.state["rest"])
-    view = ViewConfig(config.data.resize, config.data.crop, False)
+    view = builders.view_config(config, train=False)
     out: dict[str, Any] = {}
     codes = {}
     for name, src in (("query", data.query), ("database", data.database)):

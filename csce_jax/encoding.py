@@ -15,8 +15,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from csce_jax.builders import balance, decode_workers
-from csce_jax.data.pipeline import EvalLoader, ViewConfig
+from csce_jax.builders import balance, decode_workers, view_config
+from csce_jax.data.pipeline import EvalLoader
 from csce_jax.data.sources import Source
 from csce_jax.hashing import encode as binarize
 from csce_jax.sharding import data_sharded, gather, global_batch, replicated
@@ -64,7 +64,7 @@ class Encoder:
         loader = EvalLoader(
             source,
             global_batch=c.eval_batch_size,
-            view=ViewConfig(c.data.resize, c.data.crop, False),
+            view=view_config(c, train=False),
             process_index=jax.process_index(),
             process_count=jax.process_count(),
             workers=decode_workers(c),

@@ -13,8 +13,8 @@ import ml_collections
 import numpy as np
 
 from csce_jax import metrics, runtime, state, viz
+from csce_jax.builders import view_config
 from csce_jax.data import load_data
-from csce_jax.data.pipeline import ViewConfig
 from csce_jax.encoding import Encoder
 from csce_jax.errors import CodesError, ConfigError
 from csce_jax.sharding import make_mesh, replicated
@@ -134,7 +134,7 @@ def run_eval(
         database,
         [int(query["index"][r]) for r in rows],
         str(out_dir / "retrieval_grid.png"),
-        ViewConfig(config.data.resize, config.data.crop, False),
+        view_config(config, train=False),
     )
     write_json(out_dir / "metrics.json", result)
     return result

@@ -32,7 +32,7 @@ from flax import nnx
 
 from csce_jax import builders, flops, hostmem, metrics, runtime, sharding
 from csce_jax.checkpointing import Checkpoints
-from csce_jax.data import RetrievalData, TrainLoader, ViewConfig, load_data
+from csce_jax.data import RetrievalData, TrainLoader, load_data
 from csce_jax.data.verify import verify_data
 from csce_jax.encoding import Encoder
 from csce_jax.errors import CheckpointError, ConfigError, NonFiniteLossError, WorkdirError
@@ -231,7 +231,7 @@ def make_loader(config: ml_collections.ConfigDict, data: RetrievalData) -> Train
         global_batch=config.batch_size,
         num_steps=config.total_steps,
         seed=config.seed,
-        view=ViewConfig(config.data.resize, config.data.crop, config.data.flip),
+        view=builders.view_config(config, train=True),
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         workers=builders.decode_workers(config),

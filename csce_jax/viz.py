@@ -6,8 +6,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from csce_jax import metrics
-from csce_jax.data.images import eval_view, load_rgb
-from csce_jax.data.pipeline import ViewConfig
+from csce_jax.data.images import center_crop, load_rgb
+from csce_jax.data.pipeline import ViewConfig, resized_image
 from csce_jax.data.sources import Source
 
 PR_CURVE_SIZE = (600, 450)  # pixels of pr_curve.png
@@ -57,9 +57,7 @@ def plot_curves(series: dict[str, list[float]], path: str, title: str) -> None:
 
 
 def _tile(src: Source, i: int, view: ViewConfig) -> Image.Image:
-    rec = src[int(i)]
-    img = load_rgb(rec["image"], view.resize, rec["where"], trim_bottom=src.trim_bottom)
-    arr = eval_view(img, resize=view.resize, crop=view.crop)
+    arr = center_crop(resized_image(src, int(i), view), view.crop)
     return Image.fromarray(arr).resize((GRID_CELL, GRID_CELL))
 
 

@@ -50,6 +50,7 @@ RESUMABLE = (
     "data.manual_dir",
     "data.list_dir",
     "data.image_root",
+    "data.prepared",  # records give the image files' pixels exactly
     "data.num_threads",  # the decode setting's earlier name
     "data.num_workers",
     "data.worker_processes",

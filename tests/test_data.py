@@ -85,7 +85,9 @@ def test_list_file_source_single_and_multi_label(image_tree, tmp_path):
     _write_list(multi, [("cat/rgb.jpg", [1, 1, 0]), ("dog/rgb2.jpg", [0, 0, 1])])
     src = list_file_source(multi, image_root=image_tree, multilabel=True)
     assert src.labels.tolist() == [[1, 1, 0], [0, 0, 1]]
-    with pytest.raises(DataError, match=r"multi.txt:1: a single-label data set needs exactly one"):
+    with pytest.raises(
+        DataError, match=r"multi.txt:1: more than one 1 in the label vector of a single-label"
+    ):
         list_file_source(multi, image_root=image_tree, multilabel=False)
 
 
@@ -98,7 +100,7 @@ def test_missing_listed_file_names_file_and_line(image_tree, tmp_path):
     assert len(src) == 1
     bad = tmp_path / "bad.txt"
     bad.write_text("cat/rgb.jpg 1 x\n")
-    with pytest.raises(DataError, match="bad.txt:1: labels must be 0/1"):
+    with pytest.raises(DataError, match="bad.txt:1: label values must be 0 or 1"):
         list_file_source(bad, image_root=image_tree, multilabel=False)
 
 
@@ -113,16 +115,21 @@ def test_list_protocol_through_load_data(image_tree, tmp_path):
                 ("dog/cmyk.jpg", [0, 1]),
             ],
         )
-    cfg = data_config("imagenet100")
+    cfg = data_config("lists")
     cfg.list_dir, cfg.image_root = str(tmp_path), str(image_tree)
     data = load_data(cfg)
-    assert data.topk == 1000 and not data.multilabel
+    assert data.topk is None and not data.multilabel and data.num_classes == 2
     assert len(data.database) == 4 and len(data.query) == 4 and len(data.train) == 4
+    cfg.name = "imagenet100"  # the preset: 100 classes, mAP@1000
+    with pytest.raises(DataError, match=r"train.txt:1: a label vector of 2 values, but 100"):
+        load_data(cfg)
 
 
 def test_aircraft_manual_layout_and_messages(tmp_path):
     cfg = data_config("aircraft")
-    with pytest.raises(DataError, match="data.manual_dir is not set"):
+    with pytest.raises(
+        DataError, match=r"fgvc-aircraft-2013b.tar.gz, then pass --config.data.manual_dir="
+    ):
         load_data(cfg)
     with pytest.raises(
         DataError,

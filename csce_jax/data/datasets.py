@@ -23,13 +23,18 @@ from csce_jax.errors import DataError
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-    """What a data set is: classes, label kind, mAP cut-off, split sizes, how to load it."""
+    """What a data set is: classes, label kind, mAP cut-off, split sizes, how to load it.
+
+    ``num_classes`` 0 and ``multilabel`` None mean "from the data" (list files, folders).
+    ``load(cfg)`` returns the splits {"train", "query"[, "database"][, "val"]} and, where the
+    data decide them, "num_classes" and "multilabel".
+    """
 
     num_classes: int
-    multilabel: bool
+    multilabel: bool | None
     topk: int | None  # mAP cut-off of the protocol; None = the whole database
-    sizes: dict[str, int] | None  # documented sizes of train / query (/ database), if fixed
-    load: Callable[[Any], dict[str, S.Source]]
+    sizes: dict[str, int] | None  # documented sizes of train / query (/ val), if fixed
+    load: Callable[[Any], dict[str, Any]]
     database_is_train: bool = True
 
 
@@ -48,23 +53,27 @@ class RetrievalData:
     query: S.Source
 
 
-def _tfds(name: str, train: str, query: str):
+def _tfds(name: str, train: str, query: str, val: str | None = None):
     def load(cfg):
         d, download = cfg.data_dir or None, bool(cfg.download)
-        return {
+        out = {
             "train": S.tfds_source(name, train, data_dir=d, download=download),
             "query": S.tfds_source(name, query, data_dir=d, download=download),
         }
+        if val:
+            out["val"] = S.tfds_source(name, val, data_dir=d, download=download)
+        return out
 
     return load
 
 
-def _manual(fn):
+def _manual(fn, url: str):
     def load(cfg):
         if not cfg.manual_dir:
             raise DataError(
-                f"data.manual_dir is not set: {fn.__doc__.splitlines()[0]} is read "
-                "from a manual directory (see the README)"
+                f"{cfg.name} is read from files you download yourself: download them from "
+                f"{url}, then pass --config.data.manual_dir=<the folder holding them> "
+                "(docs/data.md)"
             )
         extra = {"keep_banner": cfg.keep_banner} if fn is S.aircraft_sources else {}
         train, query = fn(cfg.manual_dir, skip_missing=cfg.skip_corrupt, **extra)
@@ -73,23 +82,57 @@ def _manual(fn):
     return load
 
 
-def _lists(multilabel: bool):
+def _flowers(cfg):
+    """Flowers-102: the official files in ``data.manual_dir`` when set, else tfds."""
+    if not cfg.manual_dir:
+        return _tfds("oxford_flowers102", "train", "test", "validation")(cfg)
+    return S.flowers102_sources(
+        cfg.manual_dir, skip_missing=cfg.skip_corrupt, check_sizes=not cfg.allow_size_mismatch
+    )
+
+
+LIST_FILES = {"train": "train.txt", "database": "database.txt", "query": "test.txt"}
+MULTILABEL_CHOICES = ("auto", "true", "false")
+
+
+def _lists(num_classes: int | None = None, multilabel: bool | None = None):
+    """DeepHash list files in ``data.list_dir``: train.txt, database.txt, test.txt and, when
+    present, val.txt (the validation queries). A preset fixes the class count and label kind;
+    otherwise the vectors' length is the class count, and ``data.multilabel`` (auto: any line
+    with several 1s) the label kind."""
+
     def load(cfg):
         if not cfg.list_dir:
             raise DataError(
-                "data.list_dir is not set: it must hold train.txt, database.txt and "
-                "test.txt (DeepHash format, see the README)"
+                f"data.list_dir is not set: {cfg.name} reads train.txt, database.txt and "
+                "test.txt (DeepHash format `path/to/image.jpg 0 1 0 ...`, docs/data.md) from "
+                "--config.data.list_dir=<folder>"
             )
         root = cfg.image_root or cfg.list_dir
-        return {
-            split: S.list_file_source(
-                Path(cfg.list_dir) / f"{f}.txt",
-                root,
-                multilabel=multilabel,
-                skip_missing=cfg.skip_corrupt,
+        files = dict(LIST_FILES)
+        if (Path(cfg.list_dir) / "val.txt").is_file():
+            files["val"] = "val.txt"
+        width, parsed = num_classes, {}
+        for split, fname in files.items():
+            parsed[split] = S.ListFile(
+                Path(cfg.list_dir) / fname, root, width=width, skip_bad=cfg.skip_corrupt
             )
-            for split, f in (("train", "train"), ("database", "database"), ("query", "test"))
+            width = parsed[split].width
+        multi = multilabel
+        if multi is None:
+            choice = str(cfg.multilabel).lower()
+            if choice not in MULTILABEL_CHOICES:
+                raise DataError(f"data.multilabel={cfg.multilabel!r}: one of {MULTILABEL_CHOICES}")
+            auto = not all(f.is_single_label for f in parsed.values())
+            multi = auto if choice == "auto" else choice == "true"
+        out: dict[str, Any] = {
+            split: f.source(
+                multilabel=multi, skip_missing=cfg.skip_corrupt, name=f"{cfg.name}/{split}"
+            )
+            for split, f in parsed.items()
         }
+        out["num_classes"], out["multilabel"] = width, multi
+        return out
 
     return load
 
@@ -129,26 +172,32 @@ DATASETS: dict[str, DatasetSpec] = {
         101, False, None, {"train": 75750, "query": 25250}, _tfds("food101", "train", "validation")
     ),
     "oxford_flowers102": DatasetSpec(
-        102,
-        False,
-        None,
-        {"train": 1020, "query": 6149},
-        _tfds("oxford_flowers102", "train", "test"),
+        102, False, None, {"train": 1020, "val": 1020, "query": 6149}, _flowers
     ),
     "aircraft": DatasetSpec(
-        100, False, None, {"train": 6667, "query": 3333}, _manual(S.aircraft_sources)
+        100,
+        False,
+        None,
+        {"train": 6667, "query": 3333},
+        _manual(S.aircraft_sources, S.AIRCRAFT_URL),
     ),
     "nabirds": DatasetSpec(
-        555, False, None, {"train": 23929, "query": 24633}, _manual(S.nabirds_sources)
+        555,
+        False,
+        None,
+        {"train": 23929, "query": 24633},
+        _manual(S.nabirds_sources, S.NABIRDS_URL),
     ),
     "vegfru": DatasetSpec(
-        292, False, None, {"train": 29200, "query": 116931}, _manual(S.vegfru_sources)
+        292, False, None, {"train": 29200, "query": 116931}, _manual(S.vegfru_sources, S.VEGFRU_URL)
     ),
-    # The release's protocol. Published list files differ in counts between releases, so no
+    # The release's protocol: any DeepHash list files, and its three data sets as presets (class
+    # count and cut-off fixed). Published list files differ in counts between releases, so no
     # size is enforced; `python -m csce_jax.data.splits` prints counts and checksums.
-    "imagenet100": DatasetSpec(100, False, 1000, None, _lists(False), database_is_train=False),
-    "nuswide21": DatasetSpec(21, True, 5000, None, _lists(True), database_is_train=False),
-    "coco": DatasetSpec(80, True, 5000, None, _lists(True), database_is_train=False),
+    "lists": DatasetSpec(0, None, None, None, _lists(), database_is_train=False),
+    "imagenet100": DatasetSpec(100, False, 1000, None, _lists(100, False), database_is_train=False),
+    "nuswide21": DatasetSpec(21, True, 5000, None, _lists(21, True), database_is_train=False),
+    "coco": DatasetSpec(80, True, 5000, None, _lists(80, True), database_is_train=False),
     "folder": DatasetSpec(0, False, None, None, _folder),
 }
 
@@ -175,8 +224,38 @@ def stratified_split(
     return np.setdiff1d(np.arange(len(labels)), out), out
 
 
+def _check_labels(name: str, src: S.Source, num_classes: int, multilabel: bool) -> None:
+    """Every label fits the class count (a label -1 or C would wrap or break the loss)."""
+    labels = np.asarray(src.labels)
+    if multilabel:
+        if labels.ndim != 2 or labels.shape[1] != num_classes:
+            raise DataError(
+                f"{name}: {src.name} has label vectors of shape {labels.shape[1:]}, "
+                f"expected ({num_classes},)"
+            )
+        return
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        raise DataError(
+            f"{name}: label {int(labels[bad[0]])} of {src.where[int(bad[0])]} is outside "
+            f"0..{num_classes - 1} ({bad.size} such label(s) in {src.name})"
+        )
+
+
+def _without(train: S.Source, held: S.Source) -> np.ndarray:
+    """Indices of ``train``'s records that are not among ``held``'s images (by path)."""
+    if not all(isinstance(x, str) for x in held.images):
+        return np.arange(len(train))
+    held_paths = set(held.images)
+    return np.asarray([i for i in range(len(train)) if train.images[i] not in held_paths], np.int64)
+
+
 def load_data(cfg: Any) -> RetrievalData:
     """Build the sources of ``cfg.name`` (an ml_collections ``data`` block)."""
+    if cfg.get("prepared"):
+        from csce_jax.data.records import load_prepared
+
+        return load_prepared(cfg)
     if cfg.name not in DATASETS:
         raise DataError(f"unknown data.name {cfg.name!r}; known: {', '.join(sorted(DATASETS))}")
     spec = DATASETS[cfg.name]
@@ -184,31 +263,42 @@ def load_data(cfg: Any) -> RetrievalData:
     train, query = splits["train"], splits["query"]
     database = train if spec.database_is_train else splits["database"]
     counts = {"train": len(train), "query": len(query), "database": len(database)}
+    if "val" in splits:
+        counts["val"] = len(splits["val"])
     if spec.sizes and not cfg.allow_size_mismatch:
-        wrong = {k: (counts[k], v) for k, v in spec.sizes.items() if counts[k] != v}
+        wrong = {k: (counts[k], v) for k, v in spec.sizes.items() if counts.get(k, v) != v}
         if wrong:
             detail = ", ".join(f"{k}: found {a}, documented {b}" for k, (a, b) in wrong.items())
             raise DataError(
                 f"{cfg.name}: split sizes do not match the documented ones ({detail}); "
                 "set data.allow_size_mismatch=True if that is intended"
             )
-    num_classes = spec.num_classes or int(train.labels.max()) + 1
-    keep, held = stratified_split(train.labels, cfg.val_fraction, cfg.split_seed)
-    fit = train.subset(keep, f"{train.name}:fit") if len(held) else train
-    val = train.subset(held, f"{train.name}:val") if len(held) else None
+    num_classes = splits.get("num_classes") or spec.num_classes or int(train.labels.max()) + 1
+    multilabel = splits.get("multilabel", spec.multilabel)
+    for src in {id(s): s for s in (train, query, database, splits.get("val"))}.values():
+        if src is not None:
+            _check_labels(cfg.name, src, num_classes, multilabel)
+    if "val" in splits:  # the data set's own validation split
+        val = splits["val"]
+        keep = _without(train, val)
+        fit = train if len(keep) == len(train) else train.subset(keep, f"{train.name}:fit")
+    else:
+        keep, held = stratified_split(train.labels, cfg.val_fraction, cfg.split_seed)
+        fit = train.subset(keep, f"{train.name}:fit") if len(held) else train
+        val = train.subset(held, f"{train.name}:val") if len(held) else None
     logging.info(
         "data %s: train %d (fit %d, val %d), database %d, query %d",
         cfg.name,
         len(train),
         len(fit),
-        len(held),
+        0 if val is None else len(val),
         len(database),
         len(query),
     )
     return RetrievalData(
         cfg.name,
         num_classes,
-        spec.multilabel,
+        multilabel,
         spec.topk if cfg.topk == 0 else (None if cfg.topk < 0 else cfg.topk),
         train,
         fit,

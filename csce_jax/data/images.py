@@ -1,10 +1,16 @@
 """Image decoding and augmentation on the host (PIL + numpy), uint8 in and out.
 
-Training: resize the shorter side to ``resize``, random ``crop`` x ``crop`` crop, optional
-horizontal flip. Evaluation: resize, centre crop. ImageNet normalisation happens inside the
-model on the device, so host batches stay uint8 (4x less to copy). JPEGs are decoded with PIL's
-``draft`` mode when they are at least twice the target size: the DCT downscales while decoding,
-the main reason the pipeline beats a plain PIL loop.
+The release's torchvision transforms, pixel for pixel: ``Resize(resize)`` (shorter side to
+``resize``, the long side ``int(resize * long / short)``, truncated; PIL bilinear with its
+antialiasing), then for training ``RandomHorizontalFlip`` and ``RandomCrop(crop)`` (flip the
+resized image, then crop), for evaluation ``CenterCrop(crop)``. The first part (decode, banner
+trim, RGB, resize) is deterministic: :func:`resized_rgb` computes it, and a prepared record set
+stores its output (``csce_jax.data.prepare``). ImageNet normalisation happens inside the model
+on the device, so host batches stay uint8 (4x less to copy).
+
+``draft=True`` (``data.jpeg_draft``) lets PIL decode a JPEG at a reduced DCT scale when it is at
+least twice the target size: faster, but the pixels differ from a full decode, so it is off by
+default.
 """
 
 from __future__ import annotations
@@ -18,17 +24,33 @@ from PIL import Image, ImageFile
 
 from csce_jax.errors import DataError
 
-__all__ = ["DataError", "eval_view", "load_rgb", "resize_shorter", "train_view"]
+__all__ = [
+    "DataError",
+    "center_crop",
+    "eval_view",
+    "load_rgb",
+    "random_crop",
+    "resize_shorter",
+    "resized_rgb",
+    "resized_size",
+    "train_view",
+]
 
 
 def load_rgb(
-    image: Any, resize: int | None = None, where: str = "", *, trim_bottom: int = 0
+    image: Any,
+    resize: int | None = None,
+    where: str = "",
+    *,
+    trim_bottom: int = 0,
+    draft: bool = False,
 ) -> Image.Image:
     """An RGB PIL image from a path, encoded bytes or a uint8 array (H, W[, C]).
 
     Grayscale and CMYK are converted; an alpha channel is composited over white; 16-bit and
     32-bit images are scaled to 8 bits (PIL's own conversion would clip them at 255).
-    ``resize`` lets JPEG decoding downscale early (draft mode). ``trim_bottom`` removes that
+    With ``draft``, a JPEG decodes at reduced scale down to about ``2 * resize`` (PIL draft
+    mode; changes pixels against a full decode). ``trim_bottom`` removes that
     many rows (at the file's full resolution) from the bottom, e.g. FGVC-Aircraft's copyright
     banner. Errors name ``where`` (file and list line).
     """
@@ -45,7 +67,7 @@ def load_rgb(
         else:
             img = Image.open(os.fspath(image))
         full_height = img.height
-        if resize and img.format == "JPEG":
+        if draft and resize and img.format == "JPEG":
             img.draft("RGB", (2 * resize, 2 * resize))
         img.load()
     except FileNotFoundError as e:
@@ -86,38 +108,63 @@ def _trim(img: Image.Image, rows: int, full_height: int) -> Image.Image:
     return img.crop((0, 0, img.width, img.height - cut))
 
 
+def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) after torchvision ``Resize(size)``: the shorter side becomes ``size``,
+    the longer ``int(size * long / short)`` (truncated, as torchvision computes it)."""
+    if width <= height:
+        return size, max(1, int(size * height / width))
+    return max(1, int(size * width / height)), size
+
+
 def resize_shorter(img: Image.Image, size: int) -> Image.Image:
-    """Resize so the shorter side is ``size`` (bilinear, antialiased, like torchvision Resize)."""
-    w, h = img.size
-    if min(w, h) == size:
+    """torchvision ``Resize(size)`` on a PIL image: :func:`resized_size`, PIL bilinear (which
+    antialiases when shrinking)."""
+    new = resized_size(img.width, img.height, size)
+    if new == img.size:
         return img
-    if w <= h:
-        new = (size, max(1, round(h * size / w)))
-    else:
-        new = (max(1, round(w * size / h)), size)
-    return img.resize(new, Image.BILINEAR, reducing_gap=None)
+    return img.resize(new, Image.BILINEAR)
+
+
+def resized_rgb(
+    image: Any, resize: int, where: str = "", *, trim_bottom: int = 0, draft: bool = False
+) -> np.ndarray:
+    """The deterministic part of every view: decode, trim, RGB, resize -> uint8 (H, W, 3)."""
+    img = load_rgb(image, resize, where, trim_bottom=trim_bottom, draft=draft)
+    return np.asarray(resize_shorter(img, resize))
+
+
+def random_crop(arr: np.ndarray, rng: np.random.Generator, *, crop: int, flip: bool) -> np.ndarray:
+    """``RandomHorizontalFlip`` then ``RandomCrop(crop)`` of a resized uint8 array, in the
+    release's order (flip drawn first, then the top and left corner); a view, not a copy."""
+    h, w = arr.shape[:2]
+    if h < crop or w < crop:
+        raise DataError(f"crop {crop} larger than the resized image {h}x{w}")
+    flipped = flip and rng.random() < 0.5
+    top = int(rng.integers(0, h - crop + 1))
+    left = int(rng.integers(0, w - crop + 1))
+    if flipped:
+        arr = arr[:, ::-1]
+    return arr[top : top + crop, left : left + crop]
+
+
+def center_crop(arr: np.ndarray, crop: int) -> np.ndarray:
+    """torchvision ``CenterCrop(crop)`` of a resized uint8 array (its rounding); a view."""
+    h, w = arr.shape[:2]
+    if h < crop or w < crop:
+        raise DataError(f"crop {crop} larger than the resized image {h}x{w}")
+    top = round((h - crop) / 2.0)
+    left = round((w - crop) / 2.0)
+    return arr[top : top + crop, left : left + crop]
 
 
 def train_view(
     img: Image.Image, rng: np.random.Generator, *, resize: int, crop: int, flip: bool
 ) -> np.ndarray:
-    """Resize, random crop, random horizontal flip -> uint8 (crop, crop, 3)."""
+    """Resize, random flip, random crop -> uint8 (crop, crop, 3)."""
     arr = np.asarray(resize_shorter(img, resize))
-    h, w = arr.shape[:2]
-    if h < crop or w < crop:
-        raise DataError(f"crop {crop} larger than the resized image {h}x{w}")
-    top = int(rng.integers(0, h - crop + 1))
-    left = int(rng.integers(0, w - crop + 1))
-    out = arr[top : top + crop, left : left + crop]
-    if flip and rng.random() < 0.5:
-        out = out[:, ::-1]
-    return np.ascontiguousarray(out)
+    return np.ascontiguousarray(random_crop(arr, rng, crop=crop, flip=flip))
 
 
 def eval_view(img: Image.Image, *, resize: int, crop: int) -> np.ndarray:
-    """Resize, centre crop -> uint8 (crop, crop, 3) (torchvision CenterCrop's rounding)."""
-    arr = np.asarray(resize_shorter(img, resize))
-    h, w = arr.shape[:2]
-    top = round((h - crop) / 2.0)
-    left = round((w - crop) / 2.0)
-    return np.ascontiguousarray(arr[top : top + crop, left : left + crop])
+    """Resize, centre crop -> uint8 (crop, crop, 3)."""
+    return np.ascontiguousarray(center_crop(np.asarray(resize_shorter(img, resize)), crop))

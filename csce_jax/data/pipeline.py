@@ -26,17 +26,30 @@ import grain
 import numpy as np
 from absl import flags, logging
 
-from csce_jax.data.images import DataError, eval_view, load_rgb, train_view
+from csce_jax.data.images import DataError, center_crop, random_crop, resized_rgb
 from csce_jax.data.sources import Source
 
 
 @dataclasses.dataclass(frozen=True)
 class ViewConfig:
-    """How images are sized: resize the shorter side to ``resize``, crop ``crop``."""
+    """How images are sized: resize the shorter side to ``resize``, crop ``crop``; ``draft``:
+    JPEG decoding at reduced DCT scale (``data.jpeg_draft``)."""
 
     resize: int = 256
     crop: int = 224
     flip: bool = True
+    draft: bool = False
+
+
+def resized_image(source: Source, i: int, view: ViewConfig) -> np.ndarray:
+    """Record ``i``'s image decoded and resized (uint8 H x W x 3): read as it is from a
+    prepared record set, computed from the file otherwise. DataError names the image."""
+    image = source.images[i]
+    if source.prepared:
+        return image
+    return resized_rgb(
+        image, view.resize, source.where[i], trim_bottom=source.trim_bottom, draft=view.draft
+    )
 
 
 WORKER_NICENESS = 10  # decoding processes' CPU priority below the trainer's
@@ -113,10 +126,15 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 def _host_batches(
     examples, num_steps: int, host_batch: int, workers: Workers, start: int = 0
 ) -> Iterator[dict[str, Any]]:
-    """Batches ``start..num_steps-1`` of ``examples(q)``, each decoded whole by one worker
-    and read ahead two per worker; the order does not depend on the workers."""
-    ds = grain.MapDataset.range(num_steps * host_batch).map(examples)
-    ds = ds.batch(host_batch, drop_remainder=True, batch_fn=_collate)[start:]
+    """Batches ``start..num_steps-1`` of ``examples(q)``, each built whole by one worker (its
+    crops copied once, straight into the batch) and read ahead two per worker; the order does
+    not depend on the workers."""
+
+    def batch(step: int) -> dict[str, Any]:
+        q0 = step * host_batch
+        return _collate([examples(q) for q in range(q0, q0 + host_batch)])
+
+    ds = grain.MapDataset.range(num_steps)[start:].map(batch)
     if not workers.processes:
         options = grain.ReadOptions(
             num_threads=workers.count, prefetch_buffer_size=2 * workers.count
@@ -186,22 +204,15 @@ class TrainLoader:
         rng = np.random.default_rng((self.seed, pos))
         skipped = []
         for _ in range(len(self.source)):
-            rec = self.source[idx]
             try:
-                img = load_rgb(
-                    rec["image"],
-                    self.view.resize,
-                    rec["where"],
-                    trim_bottom=self.source.trim_bottom,
-                )
-                image = train_view(
-                    img, rng, resize=self.view.resize, crop=self.view.crop, flip=self.view.flip
-                )
-                return {"image": image, "label": rec["label"], "index": idx, "skipped": skipped}
+                arr = resized_image(self.source, idx, self.view)
+                image = random_crop(arr, rng, crop=self.view.crop, flip=self.view.flip)
+                label = self.source.labels[idx]
+                return {"image": image, "label": label, "index": idx, "skipped": skipped}
             except DataError as e:
                 if not self.skip_corrupt:
                     raise
-                skipped.append((rec["where"], str(e)))
+                skipped.append((self.source.where[idx], str(e)))
                 idx = (idx + 1) % len(self.source)  # a deterministic stand-in
         raise DataError(f"{self.source.name}: no decodable image")
 
@@ -247,17 +258,14 @@ class EvalLoader:
         pad = {"image": blank, "index": -1, "mask": False, "skipped": []}
         if pos >= len(self.source):  # padding: nothing to read
             return {**pad, "label": self.source.labels[0]}
-        rec = self.source[pos]
+        label = self.source.labels[pos]
         try:
-            img = load_rgb(
-                rec["image"], self.view.resize, rec["where"], trim_bottom=self.source.trim_bottom
-            )
-            image = eval_view(img, resize=self.view.resize, crop=self.view.crop)
+            image = center_crop(resized_image(self.source, pos, self.view), self.view.crop)
         except DataError as e:
             if not self.skip_corrupt:
                 raise
-            return {**pad, "label": rec["label"], "skipped": [(rec["where"], str(e))]}
-        return {"image": image, "label": rec["label"], "index": pos, "mask": True, "skipped": []}
+            return {**pad, "label": label, "skipped": [(self.source.where[pos], str(e))]}
+        return {"image": image, "label": label, "index": pos, "mask": True, "skipped": []}
 
     def batches(self) -> Iterator[dict[str, np.ndarray]]:
         """Host batches over the whole split."""

@@ -4,7 +4,8 @@ A source is one split: ``len(src)`` records, ``src[i]`` -> {"image", "label", "w
 ``image`` is a path, encoded bytes or a uint8 array (decoded later, in the pipeline), ``label`` a
 class index (single-label) or a multi-hot vector, and ``where`` names the record in error messages
 (file and list line). ``src.labels`` holds every label without touching an image;
-``src.trim_bottom`` is a number of rows every image of the source loses at the bottom (a banner).
+``src.trim_bottom`` is a number of rows every image of the source loses at the bottom (a banner);
+``src.prepared`` says its images are already decoded and resized (a prepared record set).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class Source:
         name: str,
         *,
         trim_bottom: int = 0,
+        prepared: bool = False,
     ):
         if not (len(images) == len(labels) == len(where)):
             raise ValueError(
@@ -41,6 +43,8 @@ class Source:
             )
         self.images, self.labels, self.where, self.name = images, np.asarray(labels), where, name
         self.trim_bottom = trim_bottom
+        self.prepared = prepared  # images are decoded, resized uint8 arrays (a record set)
+        self.parent: tuple[Source, np.ndarray] | None = None  # (source, indices) of a subset
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -52,13 +56,16 @@ class Source:
     def subset(self, indices: np.ndarray, name: str) -> Source:
         """The records at ``indices`` (an index array), as a new source."""
         indices = np.asarray(indices, np.int64)
-        return Source(
+        out = Source(
             _Take(self.images, indices),
             self.labels[indices],
             _Take(self.where, indices),
             name,
             trim_bottom=self.trim_bottom,
+            prepared=self.prepared,
         )
+        out.parent = (self, indices)
+        return out
 
 
 class _Take(Sequence):
@@ -96,6 +103,103 @@ def _existing(
     )
 
 
+class ListFile:
+    """One DeepHash list file, parsed and checked: image paths, 0/1 label vectors, line names.
+
+    Every line is ``relative/path.jpg v1 v2 ... vC``. A line is refused, naming the file and
+    line, when a value is not 0 or 1, its vector's length differs from the file's first line
+    (or from ``width``), its vector has no 1, or its path was already listed on an earlier line;
+    an empty file is refused too. With ``skip_bad`` (``data.skip_corrupt``) such lines are
+    skipped instead and counted in ``skipped`` (file:line and the reason).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        image_root: str | os.PathLike,
+        *,
+        width: int | None = None,
+        skip_bad: bool = False,
+    ):
+        self.path, self.root = Path(path), Path(image_root)
+        if not self.path.is_file():
+            raise DataError(f"list file not found: {self.path}")
+        self.skipped: list[str] = []
+        self.names: list[str] = []
+        self.lines: list[int] = []
+        vectors: list[np.ndarray] = []
+        first_line: dict[str, int] = {}
+        for n, line in enumerate(self.path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            name, *values = line.split()
+            try:
+                vec = self._vector(values, width, n)
+                if name in first_line:
+                    raise DataError(
+                        f"{self.path}:{n}: {name} is listed twice (first on line "
+                        f"{first_line[name]}); remove the duplicate line"
+                    )
+            except DataError as e:
+                if not skip_bad:
+                    raise
+                self.skipped.append(str(e))
+                continue
+            width = len(vec) if width is None else width
+            first_line[name] = n
+            self.names.append(name)
+            self.lines.append(n)
+            vectors.append(vec)
+        if self.skipped:
+            logging.warning(
+                "%s: skipped %d bad line(s), first: %s",
+                self.path,
+                len(self.skipped),
+                self.skipped[0],
+            )
+        if not vectors:
+            raise DataError(f"{self.path}: no usable line (expected `path/to/image.jpg 0 1 0 ...`)")
+        self.vectors = np.stack(vectors)
+
+    def _vector(self, values: list[str], width: int | None, n: int) -> np.ndarray:
+        loc = f"{self.path}:{n}"
+        if not values:
+            raise DataError(f"{loc}: no label vector after the image path")
+        if any(v not in ("0", "1") for v in values):
+            bad = next(v for v in values if v not in ("0", "1"))
+            raise DataError(f"{loc}: label values must be 0 or 1, found {bad!r}")
+        if width is not None and len(values) != width:
+            raise DataError(
+                f"{loc}: a label vector of {len(values)} values, but {width} are expected "
+                "(the class count: every line of every list must have the same length)"
+            )
+        vec = np.array([v == "1" for v in values], np.int8)
+        if not vec.any():
+            raise DataError(f"{loc}: the label vector has no 1 (an image needs at least one class)")
+        return vec
+
+    @property
+    def width(self) -> int:
+        return self.vectors.shape[1]
+
+    @property
+    def is_single_label(self) -> bool:
+        return bool((self.vectors.sum(axis=1) == 1).all())
+
+    def source(self, *, multilabel: bool, skip_missing: bool = False, name: str = "") -> Source:
+        """The listed images as a Source: labels multi-hot (``multilabel``) or class indices."""
+        if not multilabel and not self.is_single_label:
+            n = self.lines[int(np.flatnonzero(self.vectors.sum(axis=1) != 1)[0])]
+            raise DataError(
+                f"{self.path}:{n}: more than one 1 in the label vector of a single-label data "
+                "set (set data.multilabel=true for multi-label data)"
+            )
+        labels = self.vectors if multilabel else self.vectors.argmax(axis=1).astype(np.int32)
+        paths = [self.root / name for name in self.names]
+        where = [f"{p} ({self.path}:{n})" for p, n in zip(paths, self.lines, strict=True)]
+        return _existing(paths, labels, where, skip_missing, name or str(self.path))
+
+
 def list_file_source(
     list_file: str | os.PathLike,
     image_root: str | os.PathLike,
@@ -104,37 +208,9 @@ def list_file_source(
     skip_missing: bool = False,
 ) -> Source:
     """A DeepHash-style list: one line ``relative/path.jpg 0 0 1 0 ...`` per image."""
-    list_file, root = Path(list_file), Path(image_root)
-    if not list_file.is_file():
-        raise DataError(f"list file not found: {list_file}")
-    paths, labels, where = [], [], []
-    width = None
-    for n, line in enumerate(list_file.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        parts = line.split()
-        loc = f"{list_file}:{n}"
-        try:
-            vec = np.array([int(x) for x in parts[1:]], np.int8)
-        except ValueError as e:
-            raise DataError(f"{loc}: labels must be 0/1 integers: {line[:120]!r}") from e
-        if width is None:
-            width = len(vec)
-        if len(vec) != width or len(vec) == 0 or not np.isin(vec, (0, 1)).all():
-            raise DataError(f"{loc}: expected {width} 0/1 labels, got {parts[1:][:12]}")
-        if not multilabel and vec.sum() != 1:
-            raise DataError(
-                f"{loc}: a single-label data set needs exactly one 1, got {int(vec.sum())}"
-            )
-        paths.append(root / parts[0])
-        labels.append(vec)
-        where.append(f"{root / parts[0]} ({loc})")
-    if not paths:
-        raise DataError(f"{list_file}: no records")
-    lab = np.stack(labels)
-    if not multilabel:
-        lab = lab.argmax(axis=1).astype(np.int32)
-    return _existing(paths, lab, where, skip_missing, str(list_file))
+    return ListFile(list_file, image_root, skip_bad=skip_missing).source(
+        multilabel=multilabel, skip_missing=skip_missing
+    )
 
 
 SYSTEM_FOLDERS = ("__MACOSX", "@eaDir", "$RECYCLE.BIN", "System Volume Information")
@@ -254,15 +330,37 @@ def _extracted(manual_dir: Path, folder: str, archive: str, url: str, needed: st
         )
     base = manual_dir / folder
     if not (base / needed).exists() and (manual_dir / archive).is_file():
-        logging.info("extracting %s", manual_dir / archive)
-        with tarfile.open(manual_dir / archive) as tar:
-            tar.extractall(manual_dir, filter="data")
+        _extract(manual_dir / archive, folder)
     if not (base / needed).exists():
         raise DataError(
             f"{base / needed} not found: download {url} and put {archive} or its "
             f"extracted folder {folder}/ in {manual_dir}"
         )
     return base
+
+
+def _extract(archive: Path, folder: str) -> None:
+    """Extract ``archive``'s ``folder/`` beside it, atomically: into a temporary folder first,
+    then renamed, so an interrupted extraction leaves no half folder behind."""
+    import tempfile
+
+    logging.info("extracting %s", archive)
+    try:
+        with tempfile.TemporaryDirectory(prefix=f".{folder}-", dir=archive.parent) as tmp:
+            with tarfile.open(archive) as tar:
+                tar.extractall(tmp, filter="data")
+            if not (Path(tmp) / folder).is_dir():
+                raise DataError(f"{archive}: holds no {folder}/ folder")
+            if (archive.parent / folder).exists():
+                raise DataError(
+                    f"{archive.parent / folder} exists but is incomplete; remove it to extract "
+                    f"{archive.name} again"
+                )
+            os.replace(Path(tmp) / folder, archive.parent / folder)
+    except (OSError, tarfile.TarError) as e:
+        raise DataError(
+            f"cannot extract {archive} into {archive.parent} ({e}); extract it there yourself"
+        ) from e
 
 
 AIRCRAFT_BANNER_ROWS = 20
@@ -363,3 +461,86 @@ def vegfru_sources(
             _existing(paths, np.asarray(labels, np.int32), where, skip_missing, f"vegfru/{split}")
         )
     return out[0], out[1]
+
+
+FLOWERS_URL = "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/"
+FLOWERS_SPLITS = {"train": "trnid", "val": "valid", "query": "tstid"}
+FLOWERS_SIZES = {"trnid": 1020, "valid": 1020, "tstid": 6149}
+FLOWERS_IMAGES = 8189
+FLOWERS_CLASSES = 102
+
+
+def _mat_vector(path: Path, key: str) -> np.ndarray:
+    """The 1-D integer array ``key`` of a MATLAB file, or an error naming the file and key."""
+    from scipy import io as sio
+
+    try:
+        mat = sio.loadmat(path)
+    except Exception as e:
+        raise DataError(f"{path}: not a readable MATLAB .mat file ({e})") from e
+    if key not in mat:
+        keys = sorted(k for k in mat if not k.startswith("__"))
+        raise DataError(f"{path}: no variable {key!r} (found: {', '.join(keys) or 'none'})")
+    arr = np.asarray(mat[key]).ravel()
+    if arr.size and not np.issubdtype(arr.dtype, np.number):
+        raise DataError(f"{path}: {key} is not numeric")
+    return arr.astype(np.int64)
+
+
+def flowers102_sources(
+    manual_dir: str | os.PathLike, *, skip_missing: bool = False, check_sizes: bool = True
+) -> dict[str, Source]:
+    """Oxford Flowers-102 from its official files: {"train", "val", "query"}.
+
+    ``manual_dir`` holds ``imagelabels.mat``, ``setid.mat`` and ``jpg/image_00001.jpg`` ...
+    (or ``102flowers.tgz``, extracted there on first use). train = ``trnid`` (1,020; also the
+    database), val = ``valid`` (1,020; the validation queries), query = ``tstid`` (6,149);
+    labels 1..102 become 0..101. Each split keeps ``setid.mat``'s order.
+    """
+    base = Path(manual_dir)
+    names = "102flowers.tgz (or its jpg/ folder), imagelabels.mat and setid.mat"
+    if not base.is_dir():
+        raise DataError(
+            f"data.manual_dir={base} does not exist: download {names} from {FLOWERS_URL} "
+            "into that folder"
+        )
+    base = _extracted(base, "jpg", "102flowers.tgz", FLOWERS_URL, "image_00001.jpg")
+    base = base.parent
+    for f in ("imagelabels.mat", "setid.mat"):
+        if not (base / f).is_file():
+            raise DataError(f"{base / f} not found: download {f} from {FLOWERS_URL} into {base}")
+    labels = _mat_vector(base / "imagelabels.mat", "labels")
+    if check_sizes and len(labels) != FLOWERS_IMAGES:
+        raise DataError(
+            f"{base / 'imagelabels.mat'}: {len(labels)} labels, the data set has "
+            f"{FLOWERS_IMAGES} images (set data.allow_size_mismatch=True if intended)"
+        )
+    if len(labels) and (labels.min() < 1 or labels.max() > FLOWERS_CLASSES):
+        raise DataError(
+            f"{base / 'imagelabels.mat'}: labels must be 1..{FLOWERS_CLASSES}, found "
+            f"{labels.min()}..{labels.max()}"
+        )
+    out, seen = {}, {}
+    for split, key in FLOWERS_SPLITS.items():
+        ids = _mat_vector(base / "setid.mat", key)
+        if check_sizes and len(ids) != FLOWERS_SIZES[key]:
+            raise DataError(
+                f"{base / 'setid.mat'}: {key} holds {len(ids)} image ids, documented "
+                f"{FLOWERS_SIZES[key]} (set data.allow_size_mismatch=True if intended)"
+            )
+        bad = ids[(ids < 1) | (ids > len(labels))]
+        if bad.size:
+            raise DataError(
+                f"{base / 'setid.mat'}: {key} has image id {bad[0]} outside 1..{len(labels)}"
+            )
+        for i in ids:
+            if int(i) in seen:
+                raise DataError(
+                    f"{base / 'setid.mat'}: image id {i} is in both {seen[int(i)]} and {key}"
+                )
+            seen[int(i)] = key
+        paths = [base / "jpg" / f"image_{i:05d}.jpg" for i in ids]
+        where = [f"{p} (setid.mat {key})" for p in paths]
+        split_labels = (labels[ids - 1] - 1).astype(np.int32)
+        out[split] = _existing(paths, split_labels, where, skip_missing, f"flowers102/{split}")
+    return out
