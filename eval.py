@@ -30,6 +30,9 @@ flags.DEFINE_string(
     "score this weights file (.safetensors/.npz/.pth, e.g. a "
     "converted PyTorch checkpoint) instead of a checkpoint; needs --config",
 )
+flags.DEFINE_string(
+    "prepared", None, "read the images from this record set (python -m csce_jax.data.prepare)"
+)
 flags.DEFINE_bool("export_codes", False, "only encode and write the codes")
 flags.DEFINE_integer("grid_queries", 5, "queries shown in retrieval_grid.png")
 flags.DEFINE_string("query_codes", None, ".npy codes of the queries ({-1,+1} or packed)")
@@ -65,6 +68,9 @@ def main(argv):
             raise app.UsageError("--weights needs --config (the architecture and data set)")
         cli.quiet_library_logs()
         config = cli.error_boundary(eval_lib.load_run_config, FLAGS.workdir, FLAGS.config)
+        if FLAGS.prepared:
+            config.unlock()
+            config.data.prepared = FLAGS.prepared
         result = cli.error_boundary(
             eval_lib.run_eval,
             config,

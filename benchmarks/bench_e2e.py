@@ -4,6 +4,7 @@ input pipeline alone, on a generated JPEG folder of CUB-like sizes (about 500 x 
   python benchmarks/bench_e2e.py                   # ResNet-50 CSCE-Net, 224 px, batch 50
   python benchmarks/bench_e2e.py --preset demo     # the digits demo's model: width 1/16, 112 px
   python benchmarks/bench_e2e.py --threads         # decode in threads, not worker processes
+  python benchmarks/bench_e2e.py --preset demo --threads --records   # also from a record set
 
 Each measurement runs in a fresh process (they share one compilation cache), so none inherits
 another's memory or threads:
@@ -16,9 +17,13 @@ another's memory or threads:
 - input only: the training loader's batches (no model) with 1 and 2 decode workers, threads
   and processes.
 
+With ``--records`` the folder is also written as a record set (``csce_jax.data.prepare``) and
+the end-to-end and input-only measurements are repeated reading it (``data.prepared``).
+
 Last line: JSON with ``e2e_images_per_sec``, ``step_images_per_sec``,
 ``input_images_per_sec_{1,2}_{threads,processes}`` and ``e2e_vs_step`` (end to end over step
-only; 1.0 means the input costs the loop nothing).
+only; 1.0 means the input costs the loop nothing); with ``--records`` also the same keys with
+``records`` in them (``e2e_records_vs_step``).
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ def make_config(args: argparse.Namespace):
     c.data = data_config("folder")
     c.data.image_root = str(Path(args.tmp) / "images")
     c.data.query_fraction, c.data.val_fraction = 0.1, 0.0
+    c.data.prepared = args.prepared or ""
     c.data.num_workers, c.data.worker_processes = args.workers, not args.threads
     c.batch_size, c.eval_batch_size = args.batch, args.batch
     c.total_steps = args.steps
@@ -99,7 +105,7 @@ def step_only(config, intervals: int) -> dict[str, float]:
     setup = train_state.create_train_state(config, data.num_classes)
     step = train_lib.make_train_step(setup.graphdef, setup.tx, setup.schedule, config, False, mesh)
     host = next(train_lib.make_loader(config, data).batches(0))
-    batch = sharding.global_batch(mesh, {"image": host["image"], "label": host["label"]})
+    batch = sharding.global_batch(mesh, {k: host[k] for k in ("image", "flip", "label")})
     state = jax.device_put(setup.state, sharding.replicated(mesh))
     rates = []
     for _ in range(intervals + 1):  # the first holds the compilation
@@ -147,8 +153,9 @@ def run_phase(args: argparse.Namespace) -> None:
     print(json.dumps(out))
 
 
-def in_fresh_process(args: argparse.Namespace, phase: str) -> dict[str, float]:
+def in_fresh_process(args: argparse.Namespace, phase: str, prepared: str = "") -> dict[str, float]:
     argv = [sys.executable, __file__, "--phase", phase, "--tmp", args.tmp]
+    argv += ["--prepared", prepared] if prepared else []
     argv += ["--preset", args.preset, "--batch", str(args.batch), "--steps", str(args.steps)]
     argv += ["--dtype", args.dtype, "--kernels", args.kernels, "--workers", str(args.workers)]
     argv += ["--threads"] if args.threads else []
@@ -166,8 +173,10 @@ def main() -> None:
     p.add_argument("--kernels", default="auto", choices=["auto", "xla", "cpu"])
     p.add_argument("--workers", type=int, default=4, help="data.num_workers of the e2e run")
     p.add_argument("--threads", action="store_true", help="data.worker_processes=False")
+    p.add_argument("--records", action="store_true", help="also train from a record set")
     p.add_argument("--phase", choices=["e2e", "step", "input"], help=argparse.SUPPRESS)
     p.add_argument("--tmp", help=argparse.SUPPRESS)
+    p.add_argument("--prepared", help=argparse.SUPPRESS)
     args = p.parse_args()
     full = args.preset == "full"
     args.batch = args.batch or (50 if full else 64)
@@ -181,10 +190,22 @@ def main() -> None:
         make_folder(Path(tmp) / "images", args.images)
         for phase in ("e2e", "step", "input"):
             figures.update(in_fresh_process(args, phase))
+        if args.records:
+            from csce_jax.data.prepare import prepare
+
+            records = str(Path(tmp) / "records")
+            prepare(make_config(args), records, workers=2)
+            for phase in ("e2e", "input"):
+                for key, value in in_fresh_process(args, phase, records).items():
+                    figures[key.replace("_images", "_records_images")] = value
     import jax
 
     ratio = figures["e2e_images_per_sec"] / figures["step_images_per_sec"]
-    figures = {k: round(v, 2) for k, v in figures.items()}
+    if args.records:
+        figures["e2e_records_vs_step"] = (
+            figures["e2e_records_images_per_sec"] / figures["step_images_per_sec"]
+        )
+    figures = {k: round(v, 3 if "_vs_" in k else 2) for k, v in figures.items()}
     report(
         {
             "device": str(jax.devices()[0].device_kind),

@@ -82,15 +82,30 @@ def _from_file(path: Path) -> LoadedModel:
     return _loaded(model, None)
 
 
-def load_model(path_or_workdir: str | os.PathLike, step: int | None = None) -> LoadedModel:
+RELEASE_BALANCE = 32.0  # the release's fill rule: "more than 32 positive", whatever K is
+
+
+def load_model(
+    path_or_workdir: str | os.PathLike, step: int | None = None, *, release_codes: bool = False
+) -> LoadedModel:
     """An evaluation-mode model from a run folder (its best checkpoint, or ``step``), a
-    converted ``.safetensors``/``.npz``, or a PyTorch release ``.pth``/``.pt``."""
+    converted ``.safetensors``/``.npz``, or a PyTorch release ``.pth``/``.pt``.
+
+    ``release_codes=True`` makes :func:`encode` binarise as the release's evaluation does:
+    the DSF band applied to the raw code v (not to 2 * hardtanh(v)) and the fill value decided
+    by "more than 32 positive entries" (right only for 64 bits). Otherwise a run's own
+    settings apply (defaults for a file: band on 2 * hardtanh(v), fill by K/2).
+    """
     path = Path(path_or_workdir)
     if path.is_dir():
-        return _from_run(path, step)
-    if step is not None:
+        loaded = _from_run(path, step)
+    elif step is not None:
         raise ConversionError(f"{path}: step={step} needs a run folder, not a file")
-    return _from_file(path)
+    else:
+        loaded = _from_file(path)
+    if release_codes:
+        loaded.raw_eval_band, loaded.balance = True, RELEASE_BALANCE
+    return loaded
 
 
 def _prepare(images: Any, resize: int, crop: int) -> np.ndarray:

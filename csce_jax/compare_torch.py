@@ -5,15 +5,30 @@
 From one initialisation (our seeded init exported to PyTorch, or ``--init release.pt``) both
 sides run N steps of the release's recipe (every release-compat switch on: the release's DSF
 and loss, RMSprop with PyTorch semantics, lr 1e-5, weight decay 1e-5) on the batches of our
-pipeline, with the same elastic margins. Each step's loss, its two terms and the gradient norm
-are recorded on both sides with their relative differences; then both encode the query and
-database sets and both are scored with our metric. Written to ``--workdir``:
-``comparison.json`` (every figure) and ``loss_curves.png``; the last stdout line is JSON with
-``steps``, ``max_loss_rel_diff``, ``map_jax``, ``map_torch``, ``code_bits_differing``.
+pipeline, with the same elastic margins, on any data config (list files, Flowers-102, folders;
+multi-label data with the release's multi-label loss). Each step's loss, its two terms and the
+gradient norm are recorded on each side.
+
+The first RMSprop steps are chaotic (each is about lr * sign(g)), so one trajectory cannot tell
+a porting error from rounding. Beside the JAX-vs-PyTorch gap the report therefore shows the
+floor that rounding alone gives on the same run: the PyTorch side trained a second time in
+float64 (``--floor float64``, the default). Per step and series: ``gap`` = |JAX - PyTorch32|,
+``floor`` = |PyTorch32 - PyTorch64|, ``jax_vs_torch64`` = |JAX - PyTorch64|, each relative to
+PyTorch64. Verdict: JAX stays within the floor when, at every step and for every series, its
+distance to the float64 run is at most ``FLOOR_FACTOR`` times PyTorch float32's largest
+distance so far (plus ``FLOOR_SLACK``): our float32 is then no further from exact arithmetic
+than PyTorch's own. At the end every side encodes the query and database sets, and the report
+gives each side's mAP and the code bits that differ between each pair.
+
+Written to ``--workdir``: ``comparison.json`` (every figure) and ``loss_curves.png``; the last
+stdout line is JSON with ``steps``, ``max_loss_rel_diff``, ``map_jax``, ``map_torch``,
+``map_torch64``, ``code_bits_differing``, ``code_bits_differing_floor``, ``within_floor``.
 
 The PyTorch side is ``csce_jax.torch_reference.ReleaseNet`` (needs torch, not torchvision);
 ``--release_dir`` uses the release's own ``ResNet_DOLG`` from a checkout of its code instead
-(needs torchvision and a full-size ResNet-50 config).
+(needs torchvision and the release's network size: ResNet-50 at 224 px, no ASPP). Its
+constructor's ImageNet download is skipped (the weights are overwritten by ours anyway), so it
+runs offline.
 """
 
 from __future__ import annotations
@@ -31,12 +46,25 @@ from ml_collections import config_flags
 
 from csce_jax import builders, cli, convert, metrics, sharding, state, train_lib
 from csce_jax.data import EvalLoader, load_data
+from csce_jax.data.pipeline import apply_flips
 from csce_jax.encoding import Encoder
+from csce_jax.errors import ConfigError
 from csce_jax.losses import elastic_margins
 from csce_jax.models.csce import normalize_images
 from csce_jax.viz import plot_curves
+from csce_jax.writers import write_text_atomically
 
 SERIES = ("loss", "ce", "quant", "grad_norm")
+FLOOR_FACTOR = 10.0
+FLOOR_SLACK = 1e-6
+RELEASE_SIZE = {
+    "model.width": 1.0,
+    "model.depths": (3, 4, 6, 3),
+    "model.window_sizes": (2, 4),
+    "model.use_aspp": False,
+    "model.learn_centers": False,
+    "data.crop": 224,
+}
 
 
 def release_recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -56,16 +84,43 @@ def _normalized_nchw(images: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(normalize_images(images)).transpose(0, 3, 1, 2))
 
 
+def check_release_size(config: ml_collections.ConfigDict) -> None:
+    """The release's ResNet_DOLG exists in one size only; refuse any other config in one line."""
+    wrong = []
+    for key, want in RELEASE_SIZE.items():
+        node = config
+        for part in key.split("."):
+            node = node[part]
+        got = tuple(node) if isinstance(node, list | tuple) else node
+        if got != want:
+            wrong.append(f"--config.{key}={want!r}".replace(" ", ""))
+    if wrong:
+        raise ConfigError(
+            "--release_dir builds the release's full-size network (ResNet-50, 224 px, 52 "
+            f"windows); this config differs. Add {' '.join(wrong)}, or drop --release_dir to "
+            "compare with csce_jax.torch_reference at any size"
+        )
+
+
 class TorchSide:
     """The release network in PyTorch, trained with the release's loss and optimiser."""
 
-    def __init__(self, model, config, release_dir: str | None, dtype: str = "float32"):
+    def __init__(
+        self,
+        model,
+        config,
+        release_dir: str | None,
+        dtype: str = "float32",
+        multilabel: bool = False,
+    ):
         import torch
 
         from csce_jax import torch_reference as ref
 
         self.torch, self.ref = torch, ref
         self.dtype = getattr(torch, dtype)
+        self.multilabel = multilabel
+        self.margin = float(config.loss.margin)
         centers = torch.from_numpy(np.array(model.centers[...], np.float32))
         if release_dir:
             self.net, self.release = self._release_net(release_dir, config, centers), True
@@ -87,12 +142,30 @@ class TorchSide:
 
     @staticmethod
     def _release_net(release_dir: str, config, centers):
-        sys.path.insert(0, str(Path(release_dir).absolute()))
-        from network_patch_global import ResNet_DOLG  # the release's own module
+        """The release's ResNet_DOLG, built without its ImageNet download (offline)."""
+        check_release_size(config)
+        folder = Path(release_dir).absolute()
+        if not (folder / "network_patch_global.py").is_file():
+            raise ConfigError(
+                f"--release_dir={release_dir}: no network_patch_global.py there (a checkout "
+                "of NetEase-Media/CSCE-Net is expected)"
+            )
+        sys.path.insert(0, str(folder))
+        try:
+            import network_patch_global as release  # the release's own module
+        except ImportError as e:
+            raise ConfigError(
+                f"--release_dir: the release's network needs {e.name} (pip install torchvision "
+                "matching your torch)"
+            ) from e
 
+        def offline(builder):
+            return lambda *a, pretrained=False, **kw: builder(weights=None)
+
+        release.resnet_dict = {k: offline(v) for k, v in release.resnet_dict.items()}
         cfg = {"S3_DIM": 1024, "S4_DIM": 2048, "n_class": centers.shape[0]}
         cfg.update(signt=config.model.signt, learn_cent=False)
-        return ResNet_DOLG(centers.shape[1], cfg, centers)
+        return release.ResNet_DOLG(centers.shape[1], cfg, centers)
 
     def forward(self, images: np.ndarray) -> dict[str, Any]:
         x = self.torch.from_numpy(_normalized_nchw(images)).to(self.dtype)
@@ -104,13 +177,22 @@ class TorchSide:
     def step(self, images, labels, margins) -> dict[str, float]:
         self.net.train()
         out = self.forward(images)
-        loss, ce, quant = self.ref.release_loss(
-            out["logits"],
-            out["v"],
-            self.torch.from_numpy(labels.astype(np.int64)),
-            out["t"],
-            self.torch.from_numpy(margins).to(self.dtype),
-        )
+        if self.multilabel:
+            loss, ce, quant = self.ref.release_multilabel_loss(
+                out["logits"],
+                out["v"],
+                self.torch.from_numpy(labels.astype(np.float64)),
+                out["t"],
+                self.margin,
+            )
+        else:
+            loss, ce, quant = self.ref.release_loss(
+                out["logits"],
+                out["v"],
+                self.torch.from_numpy(labels.astype(np.int64)),
+                out["t"],
+                self.torch.from_numpy(margins).to(self.dtype),
+            )
         self.opt.zero_grad()
         loss.backward()
         grads = [p.grad for p in self.net.parameters() if p.grad is not None]
@@ -124,7 +206,7 @@ class TorchSide:
         with self.torch.no_grad():
             for batch in loader.batches():
                 out = self.forward(batch["image"])
-                b = self.ref.release_dsf(out["v"], out["t"]).float().numpy().astype(np.int8)
+                b = self.ref.release_dsf(out["v"], out["t"]).numpy().astype(np.int8)
                 keep = batch["index"] >= 0
                 codes.append(b[keep])
                 index.append(batch["index"][keep])
@@ -136,8 +218,12 @@ def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
 
-def train_both(config, data, setup, torch_side: TorchSide, steps: int) -> list[dict[str, Any]]:
-    """``steps`` steps on both sides from the same batches and margins; a row per step."""
+def train_both(
+    config, data, setup, torch_sides: dict[str, TorchSide], steps: int
+) -> list[dict[str, Any]]:
+    """``steps`` steps on every side from the same batches and margins; a row per step with
+    each side's figures and, per series, ``rel_diff`` (JAX vs PyTorch float32) and, with a
+    float64 side, ``floor`` (PyTorch float32 vs float64) and ``jax_vs_torch64``."""
     mesh = sharding.make_mesh()
     step_fn = train_lib.make_train_step(
         setup.graphdef, setup.tx, setup.schedule, config, data.multilabel, mesh
@@ -152,44 +238,73 @@ def train_both(config, data, setup, torch_side: TorchSide, steps: int) -> list[d
         margins = np.asarray(
             elastic_margins(key, len(host["label"]), config.loss.margin, config.loss.margin_std)
         )
-        batch = sharding.global_batch(mesh, {"image": host["image"], "label": host["label"]})
-        jax_state, m = step_fn(jax_state, batch)
-        ours = {k: float(v) for k, v in jax.device_get(m).items() if k in SERIES}
-        theirs = torch_side.step(host["image"], host["label"], margins)
-        row = {"step": step + 1}
+        batch = {k: host[k] for k in ("image", "flip", "label")}
+        jax_state, m = step_fn(jax_state, sharding.global_batch(mesh, batch))
+        sides = {"jax": {k: float(v) for k, v in jax.device_get(m).items() if k in SERIES}}
+        images = apply_flips(host["image"], host["flip"])
+        for name, side in torch_sides.items():
+            sides[name] = side.step(images, host["label"], margins)
+        row: dict[str, Any] = {"step": step + 1}
         for k in SERIES:
-            row[f"{k}_jax"], row[f"{k}_torch"] = ours[k], theirs[k]
-            row[f"{k}_rel_diff"] = _rel(ours[k], theirs[k])
+            for name, figures in sides.items():
+                row[f"{k}_{name}"] = figures[k]
+            row[f"{k}_rel_diff"] = _rel(sides["jax"][k], sides["torch"][k])
+            if "torch64" in sides:
+                exact = sides["torch64"][k]
+                row[f"{k}_floor"] = _rel(sides["torch"][k], exact)
+                row[f"{k}_jax_vs_torch64"] = _rel(sides["jax"][k], exact)
         rows.append(row)
-        logging.info("step %d: loss %.6f vs %.6f", step + 1, ours["loss"], theirs["loss"])
+        logging.info(
+            "step %d: loss %s",
+            step + 1,
+            " vs ".join(f"{n} {f['loss']:.6f}" for n, f in sides.items()),
+        )
     setup.state = jax_state
     return rows
 
 
-def score_both(config, data, setup, torch_side: TorchSide) -> dict[str, Any]:
-    """Encode query and database on both sides and score both with our metric."""
+def floor_verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Whether JAX stays within the rounding floor at every step, for every series."""
+    worst, where = 0.0, None
+    for k in SERIES:
+        running = 0.0
+        for r in rows:
+            running = max(running, r[f"{k}_floor"])
+            ratio = r[f"{k}_jax_vs_torch64"] / (FLOOR_FACTOR * running + FLOOR_SLACK)
+            if ratio > worst:
+                worst, where = ratio, {"series": k, "step": r["step"]}
+    return {"within_floor": worst <= 1.0, "worst_gap_over_allowed": worst, "worst_at": where}
+
+
+def score_sides(config, data, setup, torch_sides: dict[str, TorchSide]) -> dict[str, Any]:
+    """Encode query and database on every side, score each with our metric, count the code
+    bits that differ between JAX and PyTorch float32 (and between PyTorch float32 and 64)."""
     mesh = sharding.make_mesh()
     encoder = Encoder(setup.eval_graphdef, config, mesh)
     weights = (setup.state["params"], setup.state["rest"])
     view = builders.view_config(config, train=False)
-    out: dict[str, Any] = {}
-    codes = {}
-    for name, src in (("query", data.query), ("database", data.database)):
+    codes: dict[str, dict[str, np.ndarray]] = {n: {} for n in ("jax", *torch_sides)}
+    labels = {}
+    for split, src in (("query", data.query), ("database", data.database)):
         ours = encoder.encode(weights, src)
-        loader = EvalLoader(src, global_batch=config.eval_batch_size, view=view)
-        codes[name] = (ours["codes"], torch_side.encode(loader)["codes"], ours["labels"])
-    for side, i in (("jax", 0), ("torch", 1)):
-        out[f"map_{side}"] = metrics.mean_average_precision(
-            codes["query"][i],
-            codes["database"][i],
-            codes["query"][2],
-            codes["database"][2],
-            data.topk,
+        codes["jax"][split], labels[split] = ours["codes"], ours["labels"]
+        for name, side in torch_sides.items():
+            loader = EvalLoader(src, global_batch=config.eval_batch_size, view=view)
+            codes[name][split] = side.encode(loader)["codes"]
+    out: dict[str, Any] = {}
+    for name, c in codes.items():
+        out[f"map_{name}"] = metrics.mean_average_precision(
+            c["query"], c["database"], labels["query"], labels["database"], data.topk
         )
-    out["code_bits_differing"] = int(
-        sum(np.sum(codes[n][0] != codes[n][1]) for n in ("query", "database"))
-    )
-    out["code_bits_total"] = int(sum(codes[n][0].size for n in ("query", "database")))
+
+    def differing(a: str, b: str) -> int:
+        return int(sum(np.sum(codes[a][s] != codes[b][s]) for s in ("query", "database")))
+
+    out["code_bits_differing"] = differing("jax", "torch")
+    if "torch64" in codes:
+        out["code_bits_differing_floor"] = differing("torch", "torch64")
+        out["code_bits_differing_jax_vs_torch64"] = differing("jax", "torch64")
+    out["code_bits_total"] = int(sum(codes["jax"][s].size for s in ("query", "database")))
     return out
 
 
@@ -199,37 +314,48 @@ def compare(
     workdir: str,
     init: str = "",
     release_dir: str | None = None,
-    torch_dtype: str = "float32",
+    floor: str = "float64",
 ) -> dict[str, Any]:
     """Run the comparison; returns the summary (also written to ``workdir``)."""
     config = release_recipe(config)
     config.total_steps = max(steps, 1)
     builders.check_config(config, jax.device_count(), jax.process_count())
+    if release_dir:
+        check_release_size(config)
     data = load_data(config.data)
     setup = state.create_train_state(config, data.num_classes, init_from=init)
     model = state.model_of(setup)
-    torch_side = TorchSide(model, config, release_dir, torch_dtype)
-    rows = train_both(config, data, setup, torch_side, steps)
-    scores = score_both(config, data, setup, torch_side)
+    torch_sides = {"torch": TorchSide(model, config, release_dir, "float32", data.multilabel)}
+    if floor == "float64":
+        torch_sides["torch64"] = TorchSide(model, config, release_dir, "float64", data.multilabel)
+    rows = train_both(config, data, setup, torch_sides, steps)
+    scores = score_sides(config, data, setup, torch_sides)
     summary = {
         "steps": len(rows),
-        "max_loss_rel_diff": max((r["loss_rel_diff"] for r in rows), default=0.0),
+        "data": config.data.name,
         **{
             f"max_{k}_rel_diff": max((r[f"{k}_rel_diff"] for r in rows), default=0.0)
-            for k in SERIES[1:]
+            for k in SERIES
         },
         **scores,
         "torch_side": "release ResNet_DOLG" if release_dir else "csce_jax.torch_reference",
-        "torch_dtype": torch_dtype,
+        "floor": floor,
     }
+    if floor == "float64" and rows:
+        for k in SERIES:
+            summary[f"max_{k}_floor"] = max(r[f"{k}_floor"] for r in rows)
+        summary.update(floor_verdict(rows))
     out = Path(workdir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "comparison.json").write_text(json.dumps({"summary": summary, "steps": rows}, indent=2))
+    write_text_atomically(
+        out / "comparison.json", json.dumps({"summary": summary, "steps": rows}, indent=2)
+    )
+    sides = ("jax", *torch_sides)
     plot_curves(
         {
             f"{k} ({side})": [r[f"{k}_{side}"] for r in rows]
             for k in ("loss", "ce", "quant")
-            for side in ("jax", "torch")
+            for side in sides
         },
         str(out / "loss_curves.png"),
         f"{config.data.name}: JAX vs PyTorch, release recipe",
@@ -243,7 +369,7 @@ def main(argv: list[str]) -> None:
     cli.quiet_library_logs()
     f = flags.FLAGS
     summary = cli.error_boundary(
-        compare, f.config, f.steps, f.workdir, f.init, f.release_dir, f.torch_dtype
+        compare, f.config, f.steps, f.workdir, f.init, f.release_dir, f.floor
     )
     print(json.dumps(summary, sort_keys=True))
 
@@ -255,10 +381,10 @@ if __name__ == "__main__":
     flags.DEFINE_string("init", "", "start from this release .pt/.pth or converted file")
     flags.DEFINE_string("release_dir", None, "a checkout of the release's code (torchvision)")
     flags.DEFINE_enum(
-        "torch_dtype",
-        "float32",
-        ["float32", "float64"],
-        "PyTorch side's precision (float64: a reference free of float32 rounding)",
+        "floor",
+        "float64",
+        ["float64", "none"],
+        "train the PyTorch side again in float64 to measure the rounding floor (none: skip)",
     )
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main, flags_parser=cli.parse_flags)

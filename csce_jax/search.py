@@ -1,6 +1,7 @@
 """Hash a collection and search it by image.
 
   python -m csce_jax.search index --workdir runs/x --images photos/ --out photos.idx.npz
+  python -m csce_jax.search index --workdir runs/x --prepared records/ --split database --out db.idx.npz
   python -m csce_jax.search query --index photos.idx.npz query.jpg [-k 10] [--picture hits.png]
 
 The index holds the packed codes and the images' absolute paths plus what they were made with:
@@ -25,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from csce_jax import cli, eval_lib, state
+from csce_jax.data import load_data
 from csce_jax.data.sources import IMAGE_SUFFIXES, Source
 from csce_jax.encoding import Encoder
 from csce_jax.errors import CodesError
@@ -61,8 +63,9 @@ def _encoder(workdir: str, step: int | None, config: ml_collections.ConfigDict |
     enc = Encoder(graphdef, config, mesh)
     pair = (weights["params"], weights["rest"])
 
-    def encode(paths: list[str]) -> dict[str, Any]:
-        src = Source(paths, np.zeros(len(paths), np.int32), paths, "search")
+    def encode(src: list[str] | Source) -> dict[str, Any]:
+        if not isinstance(src, Source):
+            src = Source(src, np.zeros(len(src), np.int32), src, "search")
         return enc.encode(pair, src)
 
     return encode, {
@@ -79,11 +82,25 @@ def build_index(
     out: str,
     step: int | None = None,
     config: ml_collections.ConfigDict | None = None,
+    prepared: str | None = None,
 ) -> dict[str, Any]:
-    """Encode every image under ``images`` and write the index ``out`` (.npz) atomically."""
-    paths = _image_files(Path(images))
+    """Encode every image under ``images`` and write the index ``out`` (.npz) atomically.
+
+    With ``prepared`` (a record set of ``csce_jax.data.prepare``), ``images`` is instead the
+    name of one of its splits (train, val, database, query): its records are encoded, named by
+    their source paths, without decoding a file."""
+    config = eval_lib.load_run_config(workdir, config)
+    if prepared:
+        config.data.prepared = prepared
+        data = load_data(config.data)
+        if images not in ("train", "val", "database", "query") or getattr(data, images) is None:
+            raise CodesError(f"--split={images!r}: not a split of the record set {prepared}")
+        src = getattr(data, images)
+        paths = list(src.where)
+    else:
+        paths = src = _image_files(Path(images))
     encode, meta = _encoder(workdir, step, config)
-    enc = encode(paths)
+    enc = encode(src)
     for name in enc.get("skipped", []):
         print(f"skipped unreadable image: {name}", file=sys.stderr)
     kept = [paths[i] for i in enc["index"]]
@@ -171,7 +188,12 @@ def main(argv: list[str] | None = None) -> None:
     p_index = sub.add_parser("index", help="encode a folder of images")
     p_index.add_argument("--workdir", required=True, help="training run folder")
     p_index.add_argument("--config", help="config file[:args] (default: the run's config.json)")
-    p_index.add_argument("--images", required=True)
+    source = p_index.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", help="a folder of images (searched recursively)")
+    source.add_argument(
+        "--split", help="with --prepared: the record set's split to index (e.g. database)"
+    )
+    p_index.add_argument("--prepared", help="a record set (python -m csce_jax.data.prepare)")
     p_index.add_argument("--out", required=True, help="index file (.npz)")
     p_index.add_argument("--step", type=int, help="checkpoint step (default: the best)")
     p_query = sub.add_parser("query", help="search an index with an image")
@@ -185,8 +207,16 @@ def main(argv: list[str] | None = None) -> None:
     cli.quiet_library_logs()
     config = cli.error_boundary(cli.load_config_file, args.config) if args.config else None
     if args.command == "index":
+        if bool(args.split) != bool(args.prepared):
+            parser.error("--split and --prepared go together (--images for a folder)")
         summary = cli.error_boundary(
-            build_index, args.workdir, args.images, args.out, args.step, config
+            build_index,
+            args.workdir,
+            args.images or args.split,
+            args.out,
+            args.step,
+            config,
+            prepared=args.prepared,
         )
         print(json.dumps(summary))
     else:

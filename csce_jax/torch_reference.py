@@ -184,3 +184,16 @@ def release_loss(logits, v, labels, t, margins, *, scale=10.0, quan=1.0, half=32
     b = release_dsf(u, t, half)
     q = (1.0 - F.cosine_similarity(u, b, dim=1)).mean()
     return ce + quan * q, ce, q
+
+
+def release_multilabel_loss(logits, v, labels, t, margin, *, scale=10.0, quan=1.0, half=32.0):
+    """The release's multi-label loss: arc margin ``margin`` on every positive, softmax CE
+    against labels / (number of positives) ("label_smoothing"), cs quantisation. A row with
+    no positive label divides by zero there (NaN), as in the release."""
+    labels = labels.to(logits.dtype)
+    z = scale * torch.cos(torch.acos(logits.clamp(-0.99999, 0.99999)) + labels * margin)
+    ce = -(labels / labels.sum(dim=1, keepdim=True) * F.log_softmax(z, dim=1)).sum(dim=1).mean()
+    u = 2 * F.hardtanh(v, -0.5, 0.5)
+    b = release_dsf(u, t, half)
+    q = (1.0 - F.cosine_similarity(u, b, dim=1)).mean()
+    return ce + quan * q, ce, q

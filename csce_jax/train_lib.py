@@ -47,7 +47,8 @@ PREFETCH = 2  # sharded batches placed on the devices ahead of the step
 
 
 def make_train_step(graphdef, tx, schedule, config, multilabel: bool, mesh):
-    """The jitted, donated training step: (state, batch) -> (state, metrics)."""
+    """The jitted, donated training step: (state, batch) -> (state, metrics). ``batch`` holds
+    "image" and "label" and, from the training loader, "flip" (the images to mirror first)."""
     loss_kw = builders.loss_options(config, multilabel)
     lc = config.loss
 
@@ -60,9 +61,13 @@ def make_train_step(graphdef, tx, schedule, config, multilabel: bool, mesh):
         else:
             margins = elastic_margins(key, labels.shape[0], lc.margin, lc.margin_std)
 
+        images = batch["image"]
+        if "flip" in batch:  # the release's random flip, on the devices (crops come unflipped)
+            images = jnp.where(batch["flip"][:, None, None, None], images[:, :, ::-1], images)
+
         def loss_fn(params):
             model = nnx.merge(graphdef, params, state["rest"], copy=True)
-            out = model(batch["image"])
+            out = model(images)
             losses = csce_loss(out.logits, out.codes, out.threshold, labels, margins, **loss_kw)
             _, _, new_rest = nnx.split(model, nnx.Param, ...)
             return losses["loss"], (losses, new_rest)
@@ -244,7 +249,7 @@ def device_batches(run: Run) -> Iterator[dict[str, jax.Array]]:
     queue: collections.deque = collections.deque()
     with contextlib.closing(run.loader.batches(run.start)) as hosts:
         for host in hosts:
-            batch = {"image": host["image"], "label": host["label"]}
+            batch = {"image": host["image"], "flip": host["flip"], "label": host["label"]}
             queue.append(sharding.global_batch(run.mesh, batch))
             if len(queue) > PREFETCH:
                 yield queue.popleft()

@@ -186,3 +186,19 @@ def test_eval_scores_a_weights_file_like_its_checkpoint(trained, tmp_path):
     reference = json.loads((trained / "eval" / "metrics.json").read_text())
     assert step == 3 and scored["map"] == reference["map"]
     assert scored["checkpoint_step"].startswith("weights file")
+
+
+def test_load_model_with_the_release_code_rule(trained):
+    """release_codes=True: the DSF band on raw v and the "more than 32 positive" fill."""
+    import jax.numpy as jnp
+
+    import csce_jax
+    from csce_jax.hashing import encode as binarize
+
+    ours, release = csce_jax.load_model(trained), csce_jax.load_model(trained, release_codes=True)
+    assert (release.raw_eval_band, release.balance) == (True, 32.0)
+    pixels = np.repeat(digits_images()[0][:16, :, :, None], 3, axis=-1)
+    out = release.model(jnp.asarray(csce_jax.api._prepare(pixels, release.resize, release.crop)))
+    expect = binarize(out.codes, out.threshold, raw_eval_band=True, balance=32.0)
+    assert np.array_equal(csce_jax.encode(release, pixels), np.asarray(expect).astype(np.int8))
+    assert csce_jax.encode(ours, pixels).shape == (16, ours.bits)

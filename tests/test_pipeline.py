@@ -104,7 +104,7 @@ def test_worker_processes_give_the_threads_batches(source):
     processes = _run(source, steps=5, start=1, workers=Workers(2, processes=True))
     assert len(processes) == len(threads) == 4
     for x, y in zip(threads, processes, strict=True):
-        assert set(x) == set(y) == {"image", "label", "index"}
+        assert set(x) == set(y) == {"image", "flip", "label", "index"}
         for key in x:
             np.testing.assert_array_equal(x[key], y[key])
 
@@ -130,3 +130,35 @@ def test_a_skip_in_a_worker_process_is_counted_once_by_the_loader(tmp_path):
     mask = np.concatenate([b["mask"] for b in evaluate.batches()])
     assert mask.tolist() == [True] * 3 + [False] + [True] * 2 + [False] * 2
     assert evaluate.corrupt.names == {str(paths[3])}
+
+
+def test_training_order_is_grains_shuffled_stream():
+    """The per-epoch cache gives grain's own order: range(n).shuffle(seed).repeat()."""
+    import grain
+
+    from csce_jax.data.sources import Source
+
+    n = 37
+    src = Source(list(range(n)), np.zeros(n, np.int32), [str(i) for i in range(n)], "order")
+    loader = TrainLoader(src, global_batch=4, num_steps=30, seed=5, view=VIEW)
+    stream = grain.MapDataset.range(n).shuffle(seed=5).repeat(4)
+    assert [loader.record_at(p) for p in range(4 * n)] == [stream[p] for p in range(4 * n)]
+
+
+def test_training_crops_come_unflipped_with_the_flip_to_apply():
+    """apply_flips(batch) is the release's flip-then-crop of each resized image."""
+    from csce_jax.data.images import random_crop
+    from csce_jax.data.pipeline import apply_flips
+
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 255, (20, 20 + i, 3), dtype=np.uint8) for i in range(8)]
+    src = Source(images, np.zeros(8, np.int32), [str(i) for i in range(8)], "flips")
+    view = ViewConfig(resize=20, crop=16, flip=True)
+    loader = TrainLoader(src, global_batch=8, num_steps=1, seed=2, view=view)
+    batch = next(iter(loader.batches()))
+    assert batch["flip"].dtype == bool and 0 < batch["flip"].sum() < 8
+    for k in range(8):
+        expect = random_crop(
+            images[batch["index"][k]], np.random.default_rng((2, k)), crop=16, flip=True
+        )
+        np.testing.assert_array_equal(apply_flips(batch["image"], batch["flip"])[k], expect)

@@ -298,3 +298,22 @@ def test_resize_and_crops_equal_torchvision_transforms(tmp_path):
             np.asarray(flip)[top : top + 224, left : left + 224],
             src[top : top + 224, left : left + 224],
         )
+
+
+def test_flowers_as_list_files_reads_back_to_the_same_splits(tmp_path):
+    """Lists written from the official files (csce_jax.data.splits) and read with
+    data.name=lists give the manual route's splits, in the same order."""
+    from csce_jax.data.splits import write_lists
+
+    folder = tmp_path / "flowers"
+    _flowers(folder)
+    manual = load_data(_flowers_cfg(folder))
+    write_lists(_flowers_cfg(folder), tmp_path / "lists")
+    cfg = data_config("lists")
+    cfg.list_dir, cfg.image_root = str(tmp_path / "lists"), str(folder)
+    lists = load_data(cfg)
+    assert lists.num_classes == 102 and not lists.multilabel
+    for name in ("train", "fit", "val", "database", "query"):
+        a, b = getattr(manual, name), getattr(lists, name)
+        assert [str(p) for p in a.images] == [str(p) for p in b.images], name
+        assert a.labels.tolist() == b.labels.tolist(), name

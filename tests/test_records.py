@@ -208,3 +208,42 @@ def test_jpeg_records_are_smaller_and_close(tmp_path):
     for i in range(len(a)):
         x, y = a.images[i].astype(int), b.images[i].astype(int)
         assert x.shape == y.shape and np.abs(x - y).mean() < 3
+
+
+def test_eval_and_search_read_a_record_set(trained_run, tmp_path):
+    """eval.py --prepared and search index --prepared give the image path's codes."""
+    import json
+    import shutil
+
+    from conftest import run_module, tiny_config
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("eval", ".lock"))
+    prepare(tiny_config(), tmp_path / "digits", workers=1)
+    out = run_module("eval.py", "--workdir", str(run), "--export_codes")
+    assert out.returncode == 0, out.stderr[-3000:]
+    files = {n: np.load(run / "eval" / f"{n}_codes.npy") for n in ("query", "database")}
+    shutil.rmtree(run / "eval")
+    out = run_module(
+        "eval.py", "--workdir", str(run), "--export_codes", f"--prepared={tmp_path / 'digits'}"
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    for name, codes in files.items():
+        assert np.array_equal(np.load(run / "eval" / f"{name}_codes.npy"), codes), name
+    index = tmp_path / "q.idx.npz"
+    out = run_module(
+        "-m",
+        "csce_jax.search",
+        "index",
+        "--workdir",
+        str(run),
+        "--prepared",
+        str(tmp_path / "digits"),
+        "--split",
+        "query",
+        "--out",
+        str(index),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["indexed"] == 300
+    assert np.array_equal(np.load(index)["codes"], files["query"])

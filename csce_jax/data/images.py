@@ -30,6 +30,7 @@ __all__ = [
     "eval_view",
     "load_rgb",
     "random_crop",
+    "random_window",
     "resize_shorter",
     "resized_rgb",
     "resized_size",
@@ -133,18 +134,25 @@ def resized_rgb(
     return np.asarray(resize_shorter(img, resize))
 
 
+def random_window(
+    height: int, width: int, rng: np.random.Generator, *, crop: int, flip: bool
+) -> tuple[int, int, bool]:
+    """``RandomHorizontalFlip`` then ``RandomCrop(crop)``, in the release's order (flip drawn
+    first, then the top and left corner of the crop in the flipped image), as (top, left,
+    flipped) of the same pixels in the unflipped image: crop there, then mirror if flipped."""
+    if height < crop or width < crop:
+        raise DataError(f"crop {crop} larger than the resized image {height}x{width}")
+    flipped = bool(flip and rng.random() < 0.5)
+    top = int(rng.integers(0, height - crop + 1))
+    left = int(rng.integers(0, width - crop + 1))
+    return top, (width - crop - left if flipped else left), flipped
+
+
 def random_crop(arr: np.ndarray, rng: np.random.Generator, *, crop: int, flip: bool) -> np.ndarray:
-    """``RandomHorizontalFlip`` then ``RandomCrop(crop)`` of a resized uint8 array, in the
-    release's order (flip drawn first, then the top and left corner); a view, not a copy."""
-    h, w = arr.shape[:2]
-    if h < crop or w < crop:
-        raise DataError(f"crop {crop} larger than the resized image {h}x{w}")
-    flipped = flip and rng.random() < 0.5
-    top = int(rng.integers(0, h - crop + 1))
-    left = int(rng.integers(0, w - crop + 1))
-    if flipped:
-        arr = arr[:, ::-1]
-    return arr[top : top + crop, left : left + crop]
+    """The release's random flip and crop of a resized uint8 array (a view, not a copy)."""
+    top, left, flipped = random_window(*arr.shape[:2], rng, crop=crop, flip=flip)
+    out = arr[top : top + crop, left : left + crop]
+    return out[:, ::-1] if flipped else out
 
 
 def center_crop(arr: np.ndarray, crop: int) -> np.ndarray:

@@ -26,7 +26,7 @@ import grain
 import numpy as np
 from absl import flags, logging
 
-from csce_jax.data.images import DataError, center_crop, random_crop, resized_rgb
+from csce_jax.data.images import DataError, center_crop, random_window, resized_rgb
 from csce_jax.data.sources import Source
 
 
@@ -118,9 +118,17 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, np.ndarray]:
         "index": np.asarray([x["index"] for x in items], np.int64),
         "skipped": [s for x in items for s in x["skipped"]],
     }
-    if "mask" in items[0]:
-        out["mask"] = np.asarray([x["mask"] for x in items], bool)
+    for key in ("mask", "flip"):
+        if key in items[0]:
+            out[key] = np.asarray([x[key] for x in items], bool)
     return out
+
+
+def apply_flips(images: np.ndarray, flip: np.ndarray) -> np.ndarray:
+    """The training images as the model sees them: each one with ``flip`` mirrored left-right
+    (training batches carry unflipped crops and a ``flip`` mask; the step mirrors them on the
+    devices, where it is cheap: a mirrored copy of uint8 pixels is slow on the host)."""
+    return np.where(np.asarray(flip)[:, None, None, None], images[:, :, ::-1], images)
 
 
 def _host_batches(
@@ -168,7 +176,10 @@ def _start_decoding_process(worker_index: int, num_workers: int) -> None:
 
 
 class TrainLoader:
-    """Host batches {"image": uint8 (b, crop, crop, 3), "label", "index"} for steps [0, num_steps)."""
+    """Host batches {"image": uint8 (b, crop, crop, 3), "flip", "label", "index"} for steps
+    [0, num_steps). ``image`` holds the crops unflipped; ``flip`` (bool (b,)) says which ones the
+    release's random flip mirrors (:func:`apply_flips`; the training step does it on the
+    devices)."""
 
     def __init__(
         self,
@@ -195,26 +206,43 @@ class TrainLoader:
         self.process_index = process_index
         self.workers, self.skip_corrupt = workers, skip_corrupt
         self.corrupt = CorruptImages()
-        epochs = math.ceil(num_steps * global_batch / len(source)) + 1
-        self._order = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(epochs)
+        self._epoch: tuple[int, np.ndarray] | None = None
 
     def _example(self, q: int) -> dict[str, Any]:
         pos = _stream_position(q, self.global_batch, self.host_batch, self.process_index)
-        idx = int(self._order[pos])
+        idx = self.record_at(pos)
         rng = np.random.default_rng((self.seed, pos))
         skipped = []
         for _ in range(len(self.source)):
             try:
                 arr = resized_image(self.source, idx, self.view)
-                image = random_crop(arr, rng, crop=self.view.crop, flip=self.view.flip)
+                c = self.view.crop
+                top, left, flip = random_window(*arr.shape[:2], rng, crop=c, flip=self.view.flip)
+                image = arr[top : top + c, left : left + c]
                 label = self.source.labels[idx]
-                return {"image": image, "label": label, "index": idx, "skipped": skipped}
+                return {
+                    "image": image,
+                    "flip": flip,
+                    "label": label,
+                    "index": idx,
+                    "skipped": skipped,
+                }
             except DataError as e:
                 if not self.skip_corrupt:
                     raise
                 skipped.append((self.source.where[idx], str(e)))
                 idx = (idx + 1) % len(self.source)  # a deterministic stand-in
         raise DataError(f"{self.source.name}: no decodable image")
+
+    def record_at(self, pos: int) -> int:
+        """The record at stream position ``pos``: grain's index shuffle of the epoch (seed + epoch),
+        computed for a whole epoch at once and kept (one lookup per example after that)."""
+        n = len(self.source)
+        epoch, k = divmod(pos, n)
+        if self._epoch is None or self._epoch[0] != epoch:
+            shuffled = grain.MapDataset.range(n).shuffle(seed=(self.seed + epoch) % 2**32)
+            self._epoch = (epoch, np.fromiter((shuffled[i] for i in range(n)), np.int64, n))
+        return int(self._epoch[1][k])
 
     def batches(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """Host batches for steps start_step, start_step + 1, ..., num_steps - 1."""
@@ -225,7 +253,10 @@ class TrainLoader:
 
     def __getstate__(self) -> dict[str, Any]:
         """What a decoding process needs: everything but the parent's record of skips."""
-        return {k: v for k, v in self.__dict__.items() if k != "corrupt"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("corrupt", "_epoch")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _epoch=None, corrupt=CorruptImages())
 
 
 class EvalLoader:
@@ -273,3 +304,4 @@ class EvalLoader:
         return self.corrupt.noting(batches)
 
     __getstate__ = TrainLoader.__getstate__
+    __setstate__ = TrainLoader.__setstate__

@@ -10,9 +10,9 @@ A record set is a folder:
 
 - ``<split>-00000-of-00008.array_record``: the records of one base split (``train``, ``query``,
   and ``database`` / ``val`` where they are not part of the training split). A record is
-  ``MAGIC``, a 4-byte header length, a JSON header (``shape``, ``label``, ``path``, ``format``
-  and, for an image that could not be read at preparation time, ``error``), then the pixels
-  (raw uint8, or a JPEG with ``--format jpeg``). Each shard has a ``.json`` sidecar with its
+  ``MAGIC``, fixed fields (height, width, channels, kind: raw, jpeg or unreadable), a JSON
+  header (``label``, ``path`` and, for an image that could not be read at preparation time,
+  ``error``), then the pixels (raw uint8, or a JPEG with ``--format jpeg``). Each shard has a ``.json`` sidecar with its
   record count, byte size and SHA-256, written after the shard itself is complete.
 - ``<split>.npz``: every record's label and name (read without touching the shards).
 - ``views.npz``: the index arrays of subsets (the fit and validation parts of ``train``).
@@ -62,6 +62,10 @@ def shard_name(split: str, index: int, count: int) -> str:
     return f"{split}-{index:05d}-of-{count:05d}.array_record"
 
 
+_FIXED = struct.Struct("<IIIBI")  # height, width, channels, kind, header length
+_KINDS = {"raw": 0, "jpeg": 1, "error": 2}
+
+
 def encode_record(
     image: np.ndarray | None,
     label: Any,
@@ -71,14 +75,14 @@ def encode_record(
     jpeg_quality: int = 95,
     error: str | None = None,
 ) -> bytes:
-    """One record: header (shape, label, path, format[, error]) and the image's bytes."""
+    """One record: ``MAGIC``, the fixed fields (shape and kind, read without parsing JSON), a
+    JSON header (label, path[, error]) and the image's bytes."""
     header: dict[str, Any] = {"path": path, "label": np.asarray(label).tolist()}
-    payload = b""
+    payload, shape, kind = b"", (0, 0, 0), _KINDS["error"]
     if error is not None:
         header["error"] = error
     else:
-        header["shape"] = list(image.shape)
-        header["format"] = image_format
+        shape, kind = image.shape, _KINDS[image_format]
         if image_format == "jpeg":
             import io
 
@@ -90,34 +94,44 @@ def encode_record(
         else:
             payload = np.ascontiguousarray(image, np.uint8).tobytes()
     head = json.dumps(header, separators=(",", ":")).encode()
-    return MAGIC + struct.pack("<I", len(head)) + head + payload
+    return MAGIC + _FIXED.pack(*shape, kind, len(head)) + head + payload
 
 
-def decode_record(record: bytes, where: str) -> tuple[dict[str, Any], np.ndarray | None]:
-    """(header, uint8 image or None): the image is a read-only view of ``record`` (raw), or
-    decoded (JPEG). A malformed record is a DataError naming ``where``."""
+def record_header(record: bytes) -> dict[str, Any]:
+    """The JSON header of a record: path, label and, for an unreadable image, error."""
+    n = _FIXED.unpack_from(record, 4)[4]
+    start = 4 + _FIXED.size
+    return json.loads(record[start : start + n])
+
+
+def decode_record(record: bytes, where: str) -> np.ndarray:
+    """The record's uint8 image: a read-only view of ``record`` (raw) or decoded (JPEG). A
+    malformed record is a DataError naming ``where``; an image that was unreadable when the
+    set was prepared is a DataError naming that image."""
     try:
         if record[:4] != MAGIC:
             raise ValueError("not a csce_jax record")
-        (n,) = struct.unpack_from("<I", record, 4)
-        header = json.loads(record[8 : 8 + n])
-        if "error" in header:
-            return header, None
-        shape = tuple(header["shape"])
-        if header["format"] == "jpeg":
+        h, w, c, kind, n = _FIXED.unpack_from(record, 4)
+        start = 4 + _FIXED.size + n
+        if kind == _KINDS["error"]:
+            error = record_header(record)["error"]
+        elif kind == _KINDS["jpeg"]:
             import io
 
             from PIL import Image
 
-            img = Image.open(io.BytesIO(memoryview(record)[8 + n :]))
-            image = np.asarray(img.convert("RGB"))
+            image = np.asarray(Image.open(io.BytesIO(memoryview(record)[start:])).convert("RGB"))
+            error = None
         else:
-            image = np.frombuffer(record, np.uint8, offset=8 + n).reshape(shape)
-        if image.shape != shape:
-            raise ValueError(f"image of shape {image.shape}, header says {shape}")
-        return header, image
+            image = np.frombuffer(record, np.uint8, count=h * w * c, offset=start)
+            image, error = image.reshape(h, w, c), None
     except Exception as e:
         raise DataError(f"{where}: corrupt record ({type(e).__name__}: {e})") from e
+    if error is not None:
+        raise DataError(f"unreadable when the record set was prepared: {error}")
+    if image.shape != (h, w, c):
+        raise DataError(f"{where}: corrupt record (image {image.shape}, header {(h, w, c)})")
+    return image
 
 
 class RecordImages(Sequence):
@@ -161,10 +175,7 @@ class RecordImages(Sequence):
             raise DataError(f"{self.shards[s]}: cannot read record {i} ({e})") from e
 
     def __getitem__(self, i):
-        header, image = decode_record(self.record(i), f"{self.shards[0].parent} record {i}")
-        if image is None:
-            raise DataError(f"unreadable when the record set was prepared: {header['error']}")
-        return image
+        return decode_record(self.record(i), f"{self.shards[0].parent} record {i}")
 
     def __getstate__(self) -> dict[str, Any]:
         return {"shards": self.shards, "counts": self.counts}
