@@ -109,18 +109,26 @@ def _stream_position(q: int, global_batch: int, host_batch: int, process_index: 
     return step * global_batch + process_index * host_batch + k
 
 
-def _collate(items: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    """Stack examples into a host batch (image, label, index, and mask where present); the
-    images they skipped as one list of (name, error)."""
+def _collate(items: Iterable[dict[str, Any]], size: int) -> dict[str, np.ndarray]:
+    """Build a host batch of ``size`` examples (image, label, index, and mask / flip where
+    present); the images they skipped as one list of (name, error). Each image is copied
+    into the batch as soon as it is made, so its source (a decoded file, a record) is freed
+    before the next one is read: the memory it used is reused while still in cache."""
+    images, rest = None, []
+    for k, x in enumerate(items):
+        if images is None:
+            images = np.empty((size, *x["image"].shape), x["image"].dtype)
+        images[k] = x.pop("image")
+        rest.append(x)
     out = {
-        "image": np.stack([x["image"] for x in items]),
-        "label": np.stack([np.asarray(x["label"]) for x in items]),
-        "index": np.asarray([x["index"] for x in items], np.int64),
-        "skipped": [s for x in items for s in x["skipped"]],
+        "image": images,
+        "label": np.stack([np.asarray(x["label"]) for x in rest]),
+        "index": np.asarray([x["index"] for x in rest], np.int64),
+        "skipped": [s for x in rest for s in x["skipped"]],
     }
     for key in ("mask", "flip"):
-        if key in items[0]:
-            out[key] = np.asarray([x[key] for x in items], bool)
+        if key in rest[0]:
+            out[key] = np.asarray([x[key] for x in rest], bool)
     return out
 
 
@@ -140,7 +148,7 @@ def _host_batches(
 
     def batch(step: int) -> dict[str, Any]:
         q0 = step * host_batch
-        return _collate([examples(q) for q in range(q0, q0 + host_batch)])
+        return _collate((examples(q) for q in range(q0, q0 + host_batch)), host_batch)
 
     ds = grain.MapDataset.range(num_steps)[start:].map(batch)
     if not workers.processes:

@@ -104,10 +104,10 @@ def record_header(record: bytes) -> dict[str, Any]:
     return json.loads(record[start : start + n])
 
 
-def decode_record(record: bytes, where: str) -> np.ndarray:
+def decode_record(record: bytes, owner: Any = "", index: int = -1) -> np.ndarray:
     """The record's uint8 image: a read-only view of ``record`` (raw) or decoded (JPEG). A
-    malformed record is a DataError naming ``where``; an image that was unreadable when the
-    set was prepared is a DataError naming that image."""
+    malformed record is a DataError naming ``owner`` (a :class:`RecordImages`: its shard) and
+    ``index``; an image that was unreadable when the set was prepared one naming that image."""
     try:
         if record[:4] != MAGIC:
             raise ValueError("not a csce_jax record")
@@ -126,12 +126,20 @@ def decode_record(record: bytes, where: str) -> np.ndarray:
             image = np.frombuffer(record, np.uint8, count=h * w * c, offset=start)
             image, error = image.reshape(h, w, c), None
     except Exception as e:
-        raise DataError(f"{where}: corrupt record ({type(e).__name__}: {e})") from e
+        raise DataError(f"{_where(owner, index)}: corrupt record ({type(e).__name__}: {e})") from e
     if error is not None:
         raise DataError(f"unreadable when the record set was prepared: {error}")
     if image.shape != (h, w, c):
-        raise DataError(f"{where}: corrupt record (image {image.shape}, header {(h, w, c)})")
+        raise DataError(
+            f"{_where(owner, index)}: corrupt record (image {image.shape}, header {(h, w, c)})"
+        )
     return image
+
+
+def _where(owner: Any, index: int) -> str:
+    if isinstance(owner, RecordImages):
+        return owner.name_of(index)
+    return str(owner)
 
 
 class RecordImages(Sequence):
@@ -162,6 +170,11 @@ class RecordImages(Sequence):
             self._readers[s] = reader
         return reader
 
+    def name_of(self, i: int) -> str:
+        """ "<shard> record <k>" for record ``i`` (for error messages)."""
+        s = int(np.searchsorted(self._starts, int(i), side="right")) - 1
+        return f"{self.shards[s]} record {int(i) - int(self._starts[s])}"
+
     def record(self, i: int) -> bytes:
         i = int(i)
         if not 0 <= i < len(self):
@@ -175,7 +188,7 @@ class RecordImages(Sequence):
             raise DataError(f"{self.shards[s]}: cannot read record {i} ({e})") from e
 
     def __getitem__(self, i):
-        return decode_record(self.record(i), f"{self.shards[0].parent} record {i}")
+        return decode_record(self.record(i), self, i)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"shards": self.shards, "counts": self.counts}
