@@ -145,7 +145,7 @@ def run_phase(args: argparse.Namespace) -> None:
     logging.set_verbosity(logging.INFO)
     config = make_config(args)
     if args.phase == "e2e":
-        out = end_to_end(config, Path(args.tmp) / "run")
+        out = end_to_end(config, Path(args.tmp) / ("run_records" if args.prepared else "run"))
     elif args.phase == "step":
         out = step_only(config, intervals=args.steps // args.log_every - 1)
     else:

@@ -147,6 +147,7 @@ def _host_batches(
     not depend on the workers."""
 
     def batch(step: int) -> dict[str, Any]:
+        _lower_thread_priority()
         q0 = step * host_batch
         return _collate((examples(q) for q in range(q0, q0 + host_batch)), host_batch)
 
@@ -161,6 +162,23 @@ def _host_batches(
     serial = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
     options = grain.MultiprocessingOptions(num_workers=workers.count, per_worker_buffer_size=2)
     return iter(serial.mp_prefetch(options, worker_init_fn=_start_decoding_process))
+
+
+_niced = threading.local()
+
+
+def _lower_thread_priority() -> None:
+    """Run this decoding thread at nice +``WORKER_NICENESS`` (Linux sets niceness per thread),
+    once: where decoding threads share the cores with the step's compute threads, a decoder
+    then waits for a free core instead of stalling half of the step's parallel work. Not for
+    the trainer's own thread (the loader's first batch may be built there)."""
+    if getattr(_niced, "done", False) or threading.current_thread() is threading.main_thread():
+        return
+    _niced.done = True
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICENESS)
+    except (AttributeError, OSError):  # not Linux, or not permitted: run at normal priority
+        pass
 
 
 def _start_decoding_process(worker_index: int, num_workers: int) -> None:
