@@ -191,3 +191,36 @@ def release_recipe(
     if a.release:
         apply_release(c)
     return c
+
+
+def small_cpu_recipe(
+    c: ml_collections.ConfigDict,
+    a: ml_collections.ConfigDict,
+    *,
+    width: float,
+    steps: int,
+    eval_every: int,
+    lr: float,
+    weight_decay: float,
+    warmup_steps: int,
+) -> ml_collections.ConfigDict:
+    """The CPU presets' recipe on ``c``: a narrow CSCE-Net (one block per stage), batch 64,
+    AdamW with a cosine schedule, and the config arguments ``a`` (bits, seed, aspp,
+    estimator, release)."""
+    c.seed, c.bits = a.seed, a.bits
+    c.batch_size = 64
+    c.total_steps = steps
+    c.log_every_steps = 50
+    c.eval_every_steps = c.checkpoint_every_steps = eval_every
+    c.model.width = width
+    c.model.depths = (1, 1, 1, 1)
+    c.model.use_aspp = a.aspp
+    c.optimizer.name = "adamw"
+    c.optimizer.lr = lr
+    c.optimizer.weight_decay = weight_decay
+    c.optimizer.schedule = "cosine"
+    c.optimizer.warmup_steps = warmup_steps
+    c.dsf.estimator = a.estimator
+    if a.release:
+        apply_release(c)
+    return c

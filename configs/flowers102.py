@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import apply_release, base_config, data_config, parse_arg, release_recipe
+from configs.common import base_config, data_config, parse_arg, release_recipe, small_cpu_recipe
 
 TRAIN_SIZE = 1020
 
@@ -58,27 +58,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "oxford_flowers102", ",".join(rest), bits=a.bits, epochs=a.epochs, train_size=TRAIN_SIZE
         )
     c = base_config()
-    c.seed = a.seed
-    c.bits = a.bits
     c.data = data_config("oxford_flowers102")
     c.data.resize = 128
     c.data.crop = 112
     c.data.num_workers = 2
-    c.batch_size = 64
     c.eval_batch_size = 200
-    c.total_steps = a.steps
-    c.log_every_steps = 50
-    c.eval_every_steps = 500
-    c.checkpoint_every_steps = 500
-    c.model.width = 1 / 8
-    c.model.depths = (1, 1, 1, 1)
-    c.model.use_aspp = a.aspp
-    c.optimizer.name = "adamw"
-    c.optimizer.lr = 2e-3
-    c.optimizer.weight_decay = 5e-4
-    c.optimizer.schedule = "cosine"
-    c.optimizer.warmup_steps = 100
-    c.dsf.estimator = a.estimator
-    if a.release:
-        apply_release(c)
-    return c
+    return small_cpu_recipe(
+        c,
+        a,
+        width=1 / 8,
+        steps=a.steps,
+        eval_every=500,
+        lr=2e-3,
+        weight_decay=5e-4,
+        warmup_steps=100,
+    )

@@ -121,6 +121,12 @@ def test_truncated_or_missing_shards_are_named(record_set, tmp_path):
     shard.write_bytes(shard.read_bytes()[:-100])
     with pytest.raises(DataError, match=rf"{shard.name}: \d+ bytes, the manifest records"):
         load_data(_config(root, str(copy)).data)
+    good = sorted(out.glob("*.array_record"))[0].read_bytes()
+    shard.write_bytes(good[:1000] + bytes(255 - b for b in good[1000:5000]) + good[5000:])
+    data = load_data(_config(root, str(copy)).data)  # same size: found when a record is read
+    with pytest.raises(DataError, match=rf"{shard.name}"):
+        for i in range(len(data.train)):
+            data.train.images[i]
     shard.unlink()
     with pytest.raises(DataError, match=rf"{shard.name}: shard missing"):
         load_data(_config(root, str(copy)).data)
