@@ -1,6 +1,6 @@
 r"""MS-COCO (multi-label, 80 labels, mAP@5000).
 
-Command (a GPU, the data prepared as the README says):
+Command (a GPU, the data prepared as docs/data.md says):
 
   python train.py --config configs/coco.py:bits=64 --workdir runs/coco_64
 

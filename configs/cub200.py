@@ -1,6 +1,6 @@
 r"""CUB-200-2011 (tfds caltech_birds2011; 5,994 train / 5,794 test, 200 classes).
 
-Command (a GPU, the data prepared as the README says):
+Command (a GPU, the data prepared as docs/data.md says):
 
   python train.py --config configs/cub200.py:bits=48 --workdir runs/cub200_48
 

@@ -1,6 +1,6 @@
 r"""ImageNet-100, the release's default data set (100 classes, mAP@1000).
 
-Command (a GPU, the data prepared as the README says):
+Command (a GPU, the data prepared as docs/data.md says):
 
   python train.py --config configs/imagenet100.py:bits=64 --workdir runs/imagenet100_64
 

@@ -1,6 +1,6 @@
 r"""NUS-WIDE-21 (multi-label, 21 concepts, mAP@5000).
 
-Command (a GPU, the data prepared as the README says):
+Command (a GPU, the data prepared as docs/data.md says):
 
   python train.py --config configs/nuswide.py:bits=64 --workdir runs/nuswide_64
 

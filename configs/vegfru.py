@@ -1,12 +1,11 @@
 r"""VegFru (manual_dir; official lists, 29,200 train / 116,931 test, 292 classes).
 
-Command (a GPU, the data prepared as the README says):
+Command (a GPU, the data prepared as docs/data.md says):
 
   python train.py --config configs/vegfru.py:bits=48 --workdir runs/vegfru_48
 
 Fine-grained protocol: database = training set, query = test set, mAP over the whole database.
-Expected: not yet measured by us. For orientation only (other people's method and runs),
-SEMICON's published logs reach mAP 0.378 / 0.635 / 0.726 / 0.796 on CUB at 12 / 24 / 32 / 48 bits.
+Expected: not yet measured by us.
 Add --config.data.manual_dir=/path/holding/vegfru.
 """
 

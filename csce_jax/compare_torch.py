@@ -14,10 +14,9 @@ a porting error from rounding. Beside the JAX-vs-PyTorch gap the report therefor
 floor that rounding alone gives on the same run: the PyTorch side trained a second time in
 float64 (``--floor float64``, the default). Per step and series: ``gap`` = |JAX - PyTorch32|,
 ``floor`` = |PyTorch32 - PyTorch64|, ``jax_vs_torch64`` = |JAX - PyTorch64|, each relative to
-PyTorch64. Verdict: JAX stays within the floor when, at every step and for every series, its
-distance to the float64 run is at most ``FLOOR_FACTOR`` times PyTorch float32's largest
-distance so far (plus ``FLOOR_SLACK``): our float32 is then no further from exact arithmetic
-than PyTorch's own. At the end every side encodes the query and database sets, and the report
+PyTorch64. Verdict: JAX stays within the floor when, for every series, its median distance
+to the float64 run over the steps is at most ``FLOOR_FACTOR`` (3) times PyTorch float32's: our
+float32 is then about as far from exact arithmetic as PyTorch's own. At the end every side encodes the query and database sets, and the report
 gives each side's mAP and the code bits that differ between each pair.
 
 Written to ``--workdir``: ``comparison.json`` (every figure) and ``loss_curves.png``; the last
@@ -34,6 +33,7 @@ runs offline.
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -55,8 +55,8 @@ from csce_jax.viz import plot_curves
 from csce_jax.writers import write_text_atomically
 
 SERIES = ("loss", "ce", "quant", "grad_norm")
-FLOOR_FACTOR = 10.0
-FLOOR_SLACK = 1e-6
+FLOOR_FACTOR = 3.0
+FLOOR_SLACK = 1e-9
 RELEASE_SIZE = {
     "model.width": 1.0,
     "model.depths": (3, 4, 6, 3),
@@ -264,16 +264,23 @@ def train_both(
 
 
 def floor_verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Whether JAX stays within the rounding floor at every step, for every series."""
-    worst, where = 0.0, None
+    """Whether JAX stays within the rounding floor: for every series, its median distance to
+    the float64 run over the steps is at most ``FLOOR_FACTOR`` times PyTorch float32's.
+
+    Medians, not single steps: the DSF's sign decisions make the quantisation term jump when
+    one value crosses the band edge, and such a crossing happens in one float32 run and not in
+    the other by chance; one step's figure is one sample of the rounding noise."""
+    ratios = {}
     for k in SERIES:
-        running = 0.0
-        for r in rows:
-            running = max(running, r[f"{k}_floor"])
-            ratio = r[f"{k}_jax_vs_torch64"] / (FLOOR_FACTOR * running + FLOOR_SLACK)
-            if ratio > worst:
-                worst, where = ratio, {"series": k, "step": r["step"]}
-    return {"within_floor": worst <= 1.0, "worst_gap_over_allowed": worst, "worst_at": where}
+        ours = statistics.median(r[f"{k}_jax_vs_torch64"] for r in rows)
+        floor = statistics.median(r[f"{k}_floor"] for r in rows)
+        ratios[k] = ours / max(floor, FLOOR_SLACK)
+    worst = max(ratios, key=ratios.get)
+    return {
+        "within_floor": ratios[worst] <= FLOOR_FACTOR,
+        "median_jax_vs_floor": ratios,
+        "worst_series": worst,
+    }
 
 
 def score_sides(config, data, setup, torch_sides: dict[str, TorchSide]) -> dict[str, Any]:

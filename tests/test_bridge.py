@@ -141,7 +141,35 @@ def test_compare_torch_trains_both_sides_on_the_same_batches(tmp_path):
     assert summary["max_loss_rel_diff"] < 1e-4
     assert abs(summary["map_jax"] - summary["map_torch"]) < 0.01
     assert summary["code_bits_differing"] < 0.01 * summary["code_bits_total"]
+    # The rounding floor: PyTorch float32 against float64, on the same run.
+    assert summary["floor"] == "float64" and summary["within_floor"] is True
+    assert abs(summary["map_torch64"] - summary["map_torch"]) < 0.01
     saved = json.loads((tmp_path / "comparison.json").read_text())
     assert [r["step"] for r in saved["steps"]] == [1, 2, 3]
     assert saved["steps"][0]["loss_rel_diff"] < 1e-5
+    assert {"loss_floor", "loss_jax_vs_torch64", "grad_norm_floor"} <= set(saved["steps"][0])
     assert (tmp_path / "loss_curves.png").stat().st_size > 1000
+
+
+def test_floor_verdict_and_release_size_check():
+    """JAX's median distance to float64 within 3x PyTorch float32's passes, whatever one step
+    does; beyond, it fails and names the series. A non-release-size config names the flags."""
+    from configs.default import get_config
+    from csce_jax import compare_torch as ct
+    from csce_jax.errors import ConfigError
+
+    def rows(jax_gaps):
+        out = []
+        for step, gap in enumerate(jax_gaps, 1):
+            r = {"step": step}
+            for k in ct.SERIES:
+                r[f"{k}_floor"], r[f"{k}_jax_vs_torch64"] = 1e-4, gap if k == "quant" else 1e-4
+            out.append(r)
+        return out
+
+    ok = ct.floor_verdict(rows((5e-3, 1e-4, 2e-4, 1e-4, 3e-4)))  # one jump at step 1
+    assert ok["within_floor"] and ok["median_jax_vs_floor"]["quant"] == pytest.approx(2.0)
+    bad = ct.floor_verdict(rows((5e-4, 4e-4, 6e-4)))
+    assert not bad["within_floor"] and bad["worst_series"] == "quant"
+    with pytest.raises(ConfigError, match=r"--config.model.width=1.0 .*--config.data.crop=224"):
+        ct.check_release_size(get_config())

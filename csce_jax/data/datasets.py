@@ -85,7 +85,13 @@ def _manual(fn, url: str):
 def _flowers(cfg):
     """Flowers-102: the official files in ``data.manual_dir`` when set, else tfds."""
     if not cfg.manual_dir:
-        return _tfds("oxford_flowers102", "train", "test", "validation")(cfg)
+        try:
+            return _tfds("oxford_flowers102", "train", "test", "validation")(cfg)
+        except DataError as e:
+            raise DataError(
+                f"{e}; or download 102flowers.tgz, imagelabels.mat and setid.mat from "
+                f"{S.FLOWERS_URL} and pass --config.data.manual_dir=<their folder>"
+            ) from e
     return S.flowers102_sources(
         cfg.manual_dir, skip_missing=cfg.skip_corrupt, check_sizes=not cfg.allow_size_mismatch
     )
