@@ -142,12 +142,13 @@ def test_compare_torch_trains_both_sides_on_the_same_batches(tmp_path):
     assert abs(summary["map_jax"] - summary["map_torch"]) < 0.01
     assert summary["code_bits_differing"] < 0.01 * summary["code_bits_total"]
     # The rounding floor: PyTorch float32 against float64, on the same run.
-    assert summary["floor"] == "float64" and summary["within_floor"] is True
+    assert summary["floor"] == "both" and summary["within_floor"] is True
     assert abs(summary["map_torch64"] - summary["map_torch"]) < 0.01
+    assert abs(summary["map_torch_nudged"] - summary["map_torch"]) < 0.01
     saved = json.loads((tmp_path / "comparison.json").read_text())
     assert [r["step"] for r in saved["steps"]] == [1, 2, 3]
     assert saved["steps"][0]["loss_rel_diff"] < 1e-5
-    assert {"loss_floor", "loss_jax_vs_torch64", "grad_norm_floor"} <= set(saved["steps"][0])
+    assert {"loss_floor", "loss_jax_vs_torch64", "loss_nudged_floor"} <= set(saved["steps"][0])
     assert (tmp_path / "loss_curves.png").stat().st_size > 1000
 
 
@@ -171,5 +172,12 @@ def test_floor_verdict_and_release_size_check():
     assert ok["within_floor"] and ok["median_jax_vs_floor"]["quant"] == pytest.approx(2.0)
     bad = ct.floor_verdict(rows((5e-4, 4e-4, 6e-4)))
     assert not bad["within_floor"] and bad["worst_series"] == "quant"
+    # With a nudged float32 side the verdict is the like-for-like test: gap vs nudged floor.
+    nudged = rows((5e-4, 4e-4, 6e-4))
+    for r in nudged:
+        for k in ct.SERIES:
+            r[f"{k}_rel_diff"], r[f"{k}_nudged_floor"] = 1e-3, 5e-4
+    both = ct.floor_verdict(nudged)
+    assert both["within_floor"] and both["median_gap_vs_nudged_floor"]["ce"] == pytest.approx(2.0)
     with pytest.raises(ConfigError, match=r"--config.model.width=1.0 .*--config.data.crop=224"):
         ct.check_release_size(get_config())
