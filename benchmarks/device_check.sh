@@ -6,7 +6,8 @@
 #      NCHW run, batch 256 bf16 against PyTorch's standard fast form (channels_last + bf16
 #      autocast) and against the eager NCHW run; images/s, peak memory, analytic FLOPs, MFU;
 #   2. end to end through train.py's loop on a generated JPEG folder (benchmarks/bench_e2e.py,
-#      batch 256 bf16, one decode worker per core), beside the step alone and the input alone;
+#      batch 256 bf16, one decode worker per core), from the JPEGs and from a prepared record
+#      set (--records), beside the step alone and the input alone;
 #   3. the demo, `python train.py --config configs/default.py`, end to end (images/s, mAP).
 #
 # Installing JAX for CUDA: requirements.txt pins the CPU build (jax and jaxlib 0.10.2). Add the
@@ -90,7 +91,7 @@ record step_b${BIG_BATCH}_bf16_cpu step --batch "$BIG_BATCH" --dtype bfloat16 --
 record step_b${BIG_BATCH}_bf16_torch_nchw step --batch "$BIG_BATCH" --dtype bfloat16 --no-jax
 
 E2E_ARGS=(--preset "$PRESET" --batch "$BIG_BATCH" --steps "$E2E_STEPS" --images "$E2E_IMAGES")
-E2E_ARGS+=(--dtype bfloat16 --workers "$("$PYTHON" -c 'import os; print(os.cpu_count())')")
+E2E_ARGS+=(--dtype bfloat16 --records --workers "$("$PYTHON" -c 'import os; print(os.cpu_count())')")
 record e2e_b${BIG_BATCH}_bf16 "$PYTHON" benchmarks/bench_e2e.py "${E2E_ARGS[@]}"
 
 # The demo end to end: wall time, images/s of its logged intervals, final query mAP.

@@ -17,9 +17,8 @@ side trained again in float64 (``floor`` = |PyTorch32 - PyTorch64|, ``jax_vs_tor
 and again in float32 from weights nudged by one unit in the last place (``nudged_floor`` =
 |PyTorch32 nudged - PyTorch32|: how far rounding alone carries two float32 runs apart), per
 step and series. Verdict (:func:`floor_verdict`): JAX stays within the floor when, for every
-series, its median gap to PyTorch float32 is at most ``FLOOR_FACTOR`` (3) times the nudged
-floor (or, with ``--floor float64``, its median distance to float64 at most 3 times PyTorch
-float32's). At the end every side encodes the query and database sets, and the report gives
+series, its median gap to PyTorch float32 over the steps is at most ``FLOOR_FACTOR`` (3) times
+the larger median floor (and never held below float32's 1e-5 relative tolerance). At the end every side encodes the query and database sets, and the report gives
 each side's mAP and the code bits that differ between each pair.
 
 Written to ``--workdir``: ``comparison.json`` (every figure) and ``loss_curves.png``; the last
@@ -60,7 +59,7 @@ from csce_jax.writers import write_text_atomically
 
 SERIES = ("loss", "ce", "quant", "grad_norm")
 FLOOR_FACTOR = 3.0
-FLOOR_SLACK = 1e-9
+FLOAT32_TOLERANCE = 1e-5
 RELEASE_SIZE = {
     "model.width": 1.0,
     "model.depths": (3, 4, 6, 3),
@@ -284,33 +283,28 @@ def train_both(
     return rows
 
 
-def _median_ratio(rows: list[dict[str, Any]], ours: str, floor: str) -> float:
-    a = statistics.median(r[ours] for r in rows)
-    return a / max(statistics.median(r[floor] for r in rows), FLOOR_SLACK)
-
-
 def floor_verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Whether JAX stays within the rounding floor, series by series, on median distances.
 
-    With a nudged float32 side (weights one unit in the last place away): JAX's distance to
-    PyTorch float32 against PyTorch float32's distance to itself nudged, the like-for-like
-    test for chaotic training. Otherwise: JAX's distance to the float64 run against PyTorch
-    float32's. Each passes when the median ratio is at most ``FLOOR_FACTOR``. Medians, not
-    single steps: one step is one sample of the rounding noise, and the quantisation term
-    jumps whenever one value crosses the DSF band's edge in one run and not in the other."""
-    out: dict[str, Any] = {}
-    if f"{SERIES[0]}_floor" in rows[0]:
-        out["median_jax_vs_floor"] = {
-            k: _median_ratio(rows, f"{k}_jax_vs_torch64", f"{k}_floor") for k in SERIES
-        }
-    if f"{SERIES[0]}_nudged_floor" in rows[0]:
-        out["median_gap_vs_nudged_floor"] = {
-            k: _median_ratio(rows, f"{k}_rel_diff", f"{k}_nudged_floor") for k in SERIES
-        }
-    ratios = out.get("median_gap_vs_nudged_floor", out.get("median_jax_vs_floor"))
+    The gap (JAX against PyTorch float32) is held to ``FLOOR_FACTOR`` times the floor: the
+    larger of the measured floors (PyTorch float32 against its float64 run, and against its
+    nudged float32 run), and never less than ``FLOAT32_TOLERANCE`` (a relative difference that
+    float32 rounding through a deep network reaches by itself in the first steps, before the
+    runs part). Medians over the steps, not single steps: one step is one sample of the
+    rounding noise, and the quantisation term jumps whenever one value crosses the DSF band's
+    edge in one run and not in the other."""
+    kinds = [n for n in ("floor", "nudged_floor") if f"{SERIES[0]}_{n}" in rows[0]]
+    ratios = {}
+    for k in SERIES:
+        gap = statistics.median(r[f"{k}_rel_diff"] for r in rows)
+        floor = max(statistics.median(r[f"{k}_{n}"] for r in rows) for n in kinds)
+        ratios[k] = gap / max(floor, FLOAT32_TOLERANCE)
     worst = max(ratios, key=ratios.get)
-    out.update(within_floor=ratios[worst] <= FLOOR_FACTOR, worst_series=worst)
-    return out
+    return {
+        "within_floor": ratios[worst] <= FLOOR_FACTOR,
+        "median_gap_over_floor": ratios,
+        "worst_series": worst,
+    }
 
 
 def score_sides(config, data, setup, torch_sides: dict[str, TorchSide]) -> dict[str, Any]:

@@ -285,7 +285,7 @@ def test_cli_rejects_unknown_key_and_missing_data_before_compiling(tmp_path):
     assert out.returncode == 2
     assert "unknown config key config.modle" in out.stderr and "model" in out.stderr
     out = run_train(tmp_path, "--config.data.name=aircraft", check=False)
-    assert out.returncode == 1 and "data.manual_dir is not set" in out.stderr
+    assert out.returncode == 1 and "--config.data.manual_dir=" in out.stderr
     assert saved_steps(tmp_path) == []
 
 
