@@ -18,6 +18,7 @@ from absl import logging
 
 from csce_jax.data import sources as S
 from csce_jax.data.digits import digits_sources
+from csce_jax.data.records import load_prepared
 from csce_jax.errors import DataError
 
 
@@ -259,9 +260,7 @@ def _without(train: S.Source, held: S.Source) -> np.ndarray:
 def load_data(cfg: Any) -> RetrievalData:
     """Build the sources of ``cfg.name`` (an ml_collections ``data`` block)."""
     if cfg.get("prepared"):
-        from csce_jax.data.records import load_prepared
-
-        return load_prepared(cfg)
+        return RetrievalData(**load_prepared(cfg))
     if cfg.name not in DATASETS:
         raise DataError(f"unknown data.name {cfg.name!r}; known: {', '.join(sorted(DATASETS))}")
     spec = DATASETS[cfg.name]

@@ -152,7 +152,7 @@ def _finished(path: Path) -> dict[str, Any] | None:
     except (OSError, json.JSONDecodeError):
         return None
     if path.is_file() and path.stat().st_size == meta.get("bytes"):
-        return {**meta, "bad": []}
+        return {**meta, "bad": [], "written": False}
     return None
 
 
@@ -176,6 +176,94 @@ class Progress:
             )
 
 
+def plan_shards(
+    bases: dict[str, Source], out: Path, d: Any, shard_size: int, image_format: str, quality: int
+) -> list[dict[str, Any]]:
+    """One job per shard of every stored split: its file and record range, and how to write."""
+    jobs = []
+    for split, src in bases.items():
+        count = max(1, math.ceil(len(src) / shard_size))
+        for s in range(count):
+            jobs.append(
+                {
+                    "split": split,
+                    "source": None,
+                    "path": str(out / R.shard_name(split, s, count)),
+                    "start": s * shard_size,
+                    "stop": min(len(src), (s + 1) * shard_size),
+                    "resize": d.resize,
+                    "draft": bool(d.jpeg_draft),
+                    "format": image_format,
+                    "jpeg_quality": quality,
+                    "skip_corrupt": bool(d.skip_corrupt),
+                }
+            )
+    return jobs
+
+
+def write_shards(
+    jobs: list[dict[str, Any]], bases: dict[str, Source], workers: int, name: str
+) -> dict[str, dict[str, Any]]:
+    """Write every shard not already written whole, in ``workers`` processes; {path: result}."""
+    results: dict[str, dict[str, Any]] = {}
+    todo = []
+    for job in jobs:
+        done = _finished(Path(job["path"]))
+        if done is None:
+            todo.append(job)
+        else:
+            results[job["path"]] = done
+    total = sum(j["stop"] - j["start"] for j in todo)
+    print(
+        f"{name}: {len(jobs)} shards, {len(jobs) - len(todo)} already written; preparing "
+        f"{total} images in {workers} processes",
+        flush=True,
+    )
+    progress = Progress(total)
+    if todo:
+        ctx = multiprocessing.get_context("spawn")
+        with cf.ProcessPoolExecutor(
+            workers, mp_context=ctx, initializer=os.nice, initargs=(5,)
+        ) as ex:
+            futures = {}
+            for job in todo:
+                job = {**job, "source": _part(bases[job["split"]], job["start"], job["stop"])}
+                futures[ex.submit(_write_shard, job)] = job
+            for fut in cf.as_completed(futures):
+                res = fut.result()
+                results[futures[fut]["path"]] = res
+                progress.add(res["count"])
+    progress.add(0, final=True)
+    return results
+
+
+def write_index(
+    out: Path,
+    bases: dict[str, Source],
+    jobs: list[dict[str, Any]],
+    results: dict[str, dict[str, Any]],
+    index: dict[str, np.ndarray],
+) -> dict[str, Any]:
+    """Each split's labels and names (``<split>.npz``) and the subsets' indices
+    (``views.npz``), written atomically; returns the manifest's ``splits`` entry."""
+    splits = {}
+    for split, src in bases.items():
+        shards = [
+            {k: v for k, v in results[j["path"]].items() if k not in ("bad", "written")}
+            for j in jobs
+            if j["split"] == split
+        ]
+        labels_file = f"{split}.npz"
+        tmp = out / f".{split}.tmp.npz"
+        np.savez(tmp, labels=np.asarray(src.labels), where=np.asarray(src.where, dtype=str))
+        os.replace(tmp, out / labels_file)
+        splits[split] = {"count": len(src), "labels": labels_file, "shards": shards}
+    tmp = out / ".views.tmp.npz"
+    np.savez(tmp, **index)
+    os.replace(tmp, out / R.VIEWS_FILE)
+    return splits
+
+
 def prepare(
     config: Any,
     out_dir: str | os.PathLike,
@@ -197,53 +285,8 @@ def prepare(
     out.mkdir(parents=True, exist_ok=True)
     data = load_data(d)
     bases, views, index = base_splits(data)
-    jobs = []
-    for split, src in bases.items():
-        count = max(1, math.ceil(len(src) / shard_size))
-        for s in range(count):
-            jobs.append(
-                {
-                    "split": split,
-                    "source": None,
-                    "path": str(out / R.shard_name(split, s, count)),
-                    "start": s * shard_size,
-                    "stop": min(len(src), (s + 1) * shard_size),
-                    "resize": d.resize,
-                    "draft": bool(d.jpeg_draft),
-                    "format": image_format,
-                    "jpeg_quality": jpeg_quality,
-                    "skip_corrupt": bool(d.skip_corrupt),
-                }
-            )
-    results: dict[str, dict[str, Any]] = {}
-    todo = []
-    for job in jobs:
-        done = _finished(Path(job["path"]))
-        if done is None:
-            todo.append(job)
-        else:
-            results[job["path"]] = done
-    total = sum(j["stop"] - j["start"] for j in todo)
-    print(
-        f"{d.name}: {len(jobs)} shards, {len(jobs) - len(todo)} already written; preparing "
-        f"{total} images in {workers} processes",
-        flush=True,
-    )
-    progress = Progress(total)
-    if todo:
-        ctx = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(
-            workers, mp_context=ctx, initializer=os.nice, initargs=(5,)
-        ) as ex:
-            futures = {}
-            for job in todo:
-                job = {**job, "source": _part(bases[job["split"]], job["start"], job["stop"])}
-                futures[ex.submit(_write_shard, job)] = job
-            for fut in cf.as_completed(futures):
-                res = fut.result()
-                results[futures[fut]["path"]] = res
-                progress.add(res["count"])
-    progress.add(0, final=True)
+    jobs = plan_shards(bases, out, d, shard_size, image_format, jpeg_quality)
+    results = write_shards(jobs, bases, workers, d.name)
     bad = [b for r in results.values() for b in r["bad"]]
     if any("file" not in r for r in results.values()):
         listed = "\n".join(f"  {b['error']}" for b in bad[:20])
@@ -251,23 +294,7 @@ def prepare(
             f"{len(bad)} unreadable image(s); their shards were not written (fix or remove "
             f"them and rerun, or set data.skip_corrupt=True to mark them unreadable):\n{listed}"
         )
-    splits = {}
-    for split, src in bases.items():
-        shards = [
-            {k: v for k, v in results[j["path"]].items() if k != "bad"}
-            for j in jobs
-            if j["split"] == split
-        ]
-        labels_file = f"{split}.npz"
-        tmp = out / f".{split}.tmp.npz"
-        np.savez(tmp, labels=np.asarray(src.labels), where=np.asarray(src.where, dtype=str))
-        os.replace(tmp, out / labels_file)
-        splits[split] = {"count": len(src), "labels": labels_file, "shards": shards}
-    tmp = out / ".views.tmp.npz"
-    np.savez(tmp, **index)
-    os.replace(tmp, out / R.VIEWS_FILE)
-    total_bytes = sum(s["bytes"] for sp in splits.values() for s in sp["shards"])
-    images = sum(sp["count"] for sp in splits.values())
+    splits = write_index(out, bases, jobs, results, index)
     manifest = {
         "version": R.FORMAT_VERSION,
         "settings": R.settings_of(d),
@@ -281,13 +308,16 @@ def prepare(
         "unreadable": [b["where"] for b in bad],
     }
     write_text_atomically(out / R.MANIFEST, json.dumps(manifest, indent=1))
+    total_bytes = sum(s["bytes"] for sp in splits.values() for s in sp["shards"])
+    images = sum(sp["count"] for sp in splits.values())
+    written = sum(1 for j in jobs if results[j["path"]].get("written", True))
     summary = {
         "images": images,
         "bytes": total_bytes,
         "bytes_per_image": total_bytes / max(images, 1),
         "unreadable": len(bad),
         "shards": len(jobs),
-        "written": len(todo),
+        "written": written,
     }
     print(
         f"wrote {out}: {images} images in {len(jobs)} shards, {total_bytes / 2**20:.1f} MiB, "

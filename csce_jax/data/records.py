@@ -243,10 +243,10 @@ def _shards(folder: Path, split: str, entry: dict[str, Any]) -> RecordImages:
     return RecordImages(paths, counts)
 
 
-def load_prepared(data_cfg: Any):
-    """The :class:`RetrievalData` of a record set (``data.prepared``), checked against the
-    config's data settings; no image file is read."""
-    from csce_jax.data.datasets import RetrievalData
+def load_prepared(data_cfg: Any) -> dict[str, Any]:
+    """The fields of a record set's ``RetrievalData`` (``data.prepared``: name, class count,
+    label kind, cut-off and the five views as sources), checked against the config's data
+    settings; no image file is read."""
     from csce_jax.data.sources import Source
 
     folder = Path(data_cfg.prepared)
@@ -279,14 +279,10 @@ def load_prepared(data_cfg: Any):
     topk = (
         manifest["topk"] if data_cfg.topk == 0 else (None if data_cfg.topk < 0 else data_cfg.topk)
     )
-    return RetrievalData(
-        manifest["settings"]["name"],
-        manifest["num_classes"],
-        manifest["multilabel"],
-        topk,
-        view("train"),
-        view("fit"),
-        view("val"),
-        view("database"),
-        view("query"),
-    )
+    return {
+        "name": manifest["settings"]["name"],
+        "num_classes": manifest["num_classes"],
+        "multilabel": manifest["multilabel"],
+        "topk": topk,
+        **{v: view(v) for v in ("train", "fit", "val", "database", "query")},
+    }
