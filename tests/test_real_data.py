@@ -197,7 +197,6 @@ def test_flowers_sizes_and_bad_files_are_named(tmp_path):
 def test_flowers_tfds_builder_reads_the_same_images_and_labels(tmp_path):
     """The tfds route (its builder's own example generator on the same official files) gives
     the manual route's file names and labels, split by split."""
-    pytest.importorskip("tensorflow_datasets")
     from tensorflow_datasets.datasets.oxford_flowers102 import (
         oxford_flowers102_dataset_builder as fb,
     )

@@ -34,7 +34,6 @@ __all__ = [
     "resize_shorter",
     "resized_rgb",
     "resized_size",
-    "train_view",
 ]
 
 
@@ -163,14 +162,6 @@ def center_crop(arr: np.ndarray, crop: int) -> np.ndarray:
     top = round((h - crop) / 2.0)
     left = round((w - crop) / 2.0)
     return arr[top : top + crop, left : left + crop]
-
-
-def train_view(
-    img: Image.Image, rng: np.random.Generator, *, resize: int, crop: int, flip: bool
-) -> np.ndarray:
-    """Resize, random flip, random crop -> uint8 (crop, crop, 3)."""
-    arr = np.asarray(resize_shorter(img, resize))
-    return np.ascontiguousarray(random_crop(arr, rng, crop=crop, flip=flip))
 
 
 def eval_view(img: Image.Image, *, resize: int, crop: int) -> np.ndarray:
