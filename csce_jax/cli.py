@@ -116,3 +116,33 @@ def quiet_library_logs() -> None:
         return record.levelno >= pylogging.WARNING or not any(n in record.pathname for n in noisy)
 
     logging.get_absl_handler().addFilter(keep)
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> None:
+    """Apply ``--config.a.b=value`` arguments (Python literals, else strings) to ``config``;
+    an unknown key or a value of the wrong type is a CsceError naming it."""
+    import ast
+
+    for arg in overrides:
+        if not arg.startswith("--config.") or "=" not in arg:
+            raise CsceError(f"unrecognised argument {arg!r} (overrides read --config.key=value)")
+        dotted, raw = arg[len("--config.") :].split("=", 1)
+        *parents, leaf = dotted.split(".")
+        node, walked = config, "config"
+        for part in [*parents, leaf]:
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+                raise CsceError(
+                    f"unknown config key {walked}.{part} (from {arg!r}); valid keys of "
+                    f"{walked}: {', '.join(valid)}"
+                )
+            if part != leaf:
+                node, walked = node[part], f"{walked}.{part}"
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        try:
+            node[leaf] = value
+        except TypeError as e:
+            raise CsceError(f"{arg}: {e}") from None

@@ -7,6 +7,7 @@ the same number of steps (their collectives must match).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -39,10 +40,15 @@ def make_encode_step(graphdef: Any, mesh: jax.sharding.Mesh, *, raw_eval_band: b
 
 
 class Encoder:
-    """Encodes whole sources with one model structure; the weights are passed per call."""
+    """Encodes whole sources with one model structure; the weights are passed per call.
+
+    On a mesh of every host's devices, every host reads its part of each batch; on a mesh of
+    this host's devices alone (``make_mesh(local=True)``) this host reads the whole source.
+    """
 
     def __init__(self, graphdef: Any, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
         self.mesh = mesh
+        self._local = all(d.process_index == jax.process_index() for d in mesh.devices.flat)
         self.config = config
         self._step = make_encode_step(
             graphdef,
@@ -53,20 +59,27 @@ class Encoder:
         self.skipped: set[str] = set()  # unreadable images met so far (data.skip_corrupt)
 
     def encode(
-        self, weights: Any, source: Source, *, with_continuous: bool = False
+        self,
+        weights: Any,
+        source: Source,
+        *,
+        with_continuous: bool = False,
+        progress: Callable[[int], None] | None = None,
     ) -> dict[str, np.ndarray]:
         """Codes of every record of ``source`` in source order: {"codes", "labels"[, "v"]}.
 
         ``weights`` is ``(params, rest)``. Unreadable images (with ``data.skip_corrupt``) are
-        left out; their names are in ``out["skipped"]``.
+        left out; their names are in ``out["skipped"]``. ``progress(records done)`` is called
+        after each batch.
         """
         c = self.config
+        hosts = 1 if self._local else jax.process_count()
         loader = EvalLoader(
             source,
             global_batch=c.eval_batch_size,
             view=view_config(c, train=False),
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
+            process_index=0 if self._local else jax.process_index(),
+            process_count=hosts,
             workers=decode_workers(c),
             skip_corrupt=c.data.skip_corrupt,
         )
@@ -80,6 +93,8 @@ class Encoder:
             index.append(idx[keep])
             if with_continuous:
                 cont.append(gather(v)[keep])
+            if progress is not None:
+                progress(min(len(source), len(codes) * c.eval_batch_size))
         index = np.concatenate(index)
         order = np.argsort(index, kind="stable")
         index = index[order]

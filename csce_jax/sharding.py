@@ -16,9 +16,13 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 
-def make_mesh() -> Mesh:
-    """A 1-D ('data',) mesh over all devices of all processes."""
-    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+def make_mesh(*, local: bool = False) -> Mesh:
+    """A 1-D ('data',) mesh over all devices of all processes (``local``: of this one only,
+    for work each host does on its own, such as encoding its shards of a collection)."""
+    auto = (jax.sharding.AxisType.Auto,)
+    if local:
+        return Mesh(np.asarray(jax.local_devices()), ("data",), axis_types=auto)
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=auto)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -37,7 +41,7 @@ def global_batch(mesh: Mesh, host_batch: dict[str, np.ndarray]) -> dict[str, Any
 
 def gather(x: jax.Array) -> np.ndarray:
     """A (possibly multi-host) global array as one numpy array on every host."""
-    if jax.process_count() == 1:
+    if jax.process_count() == 1 or x.is_fully_addressable:
         return np.asarray(x)
     from jax.experimental import multihost_utils
 

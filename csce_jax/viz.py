@@ -14,6 +14,7 @@ PR_CURVE_SIZE = (600, 450)  # pixels of pr_curve.png
 GRID_CELL = 96  # pixels per image in retrieval_grid.png (plus a 4-pixel frame)
 GRID_TOPK = 10
 RELEVANT, IRRELEVANT = (30, 160, 60), (210, 40, 40)
+QUERY_FRAME = (40, 90, 220)  # the query tile of a hits strip
 
 
 def plot_pr_curve(curve: dict[str, list[float]], path: str, title: str) -> None:
@@ -95,10 +96,19 @@ def retrieval_grid(
     return width, height
 
 
-def hits_strip(paths: list[str], out: str, cell: int = 128) -> None:
-    """A query image followed by its hits, side by side, as one PNG."""
-    canvas = Image.new("RGB", (cell * len(paths) + 8, cell), "white")
+def hits_strip(
+    paths: list[str], out: str, cell: int = 128, captions: list[str] | None = None
+) -> None:
+    """A query image (framed blue) followed by its hits, side by side, as one PNG; each tile
+    is captioned below (``captions``, e.g. "query", "d=3 label") when given."""
+    band = 16 if captions else 0
+    canvas = Image.new("RGB", (cell * len(paths) + 8, cell + band), "white")
+    draw = ImageDraw.Draw(canvas)
     for i, p in enumerate(paths):
-        img = load_rgb(p).resize((cell - 4, cell - 4))
-        canvas.paste(img, (i * cell + (8 if i else 0) + 2, 2))
+        x = i * cell + (8 if i else 0)
+        canvas.paste(load_rgb(p).resize((cell - 4, cell - 4)), (x + 2, 2))
+        if i == 0:
+            draw.rectangle([0, 0, cell - 1, cell - 1], outline=QUERY_FRAME, width=4)
+        if captions:
+            draw.text((x + 4, cell + 2), captions[i][:20], fill="black")
     canvas.save(out)

@@ -11,6 +11,7 @@ from PIL import Image
 
 from csce_jax import eval_lib, metrics, state, viz
 from csce_jax.data.digits import digits_images
+from csce_jax.errors import CodesError
 
 
 @pytest.fixture
@@ -98,7 +99,7 @@ def test_search_round_trip_and_corrupt_image(trained, tmp_path):
             folder / ("sub" if i % 2 else "") / f"d{i:02d}.png"
         )
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    index = tmp_path / "photos.idx.npz"
+    index = tmp_path / "photos.idx"
     out = _run(
         "-m",
         "csce_jax.search",
@@ -129,10 +130,11 @@ def test_search_round_trip_and_corrupt_image(trained, tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
-    assert len(lines) == 3
-    dist, path = lines[0].split(maxsplit=1)
-    assert path == str(query) and int(dist) == 0  # an indexed image finds itself first
-    assert Image.open(tmp_path / "hits.png").size == (128 * 4 + 8, 128)
+    assert lines[0].split("\t") == ["rank", "distance", "label", "path"] and len(lines) == 4
+    rank, dist, label, path = lines[1].split("\t")
+    assert (rank, dist, path) == ("1", "0", str(query))  # an indexed image finds itself first
+    assert label == "-"  # at the folder's top: no sub-folder to name a class
+    assert Image.open(tmp_path / "hits.png").size == (128 * 4 + 8, 128 + 16)  # + captions
 
 
 def test_search_refuses_a_mismatched_index(trained, tmp_path):
@@ -144,7 +146,7 @@ def test_search_refuses_a_mismatched_index(trained, tmp_path):
         "centers": "0" * 16,
         "workdir": str(trained),
         "step": 3,
-        "version": search.INDEX_VERSION,
+        "version": 2,  # the single-file index of earlier versions, still read
     }
     np.savez(
         tmp_path / "bad.npz",
@@ -152,9 +154,9 @@ def test_search_refuses_a_mismatched_index(trained, tmp_path):
         paths=np.asarray(["a", "b"]),
         meta=np.asarray(json.dumps(meta)),
     )
-    with pytest.raises(search.IndexError_, match="was built with 32-bit codes"):
+    with pytest.raises(CodesError, match="was built with 32-bit codes"):
         search.search(str(tmp_path / "bad.npz"), str(tmp_path / "bad.npz"))
-    with pytest.raises(search.IndexError_, match="not a csce_jax index"):
+    with pytest.raises(CodesError, match="not a csce_jax index"):
         (tmp_path / "junk.npz").write_bytes(b"junk")
         search.load_index(str(tmp_path / "junk.npz"))
 

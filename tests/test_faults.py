@@ -275,24 +275,38 @@ def test_a_search_index_works_from_any_folder_and_refuses_tampering(finished_run
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:  # relative paths, as a user types them
-        summary = search.build_index(os.path.relpath(finished_run), "photos", "idx.npz")
+        summary = search.build_index(os.path.relpath(finished_run), "idx", images="photos")
     finally:
         os.chdir(cwd)
     assert summary["indexed"] == 4 and os.path.isabs(summary["workdir"])
-    codes, paths, meta = search.load_index(str(tmp_path / "idx.npz"))
-    assert all(os.path.isabs(p) for p in paths)
-    hits = search.search(str(tmp_path / "idx.npz"), str(folder / "p2.png"), k=2)
+    index = search.load_index(str(tmp_path / "idx"))
+    assert all(os.path.isabs(p) for p in index.paths)
+    hits = search.search(str(tmp_path / "idx"), str(folder / "p2.png"), k=2)
     assert hits[0] == (str(folder / "p2.png"), 0)
     with pytest.raises(CodesError, match="number of hits must be at least 1"):
-        search.search(str(tmp_path / "idx.npz"), str(folder / "p2.png"), k=-3)
+        search.search(str(tmp_path / "idx"), str(folder / "p2.png"), k=-3)
+    meta = {k: index.meta[k] for k in ("bits", "centers", "workdir", "step")}
     for tamper, message in (
-        ({"paths": np.asarray(paths[:3])}, "4 codes but 3 paths"),
-        ({"codes": codes[:, :4]}, "do not hold 64-bit codes"),
+        ({"paths": np.asarray(index.paths[:3])}, "4 codes but 3 paths"),
+        ({"codes": index.codes[:, :4]}, "do not hold 64-bit codes"),
     ):
-        fields = {"codes": codes, "paths": np.asarray(paths), "meta": np.asarray(json.dumps(meta))}
+        fields = {
+            "codes": index.codes,
+            "paths": np.asarray(index.paths),
+            "meta": np.asarray(json.dumps({**meta, "version": 2})),
+        }
         np.savez(tmp_path / "bad.npz", **{**fields, **tamper})
         with pytest.raises(CodesError, match=message):
             search.load_index(str(tmp_path / "bad.npz"))
+    # A shard or manifest changed by hand is refused too.
+    manifest = tmp_path / "idx" / "index.json"
+    record = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**record, "count": 5}))
+    with pytest.raises(CodesError, match="records 5 codes, its shards 4"):
+        search.load_index(str(tmp_path / "idx"))
+    (tmp_path / "idx" / "shards" / "00000.npz").write_bytes(b"junk")
+    with pytest.raises(CodesError, match="missing or not this index's"):
+        search.load_index(str(tmp_path / "idx"))
 
 
 @pytest.mark.parametrize("lr", [0.0, -0.01, float("nan")])

@@ -1,0 +1,43 @@
+"""Hash a collection and search it by image: from a folder of photographs to millions of codes.
+
+  python -m csce_jax.search index --workdir runs/x --images photos/ --out photos.idx
+  python -m csce_jax.search index --workdir runs/x --list db.txt --image_root images/ --out db.idx
+  python -m csce_jax.search index --workdir runs/x --prepared records/ --split database --out db.idx
+  python -m csce_jax.search index ... --engine faiss-ivf        (or faiss-flat, faiss-hnsw)
+  python -m csce_jax.search index ... --config.distributed=True (every host encodes its shards)
+  python -m csce_jax.search query --index photos.idx query.jpg [-k 10] [--picture hits.png]
+  python -m csce_jax.search query --index photos.idx --images queries/ --out hits.json
+  python -m csce_jax.search serve --index photos.idx [--port 8000]
+
+An index is a folder: shards of packed codes with the images' absolute paths and labels, the
+checkpoint that made them (run folder, step, bits, the hash centres' fingerprint), and the
+search engine built over them (our exact scan by default; faiss's flat, IVF or HNSW binary
+indexes with faiss-cpu installed). An interrupted ``index`` resumes; queries are encoded with
+the same checkpoint (``--workdir`` if the run moved; ``--config`` to use another config file
+than the run's ``config.json``), and an index whose bits or centres no longer match it is
+refused. Unreadable images are reported by name and left out. The run is only read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["INDEX_VERSION", "Index", "Searcher", "build_index", "load_index", "search"]
+
+_WHERE = {
+    "INDEX_VERSION": "index",
+    "Index": "index",
+    "load_index": "index",
+    "build_index": "build",
+    "Searcher": "queries",
+    "search": "queries",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The public names, imported on first use (``--help`` does not start JAX)."""
+    if name not in _WHERE:
+        raise AttributeError(f"module 'csce_jax.search' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"csce_jax.search.{_WHERE[name]}"), name)

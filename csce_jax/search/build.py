@@ -1,0 +1,83 @@
+"""``search index``: encode a collection with a run's checkpoint into an index folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+
+from csce_jax import eval_lib
+from csce_jax.errors import CodesError
+from csce_jax.search import collection, engines
+from csce_jax.search.index import DEFAULT_SHARD_SIZE, encode_shards, finish_index
+from csce_jax.search.model import RunEncoder
+
+
+def choose_collection(
+    config: ml_collections.ConfigDict,
+    *,
+    images: str | None = None,
+    list_file: str | None = None,
+    image_root: str | None = None,
+    prepared: str | None = None,
+    split: str | None = None,
+) -> collection.Collection:
+    """The one collection the arguments name: a folder, a list file or a record set's split."""
+    given = [x for x in (images, list_file, prepared) if x]
+    if len(given) != 1:
+        raise CodesError("give one of --images DIR, --list FILE or --prepared DIR --split NAME")
+    if bool(prepared) != bool(split):
+        raise CodesError("--split and --prepared go together (--images for a folder)")
+    if image_root and not list_file:
+        raise CodesError("--image_root goes with --list")
+    if images:
+        return collection.from_folder(images)
+    if list_file:
+        return collection.from_list(list_file, image_root)
+    return collection.from_prepared(config, prepared, split)
+
+
+def build_index(
+    workdir: str,
+    out: str,
+    *,
+    images: str | None = None,
+    list_file: str | None = None,
+    image_root: str | None = None,
+    prepared: str | None = None,
+    split: str | None = None,
+    step: int | None = None,
+    config: ml_collections.ConfigDict | None = None,
+    engine: str = "scan",
+    engine_params: dict[str, int] | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+) -> dict[str, Any]:
+    """Encode a collection with ``workdir``'s best (or ``step``) checkpoint into the index
+    folder ``out``, resuming an interrupted build; returns a summary (process 0's is whole)."""
+    engines.check_engine(engine, engine_params or {})
+    config = eval_lib.load_run_config(workdir, config)
+    coll = choose_collection(
+        config,
+        images=images,
+        list_file=list_file,
+        image_root=image_root,
+        prepared=prepared,
+        split=split,
+    )
+    enc = RunEncoder(workdir, step, config, local=True)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    plan_id = encode_shards(enc, coll, folder, shard_size)
+    summary: dict[str, Any] = {**enc.meta, "out": str(folder.absolute())}
+    if jax.process_index() != 0:
+        return {**summary, "process": jax.process_index()}
+    manifest = finish_index(folder, plan_id, engine, engine_params or {})
+    return {
+        **summary,
+        "indexed": manifest["count"],
+        "skipped": len(manifest["skipped"]),
+        "shards": len(manifest["shards"]),
+        "engine": manifest["engine"],
+    }

@@ -1,0 +1,271 @@
+"""The index folder: shards of packed codes written by every host, a manifest, an engine.
+
+  <index>/plan.json        what is being encoded (checkpoint, bits, centres, collection, shards)
+  <index>/shards/NNNNN.npz packed codes, paths, labels and unreadable images of one shard
+  <index>/index.json       the manifest, written last: the index is complete when it exists
+  <index>/<engine>.faiss   an approximate engine's own index (faiss-ivf, faiss-hnsw)
+
+The collection is cut into shards of ``shard_size`` images in index order; with several
+processes (``--config.distributed=True``), shard j is encoded by process j mod P on its own
+devices. Every file is written atomically, so an interrupted build resumes where it stopped:
+a shard already written for the same plan is kept. Process 0 writes the manifest and builds
+the engine once every shard is there. A folder that holds another plan is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from csce_jax.errors import CodesError
+from csce_jax.metrics import pack_codes
+from csce_jax.search import engines
+from csce_jax.search.collection import Collection
+from csce_jax.search.model import RunEncoder
+
+INDEX_VERSION = 3
+LEGACY_VERSION = 2  # a single .npz file (codes, paths, meta), still read
+DEFAULT_SHARD_SIZE = 50_000
+PLAN_KEYS = ("bits", "centers", "workdir", "step", "collection", "count", "shard_size")
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _log(message: str) -> None:
+    prefix = f"[process {jax.process_index()}] " if jax.process_count() > 1 else ""
+    print(f"{prefix}{message}", file=sys.stderr, flush=True)
+
+
+class Progress:
+    """A progress line (images/s, ETA) at most every ``every`` seconds, and at each shard."""
+
+    def __init__(self, total: int, every: float = 10.0):
+        self.total, self.every = total, every
+        self.shown, self.start, self.last = -1, time.perf_counter(), 0.0
+
+    def line(self, done: int, force: bool = False) -> None:
+        now = time.perf_counter()
+        if done == self.shown or (not force and now - self.last < self.every):
+            return
+        self.last, self.shown = now, done
+        rate = done / max(now - self.start, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        _log(
+            f"index: {done:,}/{self.total:,} images of this process, {rate:.1f} images/s, "
+            f"ETA {eta:.0f} s"
+        )
+
+
+def _shard_path(folder: Path, j: int) -> Path:
+    return folder / "shards" / f"{j:05d}.npz"
+
+
+def _read_shard(path: Path, plan_id: str) -> dict[str, Any] | None:
+    """A finished shard of this plan, or None (absent, another plan's, unreadable)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["plan"]) != plan_id:
+                return None
+            return {k: z[k] for k in ("codes", "paths", "labels", "skipped")}
+    except FileNotFoundError:
+        return None
+    except Exception as e:
+        _log(f"warning: {path} is unreadable ({type(e).__name__}); it is encoded again")
+        return None
+
+
+def _encode_shard(
+    enc: RunEncoder,
+    coll: Collection,
+    rows: range,
+    path: Path,
+    plan_id: str,
+    progress: Progress,
+    done_before: int,
+) -> int:
+    sub = coll.source.subset(np.arange(rows.start, rows.stop), f"shard {path.stem}")
+    out = enc.encode(sub, progress=lambda n: progress.line(done_before + n))
+    kept = rows.start + out["index"]
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(
+        tmp,
+        codes=pack_codes(out["codes"]),
+        paths=np.asarray([coll.paths[i] for i in kept], dtype=str),
+        labels=np.asarray([coll.labels[i] for i in kept], dtype=str),
+        skipped=np.asarray(sorted(out.get("skipped", [])), dtype=str),
+        plan=np.asarray(plan_id),
+    )
+    os.replace(tmp, path)  # the loader has logged each unreadable image
+    return len(rows)
+
+
+def _start_plan(folder: Path, plan: dict[str, Any]) -> str:
+    """The plan's id; the folder is refused when it holds another plan."""
+    plan_id = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
+    path = folder / "plan.json"
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            old = {}
+        if old.get("id") != plan_id:
+            differ = [k for k in PLAN_KEYS if old.get(k) != plan[k]] or ["its plan"]
+            raise CodesError(
+                f"{folder} holds (part of) another index ({', '.join(differ)} differ): remove "
+                "it or choose another --out"
+            )
+    elif jax.process_index() == 0:
+        (folder / "shards").mkdir(parents=True, exist_ok=True)
+        _write_json(path, {**plan, "id": plan_id})
+    (folder / "shards").mkdir(parents=True, exist_ok=True)
+    return plan_id
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def encode_shards(enc: RunEncoder, coll: Collection, folder: Path, shard_size: int) -> str:
+    """Encode this process's shards of ``coll`` into ``folder`` (those not already there)."""
+    if shard_size < 1:
+        raise CodesError(f"--shard_size={shard_size}: expected a positive number of images")
+    count = len(coll.paths)
+    plan = {
+        **enc.meta,
+        "collection": coll.fingerprint(),
+        "described": coll.described,
+        "count": count,
+        "shard_size": shard_size,
+    }
+    plan_id = _start_plan(folder, plan)
+    shards = [range(s, min(s + shard_size, count)) for s in range(0, count, shard_size)]
+    mine = [j for j in range(len(shards)) if j % jax.process_count() == jax.process_index()]
+    todo = [j for j in mine if _read_shard(_shard_path(folder, j), plan_id) is None]
+    if len(todo) < len(mine):
+        _log(f"index: {len(mine) - len(todo)} of this process's {len(mine)} shards done earlier")
+    progress = Progress(sum(len(shards[j]) for j in todo))
+    done = 0
+    for j in todo:
+        done += _encode_shard(enc, coll, shards[j], _shard_path(folder, j), plan_id, progress, done)
+        progress.line(done, force=True)
+    _barrier("csce_jax.search.index.shards")
+    return plan_id
+
+
+def finish_index(folder: Path, plan_id: str, engine: str, params: dict[str, int]) -> dict:
+    """Gather the shards into the manifest and build the engine (process 0)."""
+    plan = json.loads((folder / "plan.json").read_text())
+    n = -(-plan["count"] // plan["shard_size"])
+    parts = []
+    for j in range(n):
+        shard = _read_shard(_shard_path(folder, j), plan_id)
+        if shard is None:
+            raise CodesError(f"{_shard_path(folder, j)} is missing: run the same command again")
+        parts.append(shard)
+    codes = np.concatenate([p["codes"] for p in parts])
+    if not len(codes):
+        raise CodesError(f"{folder}: no image of the collection could be read")
+    record = engines.build(engine, codes, plan["bits"], params, folder)
+    manifest = {
+        "version": INDEX_VERSION,
+        **{k: plan[k] for k in ("bits", "centers", "workdir", "step", "shard_size")},
+        "collection": {"described": plan.get("described", ""), "fingerprint": plan["collection"]},
+        "count": len(codes),
+        "skipped": [str(s) for p in parts for s in p["skipped"]],
+        "shards": [
+            {"file": _shard_path(folder, j).name, "count": len(p["codes"])}
+            for j, p in enumerate(parts)
+        ],
+        "engine": record,
+        "plan": plan_id,
+    }
+    _write_json(folder / "index.json", manifest)
+    return manifest
+
+
+@dataclasses.dataclass
+class Index:
+    """A loaded index: packed codes (uint8 (N, ceil(bits / 8))), paths and labels in index
+    order, the manifest, and the folder it came from."""
+
+    codes: np.ndarray
+    paths: list[str]
+    labels: list[str]
+    meta: dict[str, Any]
+    folder: Path
+
+    def engine(self) -> engines.Engine:
+        return engines.load(self.meta["engine"], self.codes, self.meta["bits"], self.folder)
+
+
+def _check_codes(where: Path, codes: np.ndarray, bits: Any, count: int) -> None:
+    if not isinstance(bits, int) or bits < 1:
+        raise CodesError(f"{where}: bad code length {bits!r} in its record")
+    if codes.dtype != np.uint8 or codes.ndim != 2 or codes.shape[1] != -(-bits // 8):
+        raise CodesError(
+            f"{where}: codes of shape {codes.shape} and dtype {codes.dtype} do not hold "
+            f"{bits}-bit codes packed into uint8 ({-(-bits // 8)} bytes each)"
+        )
+    if count != len(codes):
+        raise CodesError(f"{where}: {len(codes)} codes but {count} paths")
+
+
+def _load_legacy(path: Path) -> Index:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            codes, paths = z["codes"], [str(p) for p in z["paths"]]
+            meta = json.loads(str(z["meta"]))
+    except Exception as e:
+        raise CodesError(f"{path} is not a csce_jax index: {e}") from None
+    if meta.get("version") != LEGACY_VERSION:
+        raise CodesError(f"{path}: index version {meta.get('version')}, expected {INDEX_VERSION}")
+    _check_codes(path, codes, meta.get("bits"), len(paths))
+    meta["engine"] = {"name": "scan", "params": {}}
+    return Index(codes, paths, [""] * len(paths), meta, path.parent)
+
+
+def load_index(path: str | os.PathLike) -> Index:
+    """An index folder (or a single-file index of version 2), checked for consistency."""
+    path = Path(path)
+    if path.is_file():
+        return _load_legacy(path)
+    manifest = path / "index.json"
+    if not manifest.is_file():
+        if (path / "plan.json").is_file():
+            raise CodesError(f"{path}: an unfinished index; run its `search index` again")
+        raise CodesError(f"index not found: {path}")
+    try:
+        meta = json.loads(manifest.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CodesError(f"{manifest} is not a csce_jax index manifest: {e}") from None
+    if meta.get("version") != INDEX_VERSION:
+        raise CodesError(f"{path}: index version {meta.get('version')}, expected {INDEX_VERSION}")
+    parts = []
+    for shard in meta["shards"]:
+        got = _read_shard(path / "shards" / shard["file"], meta["plan"])
+        if got is None or len(got["codes"]) != shard["count"]:
+            raise CodesError(f"{path / 'shards' / shard['file']}: missing or not this index's")
+        parts.append(got)
+    codes = np.concatenate([p["codes"] for p in parts])
+    paths = [str(x) for p in parts for x in p["paths"]]
+    labels = [str(x) for p in parts for x in p["labels"]]
+    _check_codes(path, codes, meta.get("bits"), len(paths))
+    if len(codes) != meta["count"]:
+        raise CodesError(f"{manifest}: records {meta['count']} codes, its shards {len(codes)}")
+    return Index(codes, paths, labels, meta, path)

@@ -1,0 +1,75 @@
+"""A run's checkpoint as an image encoder for indexing and queries (the run is only read)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from csce_jax import eval_lib, state
+from csce_jax.data.sources import Source
+from csce_jax.encoding import Encoder
+from csce_jax.errors import CodesError
+from csce_jax.sharding import make_mesh, replicated
+
+
+class RunEncoder:
+    """Images -> {-1,+1} codes with a run's best (or ``step``) checkpoint.
+
+    ``local``: encode on this host's devices alone (each host of a job its own images); the
+    weights are restored on every host's devices, as a checkpoint is, then copied locally.
+    """
+
+    def __init__(
+        self,
+        workdir: str,
+        step: int | None = None,
+        config: ml_collections.ConfigDict | None = None,
+        *,
+        local: bool = False,
+    ):
+        config = eval_lib.load_run_config(workdir, config)
+        config.data.skip_corrupt = True
+        num_classes = state.run_num_classes(workdir)
+        graphdef, weights, got_step = state.restore_weights(
+            config, workdir, num_classes, step, mesh=make_mesh()
+        )
+        mesh = make_mesh(local=local)
+        if local and jax.process_count() > 1:
+            weights = jax.tree.map(
+                lambda a: jax.device_put(np.asarray(a.addressable_data(0)), replicated(mesh)),
+                weights,
+            )
+        self._encoder = Encoder(graphdef, config, mesh)
+        self._weights = (weights["params"], weights["rest"])
+        self.config = config
+        self.meta: dict[str, Any] = {
+            "bits": int(config.bits),
+            "centers": state.config_fingerprint(config, num_classes),
+            "workdir": str(Path(workdir).absolute()),
+            "step": int(got_step),
+        }
+
+    def encode(self, source: Source, progress=None) -> dict[str, Any]:
+        """{"codes" (int8 {-1,+1}), "index" (records kept, in order)[, "skipped"]}."""
+        return self._encoder.encode(self._weights, source, progress=progress)
+
+    def encode_one(self, image: str | bytes, name: str = "query") -> np.ndarray:
+        """The code of one image file or encoded image (bytes), as a (1, bits) array."""
+        src = Source([image], np.zeros(1, np.int32), [name], "query")
+        out = self.encode(src)
+        if out.get("skipped"):
+            raise CodesError(f"cannot read the query image {name}")
+        return out["codes"]
+
+    def check_index(self, meta: dict[str, Any], where: str) -> None:
+        """Refuse an index made under other codes than this checkpoint gives."""
+        if self.meta["bits"] != meta["bits"] or self.meta["centers"] != meta["centers"]:
+            raise CodesError(
+                f"{where} was built with {meta['bits']}-bit codes under centres "
+                f"{meta['centers']}, but {self.meta['workdir']} step {meta['step']} now gives "
+                f"{self.meta['bits']} bits under {self.meta['centers']}: rebuild the index"
+            )

@@ -1,0 +1,121 @@
+"""``search query``: the nearest indexed images to query images, one or many at once."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from csce_jax.errors import CodesError
+from csce_jax.metrics import pack_codes
+from csce_jax.search import collection
+from csce_jax.search.index import Index, load_index
+from csce_jax.search.model import RunEncoder
+from csce_jax.viz import hits_strip
+
+HIT_FIELDS = ("rank", "distance", "index", "label", "path")
+
+
+class Searcher:
+    """An index, its engine and the checkpoint that made it, ready for queries."""
+
+    def __init__(
+        self,
+        index: str | os.PathLike,
+        *,
+        workdir: str | None = None,
+        config: ml_collections.ConfigDict | None = None,
+    ):
+        self.where = str(index)
+        self.index: Index = load_index(index)
+        meta = self.index.meta
+        self.engine = self.index.engine()
+        self.encoder = RunEncoder(workdir or meta["workdir"], meta["step"], config)
+        self.encoder.check_index(meta, self.where)
+
+    def hits(self, codes: np.ndarray, k: int) -> list[list[dict[str, Any]]]:
+        """Ranked hits of each {-1,+1} code: rank, distance, index, label, path."""
+        if k < 1:
+            raise CodesError(f"-k {k}: the number of hits must be at least 1")
+        idx, dist = self.engine.search(pack_codes(codes), k)
+        return [self._ranked(i, d) for i, d in zip(idx, dist, strict=True)]
+
+    def _ranked(self, idx: np.ndarray, dist: np.ndarray) -> list[dict[str, Any]]:
+        keep = idx >= 0  # an approximate engine pads a short row with -1
+        return [
+            {
+                "rank": rank,
+                "distance": int(d),
+                "index": int(i),
+                "label": self.index.labels[i],
+                "path": self.index.paths[i],
+            }
+            for rank, (i, d) in enumerate(zip(idx[keep], dist[keep], strict=True), 1)
+        ]
+
+    def query_files(self, paths: list[str], k: int) -> dict[str, Any]:
+        """{"queries": [{"query": path, "hits": [...]}], "skipped": [unreadable queries]}."""
+        coll = collection.from_paths(paths, name="queries")
+        out = self.encoder.encode(coll.source)
+        found = self.hits(out["codes"], k) if len(out["index"]) else []
+        return {
+            "queries": [
+                {"query": paths[q], "hits": h} for q, h in zip(out["index"], found, strict=True)
+            ],
+            "skipped": sorted(out.get("skipped", [])),
+        }
+
+
+def write_hits(result: dict[str, Any], out: str) -> None:
+    """The hits of a batch of queries as JSON (``.json``) or CSV (``.csv``: a row per hit)."""
+    path = Path(out)
+    if path.suffix not in (".json", ".csv"):
+        raise CodesError(f"--out {out}: expected a .json or .csv file")
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        if path.suffix == ".json":
+            json.dump(result, f, indent=1)
+        else:
+            w = csv.writer(f)
+            w.writerow(("query", *HIT_FIELDS))
+            for q in result["queries"]:
+                for h in q["hits"]:
+                    w.writerow((q["query"], *(h[x] for x in HIT_FIELDS)))
+    os.replace(tmp, path)
+
+
+def draw_hits(result: dict[str, Any], picture: str) -> None:
+    """One query's image and its hits as a PNG strip: the query framed, each hit captioned
+    with its Hamming distance and label."""
+    hits = result["hits"]
+    captions = ["query"] + [f"d={h['distance']} {h['label']}".strip() for h in hits]
+    hits_strip([result["query"]] + [h["path"] for h in hits], picture, captions=captions)
+
+
+def search(
+    index: str,
+    image: str,
+    k: int = 10,
+    picture: str | None = None,
+    *,
+    workdir: str | None = None,
+    config: ml_collections.ConfigDict | None = None,
+) -> list[tuple[str, int]]:
+    """The ``k`` nearest indexed images to ``image``: [(path, Hamming distance)], ties by order.
+
+    ``picture``: also write the query and its hits, with their distances, as a PNG."""
+    if k < 1:
+        raise CodesError(f"-k {k}: the number of hits must be at least 1")
+    searcher = Searcher(index, workdir=workdir, config=config)
+    got = searcher.query_files([str(Path(image).absolute())], k)
+    if got["skipped"]:
+        raise CodesError(f"cannot read the query image {image}")
+    hits = got["queries"][0]["hits"]
+    if picture:
+        draw_hits(got["queries"][0], picture)
+    return [(h["path"], h["distance"]) for h in hits]

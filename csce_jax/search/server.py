@@ -1,0 +1,220 @@
+"""``search serve``: a local search page over one index.
+
+  GET  /                     the page (upload or pick a query; top k hits as thumbnails)
+  GET  /api/info             the index: size, bits, checkpoint, engine
+  POST /api/search?k=K       body: an image file -> its hits
+  GET  /api/search?item=N&k=K  indexed image N as the query (its stored code) -> its hits
+  GET  /thumb/N              a thumbnail of indexed image N
+
+The server binds 127.0.0.1 by default. It reads only the index's own images, named by their
+number in the index (never a path from the request), keeps uploads in memory and writes no
+file. A bad upload (empty, not an image, too large in bytes or pixels) gets a 4xx answer with
+a one-line message.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import io
+import json
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+from PIL import Image
+
+from csce_jax.data.images import load_rgb, resized_size
+from csce_jax.errors import CodesError, CsceError
+from csce_jax.metrics import unpack_codes
+from csce_jax.search.queries import Searcher
+
+MAX_UPLOAD_BYTES = 20 * 2**20
+MAX_PIXELS = 40_000_000  # of the upload as stored
+MAX_RESIZED_PIXELS = 16_000_000  # after the shorter side is resized (a 1 x 20000 strip is not)
+MAX_K = 100
+THUMB = 160
+PAGE = (Path(__file__).parent / "page.html").read_text()
+
+
+class UploadError(CsceError):
+    """An upload the server refuses; its message goes back to the page."""
+
+    def __init__(self, message: str, status: HTTPStatus = HTTPStatus.BAD_REQUEST):
+        super().__init__(message)
+        self.status = status
+
+
+def check_upload(data: bytes, resize: int) -> Image.Image:
+    """The uploaded image, or UploadError saying why it is refused (read in memory only)."""
+    if not data:
+        raise UploadError("empty upload: choose an image file")
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            width, height = probe.size
+            probe.verify()
+    except Image.DecompressionBombError:
+        raise UploadError("the image has too many pixels") from None
+    except Exception:
+        raise UploadError("not an image: the upload is no image format Pillow reads") from None
+    rw, rh = resized_size(width, height, resize)
+    if width * height > MAX_PIXELS or rw * rh > MAX_RESIZED_PIXELS:
+        raise UploadError(
+            f"image of {width} x {height} pixels refused: at most {MAX_PIXELS:,} pixels, and "
+            f"{MAX_RESIZED_PIXELS:,} once its shorter side is {resize}"
+        )
+    try:
+        return load_rgb(data, where="the upload")
+    except CsceError as e:
+        raise UploadError(f"the image does not decode: {e}") from None
+
+
+def _thumb_bytes(image: Image.Image) -> bytes:
+    image = image.copy()
+    image.thumbnail((THUMB, THUMB))
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=85)
+    return buf.getvalue()
+
+
+class SearchServer(ThreadingHTTPServer):
+    """The HTTP server over one Searcher; queries are encoded one at a time."""
+
+    daemon_threads = True
+
+    def __init__(self, searcher: Searcher, host: str = "127.0.0.1", port: int = 8000):
+        super().__init__((host, port), _Handler)
+        self.searcher = searcher
+        self.encode_lock = threading.Lock()
+        self.thumb = functools.lru_cache(maxsize=4096)(self._thumb)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}/"
+
+    def info(self) -> dict[str, Any]:
+        meta = self.searcher.index.meta
+        return {
+            "count": len(self.searcher.index.paths),
+            "bits": meta["bits"],
+            "workdir": meta["workdir"],
+            "step": meta["step"],
+            "engine": meta["engine"]["name"],
+            "collection": meta.get("collection", {}).get("described", ""),
+        }
+
+    def _thumb(self, item: int) -> bytes | None:
+        try:
+            return _thumb_bytes(load_rgb(self.searcher.index.paths[item]))
+        except (CsceError, OSError):
+            return None
+
+    def hits_of_item(self, item: int, k: int) -> dict[str, Any]:
+        index = self.searcher.index
+        code = unpack_codes(index.codes[item : item + 1], index.meta["bits"])
+        return {
+            "query": {"item": item, "path": index.paths[item]},
+            "hits": self.searcher.hits(code, k)[0],
+        }
+
+    def hits_of_upload(self, data: bytes, k: int) -> dict[str, Any]:
+        image = check_upload(data, self.searcher.encoder.config.data.resize)
+        with self.encode_lock:
+            code = self.searcher.encoder.encode_one(data, "the upload")
+        thumb = base64.b64encode(_thumb_bytes(image)).decode()
+        return {
+            "query": {"thumb": f"data:image/jpeg;base64,{thumb}"},
+            "hits": self.searcher.hits(code, k)[0],
+        }
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: SearchServer
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet: errors only
+        return
+
+    def _send(self, status: int, body: bytes, kind: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, value: dict[str, Any], status: int = HTTPStatus.OK) -> None:
+        self._send(status, json.dumps(value).encode(), "application/json")
+
+    def _error(self, status: int, message: str) -> None:
+        self._json({"error": message}, status)
+
+    def _k(self, query: dict[str, list[str]]) -> int:
+        raw = query.get("k", ["10"])[0]
+        if not raw.isdigit() or not 1 <= int(raw) <= MAX_K:
+            raise UploadError(f"k={raw!r}: expected a whole number from 1 to {MAX_K}")
+        return int(raw)
+
+    def _item(self, raw: str) -> int:
+        count = len(self.server.searcher.index.paths)
+        if not raw.isdigit() or int(raw) >= count:
+            raise UploadError(f"no indexed image {raw!r} (0 to {count - 1})", HTTPStatus.NOT_FOUND)
+        return int(raw)
+
+    def do_GET(self) -> None:
+        url = urlparse(self.path)
+        query = parse_qs(url.query)
+        try:
+            if url.path == "/":
+                self._send(HTTPStatus.OK, PAGE.encode(), "text/html; charset=utf-8")
+            elif url.path == "/api/info":
+                self._json(self.server.info())
+            elif url.path == "/api/search":
+                item = self._item(query.get("item", [""])[0])
+                self._json(self.server.hits_of_item(item, self._k(query)))
+            elif url.path.startswith("/thumb/"):
+                thumb = self.server.thumb(self._item(url.path[len("/thumb/") :]))
+                if thumb is None:
+                    raise UploadError("that indexed image cannot be read", HTTPStatus.NOT_FOUND)
+                self._send(HTTPStatus.OK, thumb, "image/jpeg")
+            else:
+                self._error(HTTPStatus.NOT_FOUND, f"no page {url.path}")
+        except UploadError as e:
+            self._error(e.status, str(e))
+
+    def do_POST(self) -> None:
+        url = urlparse(self.path)
+        try:
+            if url.path != "/api/search":
+                raise UploadError(f"no page {url.path}", HTTPStatus.NOT_FOUND)
+            k = self._k(parse_qs(url.query))
+            length = self.headers.get("Content-Length")
+            if length is None or not length.isdigit():
+                raise UploadError("the upload has no length", HTTPStatus.LENGTH_REQUIRED)
+            if int(length) > MAX_UPLOAD_BYTES:
+                self.close_connection = True
+                raise UploadError(
+                    f"upload of {int(length) / 2**20:.1f} MiB refused: at most "
+                    f"{MAX_UPLOAD_BYTES // 2**20} MiB",
+                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                )
+            self._json(self.server.hits_of_upload(self.rfile.read(int(length)), k))
+        except UploadError as e:
+            self._error(e.status, str(e))
+        except CodesError as e:
+            self._error(HTTPStatus.UNPROCESSABLE_ENTITY, str(e))
+
+
+def serve(searcher: Searcher, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve the page until Ctrl-C; the first line printed is its address."""
+    server = SearchServer(searcher, host, port)
+    print(f"serving {server.url} ({server.info()['count']:,} images; Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

@@ -1,0 +1,348 @@
+"""csce_jax.search: engines against the exact scan, the index folder (shards, resume, two
+processes), batch queries, and the search page (HTTP, then a real headless browser)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT
+from PIL import Image
+
+from csce_jax import metrics
+from csce_jax.data.digits import digits_images
+from csce_jax.errors import CodesError
+from csce_jax.search import build_index, engines, load_index, queries, server
+
+
+def _clustered_codes(rng, n, bits, classes=20, flip=0.1):
+    """Codes around a few centres: many exact ties, as trained codes have."""
+    centres = rng.integers(0, 2, (classes, bits)) * 2 - 1
+    noise = np.where(rng.random((n, bits)) < flip, -1, 1)
+    return (centres[rng.integers(0, classes, n)] * noise).astype(np.int8)
+
+
+@pytest.mark.parametrize("bits", [12, 32, 48, 64])
+def test_faiss_flat_returns_the_exact_scan_hits_ties_in_index_order(bits, tmp_path):
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(bits)
+    db = metrics.pack_codes(_clustered_codes(rng, 3000, bits))
+    q = metrics.pack_codes(_clustered_codes(rng, 70, bits))
+    scan = engines.load(engines.build("scan", db, bits, {}, tmp_path), db, bits, tmp_path)
+    flat = engines.load(engines.build("faiss-flat", db, bits, {}, tmp_path), db, bits, tmp_path)
+    i_scan, d_scan = scan.search(q, 50)
+    i_flat, d_flat = flat.search(q, 50)
+    assert (d_scan[:, :-1] == d_scan[:, 1:]).any()  # ties are there to be ordered
+    np.testing.assert_array_equal(d_flat, d_scan)
+    np.testing.assert_array_equal(i_flat, i_scan)
+    # Against plain numpy: distances over the unpacked {-1,+1} codes, a stable sort.
+    full = (
+        bits - metrics.unpack_codes(q, bits).astype(int) @ metrics.unpack_codes(db, bits).T
+    ) // 2
+    np.testing.assert_array_equal(i_scan, np.argsort(full, axis=1, kind="stable")[:, :50])
+
+
+@pytest.mark.parametrize("engine", ["faiss-ivf", "faiss-hnsw"])
+def test_approximate_engines_are_saved_and_find_the_near_codes(engine, tmp_path):
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(0)
+    db = metrics.pack_codes(_clustered_codes(rng, 4000, 32))
+    q = metrics.pack_codes(_clustered_codes(rng, 50, 32))
+    record = engines.build(engine, db, 32, {}, tmp_path)
+    assert (tmp_path / record["file"]).is_file() and record["params"]
+    idx, dist = engines.load(record, db, 32, tmp_path).search(q, 10)
+    _, exact_dist = engines.load({"name": "scan"}, db, 32, tmp_path).search(q, 10)
+    assert (np.diff(dist, axis=1) >= 0).all()
+    # What it returns is true: each distance is the real one of that code.
+    real = metrics.hamming_distances(q, db, bits=32)
+    np.testing.assert_array_equal(np.take_along_axis(real, idx, axis=1), dist)
+    # Within its k-th distance, the approximate engine misses little (clustered codes).
+    assert (dist[:, -1] <= exact_dist[:, -1] + 2).mean() > 0.9
+    with pytest.raises(CodesError, match="rebuild the index"):
+        engines.load(record, db[:-1], 32, tmp_path)
+
+
+def test_without_faiss_the_engine_is_refused_with_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    with pytest.raises(CodesError, match=r"pip install faiss-cpu"):
+        engines.check_engine("faiss-ivf", {})
+    with pytest.raises(CodesError, match="expected one of scan"):
+        engines.check_engine("annoy", {})
+
+
+def _photos(folder, n=14):
+    images, labels = digits_images()
+    for i in range(n):
+        sub = folder / f"class{labels[i]}"
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i]).convert("RGB").save(sub / f"d{i:02d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def photo_index(trained_run, tmp_path_factory):
+    """An index of 14 digit photographs in sub-folders named by class, in 4 shards."""
+    root = tmp_path_factory.mktemp("photo_index")
+    photos = _photos(root / "photos")
+    summary = build_index(str(trained_run), str(root / "idx"), images=str(photos), shard_size=4)
+    assert summary["indexed"] == 14 and summary["shards"] == 4
+    return root / "idx", photos
+
+
+def test_an_interrupted_index_resumes_without_redoing_finished_shards(
+    photo_index, trained_run, tmp_path, monkeypatch
+):
+    index, photos = photo_index
+    whole = load_index(index)
+    assert whole.labels[0].startswith("class") and len(set(whole.paths)) == 14
+    partial = tmp_path / "idx"
+    shutil.copytree(index, partial)
+    (partial / "index.json").unlink()  # as if stopped before shard 2 and the manifest
+    (partial / "shards" / "00002.npz").unlink()
+    with pytest.raises(CodesError, match="unfinished index"):
+        load_index(partial)
+    from csce_jax.search.model import RunEncoder
+
+    encoded = []
+    real = RunEncoder.encode
+    monkeypatch.setattr(
+        RunEncoder, "encode", lambda s, src, **kw: encoded.append(len(src)) or real(s, src, **kw)
+    )
+    build_index(str(trained_run), str(partial), images=str(photos), shard_size=4)
+    assert encoded == [4]  # only the missing shard
+    again = load_index(partial)
+    np.testing.assert_array_equal(again.codes, whole.codes)
+    assert again.paths == whole.paths and again.labels == whole.labels
+    # Another collection into the same folder is refused, naming what differs.
+    (photos / "class0" / "d00.png").rename(photos / "extra.png")
+    try:
+        with pytest.raises(CodesError, match="holds .part of. another index .collection"):
+            build_index(str(trained_run), str(partial), images=str(photos), shard_size=4)
+    finally:
+        (photos / "extra.png").rename(photos / "class0" / "d00.png")
+
+
+def test_batch_queries_write_json_and_csv_with_labels(photo_index, tmp_path):
+    index, photos = photo_index
+    searcher = queries.Searcher(index)
+    files = sorted(str(p) for p in photos.rglob("*.png"))[:3]
+    result = searcher.query_files([*files, str(tmp_path / "missing.png")], 5)
+    assert [q["query"] for q in result["queries"]] == files
+    assert len(result["skipped"]) == 1 and "missing.png" in result["skipped"][0]
+    for q in result["queries"]:
+        (own,) = [h for h in q["hits"] if h["path"] == q["query"]]
+        assert own["distance"] == 0 and q["hits"][0]["distance"] == 0  # it finds itself
+        assert own["label"] == Path(q["query"]).parent.name
+        assert [h["rank"] for h in q["hits"]] == [1, 2, 3, 4, 5]
+    queries.write_hits(result, str(tmp_path / "hits.json"))
+    queries.write_hits(result, str(tmp_path / "hits.csv"))
+    assert json.loads((tmp_path / "hits.json").read_text()) == result
+    rows = (tmp_path / "hits.csv").read_text().splitlines()
+    assert rows[0] == "query,rank,distance,index,label,path" and len(rows) == 1 + 15
+    with pytest.raises(CodesError, match="expected a .json or .csv"):
+        queries.write_hits(result, str(tmp_path / "hits.txt"))
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_encode_the_same_codes_as_one(trained_run, tmp_path):
+    photos = _photos(tmp_path / "photos", n=10)
+    one = tmp_path / "one"
+    build_index(str(trained_run), str(one), images=str(photos), shard_size=3)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    port = _free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "csce_jax.search",
+        "index",
+        "--workdir",
+        str(trained_run),
+        "--images",
+        str(photos),
+        "--out",
+        str(tmp_path / "two"),
+        "--shard_size",
+        "3",
+        f"--config.coordinator_address=127.0.0.1:{port}",
+        "--config.num_processes=2",
+    ]
+    procs = [
+        subprocess.Popen(
+            [*cmd, f"--config.process_id={i}"],
+            cwd=ROOT,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(2)
+    ]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    assert "[process 1] index: 4/4 images" in outs[1][1]  # shards 1 and 3 (3 + 1 images)
+    assert json.loads(outs[0][0].splitlines()[-1])["indexed"] == 10
+    a, b = load_index(one), load_index(tmp_path / "two")
+    np.testing.assert_array_equal(a.codes, b.codes)
+    assert a.paths == b.paths
+
+
+@pytest.fixture(scope="module")
+def page(photo_index):
+    """The search page over the photo index, served on 127.0.0.1 from this process."""
+    index, photos = photo_index
+    srv = server.SearchServer(queries.Searcher(index), "127.0.0.1", 0)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv, photos
+    srv.shutdown()
+    srv.server_close()
+
+
+def _ask(url, data=None, headers=None):
+    req = urllib.request.Request(
+        url, data=data, method="POST" if data is not None else "GET", headers=headers or {}
+    )
+    try:
+        with urllib.request.urlopen(req) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _tree(folder):
+    return sorted((str(p), p.stat().st_mtime_ns) for p in Path(folder).rglob("*"))
+
+
+def test_the_page_answers_queries_and_refuses_bad_uploads(page, photo_index, tmp_path):
+    srv, photos = page
+    index, _ = photo_index
+    before, cwd_before = _tree(index.parent), _tree(Path.cwd())
+    status, body = _ask(srv.url + "api/info")
+    assert status == 200 and json.loads(body)["count"] == 14 and json.loads(body)["bits"] == 64
+    query = sorted(photos.rglob("*.png"))[5]
+    status, body = _ask(srv.url + "api/search?k=3", query.read_bytes())
+    hits = json.loads(body)["hits"]
+    assert (
+        status == 200
+        and {"path": str(query), "distance": 0}.items()
+        <= next(h for h in hits if h["path"] == str(query)).items()
+    )
+    status, body = _ask(srv.url + "api/search?item=2&k=4")
+    assert status == 200 and 2 in [
+        h["index"] for h in json.loads(body)["hits"] if not h["distance"]
+    ]
+    assert _ask(srv.url + "thumb/2")[1][:2] == b"\xff\xd8"  # a JPEG thumbnail
+    huge = Image.new("L", (1, 20000))
+    buf = tmp_path / "strip.png"
+    huge.save(buf)
+    for data, status_wanted, message in (
+        (b"", 400, "empty upload"),
+        (b"%PDF-1.4 not a picture", 400, "not an image"),
+        (buf.read_bytes(), 400, "1 x 20000 pixels refused"),
+    ):
+        status, body = _ask(srv.url + "api/search?k=3", data)
+        assert status == status_wanted and message in json.loads(body)["error"], body
+    status, body = _ask(srv.url + "api/search?k=3", b"x", {"Content-Length": str(300 * 2**20)})
+    assert status == 413 and "at most 20 MiB" in json.loads(body)["error"]
+    for path in (
+        "thumb/../../../etc/passwd",
+        "thumb/14",
+        "thumb/-1",
+        "etc/passwd",
+        "api/search?item=%2Fetc%2Fpasswd",
+    ):
+        status, body = _ask(srv.url + path)
+        assert status == 404 and b"root:" not in body, path
+    assert _ask(srv.url + "api/search?item=1&k=1000")[0] == 400
+    assert _tree(index.parent) == before and _tree(Path.cwd()) == cwd_before  # nothing written
+
+
+def _browser():
+    webdriver = pytest.importorskip("selenium.webdriver")
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        pytest.skip("Debian's chromium and chromium-driver are not installed")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+    ):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+
+
+def test_a_person_uploads_an_image_in_a_real_browser_and_sees_its_hits(page, tmp_path):
+    srv, photos = page
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = _browser()
+    try:
+        driver.get(srv.url)
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: "14 images" in d.find_element(By.ID, "info").text)
+        assert "64-bit codes" in driver.find_element(By.ID, "info").text
+        query = sorted(photos.rglob("*.png"))[3]
+        driver.find_element(By.ID, "k").clear()
+        driver.find_element(By.ID, "k").send_keys("5")
+        driver.find_element(By.ID, "file").send_keys(str(query))
+        driver.find_element(By.ID, "go").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".tile.hit")) == 5)
+        tiles = driver.find_elements(By.CSS_SELECTOR, ".tile.hit")
+        (own,) = [t for t in tiles if t.get_attribute("data-path") == str(query)]
+        assert own.get_attribute("data-distance") == "0" and "distance 0" in own.text
+        assert "label: " + query.parent.name in own.text
+        # The thumbnails really loaded (an <img> that failed has no natural width).
+        wait.until(
+            lambda d: all(
+                d.execute_script(
+                    "return arguments[0].naturalWidth", t.find_element(By.TAG_NAME, "img")
+                )
+                > 0
+                for t in d.find_elements(By.CSS_SELECTOR, ".tile")
+            )
+        )
+        # A click on a hit searches with it; a bad upload says why in the page.
+        want = tiles[1].get_attribute("data-path")
+        tiles[1].find_element(By.TAG_NAME, "img").click()
+        wait.until(
+            lambda d: (
+                d.find_element(By.CSS_SELECTOR, ".tile.query").get_attribute("data-path") == want
+            )
+        )
+        bad = tmp_path / "notes.txt"
+        bad.write_text("not an image")
+        driver.find_element(By.ID, "file").send_keys(str(bad))
+        driver.find_element(By.ID, "go").click()
+        wait.until(lambda d: "not an image" in d.find_element(By.ID, "error").text)
+        assert not driver.find_elements(By.CSS_SELECTOR, ".tile.hit")
+    finally:
+        driver.quit()
