@@ -43,8 +43,8 @@ def _faiss():
 def default_params(engine: str, count: int) -> dict[str, int]:
     """Build and search parameters for ``count`` codes (each one can be set by hand)."""
     if engine == "faiss-ivf":
-        # About 4 sqrt(N) lists, at least 39 training codes per list (faiss's own minimum).
-        nlist = max(1, min(int(4 * math.sqrt(count)), count // 39))
+        # About sqrt(N) lists (training stays short), at least 39 training codes per list.
+        nlist = max(1, min(int(math.sqrt(count)), count // 39))
         return {"nlist": nlist, "nprobe": min(16, nlist)}
     if engine == "faiss-hnsw":
         return {"M": 16, "ef_construction": 64, "ef_search": 128}
@@ -72,10 +72,8 @@ class Engine:
         """(indices, distances), each (Q, k'), ordered by (distance, index); k' = min(k, N).
         An approximate engine may find fewer than k' for a query: -1 pads its row."""
         k = min(k, len(self.codes))
-        if self._index is None:
-            from csce_jax import metrics
-
-            return metrics.search_topk(packed_queries, self.codes, k, bits=self.bits)
+        if self.name == "scan":
+            return self._index.search(packed_queries, k)
         dist, idx = self._index.search(np.ascontiguousarray(packed_queries, np.uint8), k)
         return idx.astype(np.int64), dist.astype(np.int64)
 
@@ -128,7 +126,9 @@ def load(record: dict[str, Any], codes: np.ndarray, bits: int, folder: Path) -> 
     name, params = record["name"], dict(record.get("params", {}))
     check_engine(name, params)
     if name == "scan":
-        return Engine(name, codes, bits, params, None)
+        from csce_jax.metrics import CodeScanner
+
+        return Engine(name, codes, bits, params, CodeScanner(codes, bits))
     if name == "faiss-flat":
         return Engine(name, codes, bits, params, _faiss_index(name, codes, params))
     path = folder / record["file"]
