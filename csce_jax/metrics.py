@@ -130,19 +130,31 @@ def relevance_fn(query_labels: np.ndarray, db_labels: np.ndarray) -> Relevance:
 # --- Ranking ---------------------------------------------------------------------------------
 
 
+def _kth_distance(row: np.ndarray, k: int) -> int:
+    """The smallest t with at least k items at distance <= t (a binary search of counts)."""
+    lo, hi = 0, int(row.max())
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if np.count_nonzero(row <= mid) >= k:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 def nearest(dist: np.ndarray, k: int) -> np.ndarray:
     """Each row's first ``k`` items in (distance, index) order: int64 (q, k).
 
-    Distances are uint8, so a row's k-th distance t comes from a histogram of K + 1 counts;
-    the items below t, then the first items at t, are all that is sorted (a stable sort keeps
-    index order among equals). Linear in the row, without the full ranking of every item.
+    Distances are small integers (at most K + 1 values), so a row's k-th distance t is found
+    by counting; the items below t, then the first items at t, are all that is sorted (a
+    stable sort keeps index order among equals). Linear in the row, without ranking it all.
     """
     n = dist.shape[1]
     if k >= n // 4:  # most of the row is wanted: the stable counting sort of the whole row
         return np.argsort(dist, axis=1, kind="stable")[:, :k]
     out = np.empty((dist.shape[0], k), np.int64)
     for r, row in enumerate(dist):
-        t = int(np.searchsorted(np.cumsum(np.bincount(row, minlength=256)), k))
+        t = _kth_distance(row, k)
         below = np.flatnonzero(row < t)
         picked = np.concatenate([below, np.flatnonzero(row == t)[: k - len(below)]])
         out[r] = picked[np.argsort(row[picked], kind="stable")]

@@ -161,3 +161,13 @@ def test_chunking_keeps_results_exact(monkeypatch):
     whole = metrics.average_precisions(qc, dc, ql, dl)
     monkeypatch.setattr(metrics, "_CHUNK_ELEMENTS", 80 * 3)  # chunks of 3 queries
     np.testing.assert_array_equal(metrics.average_precisions(qc, dc, ql, dl), whole)
+
+
+@pytest.mark.parametrize("k", [1, 7, 99, 249, 250, 1000])
+def test_the_k_nearest_equal_a_stable_full_ranking(k):
+    rng = np.random.default_rng(k)
+    dist = rng.integers(0, 13, (9, 1000)).astype(np.uint8)  # heavy ties
+    dist[0] = 5  # a row of one distance
+    dist[1, :3] = 0  # fewer than k items at the smallest distance
+    want = np.argsort(dist, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(metrics.nearest(dist, k), want)

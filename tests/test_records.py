@@ -236,7 +236,7 @@ def test_eval_and_search_read_a_record_set(trained_run, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     for name, codes in files.items():
         assert np.array_equal(np.load(run / "eval" / f"{name}_codes.npy"), codes), name
-    index = tmp_path / "q.idx.npz"
+    index = tmp_path / "q.idx"
     out = run_module(
         "-m",
         "csce_jax.search",
@@ -252,4 +252,6 @@ def test_eval_and_search_read_a_record_set(trained_run, tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout.strip().splitlines()[-1])["indexed"] == 300
-    assert np.array_equal(np.load(index)["codes"], files["query"])
+    from csce_jax.search import load_index
+
+    assert np.array_equal(load_index(index).codes, files["query"])

@@ -129,6 +129,36 @@ def test_an_interrupted_index_resumes_without_redoing_finished_shards(
         (photos / "extra.png").rename(photos / "class0" / "d00.png")
 
 
+def test_a_list_file_is_indexed_with_its_classes_as_labels(photo_index, trained_run, tmp_path):
+    index, photos = photo_index
+    files = sorted(photos.rglob("*.png"))[:5]
+    lines = []
+    for i, f in enumerate(files):
+        vec = ["0"] * 10
+        vec[i % 10] = vec[(i + 3) % 10] = "1"  # two classes each (multi-label)
+        lines.append(f"{f.relative_to(photos)} {' '.join(vec)}")
+    (tmp_path / "db.txt").write_text("\n".join(lines) + "\n")
+    summary = build_index(
+        str(trained_run),
+        str(tmp_path / "idx"),
+        list_file=str(tmp_path / "db.txt"),
+        image_root=str(photos),
+    )
+    got = load_index(tmp_path / "idx")
+    assert summary["indexed"] == 5 and got.paths == [str(f) for f in files]
+    assert got.labels == ["0,3", "1,4", "2,5", "3,6", "4,7"]
+    whole = load_index(index)
+    for path, code in zip(got.paths, got.codes, strict=True):  # the same codes as the folder's
+        np.testing.assert_array_equal(code, whole.codes[whole.paths.index(path)])
+    with pytest.raises(CodesError, match="give one of --images DIR, --list FILE"):
+        build_index(
+            str(trained_run),
+            str(tmp_path / "x"),
+            images=str(photos),
+            list_file=str(tmp_path / "db.txt"),
+        )
+
+
 def test_batch_queries_write_json_and_csv_with_labels(photo_index, tmp_path):
     index, photos = photo_index
     searcher = queries.Searcher(index)
