@@ -2,15 +2,19 @@
 
 ``<workdir>/checkpoints/<step>/`` holds three items: ``weights`` (parameters, BatchNorm
 statistics, hash centres: all that encoding needs), ``train`` (optimiser state and step) and
-``meta`` (JSON: the resolved config, the centres' fingerprint, the best step and mAP so far).
+``meta`` (JSON: the resolved config, the centres' fingerprint, the best step and mAP so far,
+and a digest of the ``weights`` and ``train`` data, ``csce_jax.digest``).
 The data position and the per-step random key are functions of the step, so nothing else is
 needed for an exact resume.
 
 Which steps stay is Orbax's own preservation policy: the latest ``keep`` steps, plus the step
 with the highest validation mAP (its score is saved as the checkpoint's metric; ties go to the
 earlier step). Orbax writes into a temporary directory and renames it when complete, so a
-checkpoint is whole or absent. A checkpoint that fails to restore is reported with its path and
-the next older one is tried, never a silent fresh start. Readers (``eval.py``, search) open the
+checkpoint is whole or absent. A restore recomputes the digest of what it read: a checkpoint
+that fails to restore, or whose data no longer match its digest, is reported with its path and
+the next older one is tried, never a silent fresh start; the trainer moves such a checkpoint
+out of ``checkpoints/`` into ``corrupt_checkpoints/`` (kept for inspection), so that it holds
+no slot of the keep policy. Readers (``eval.py``, search) open the
 folder read-only: they never create, clean up or delete anything in a run that may be training.
 """
 
@@ -26,6 +30,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from csce_jax.digest import tree_digest
 from csce_jax.errors import CheckpointError
 
 __all__ = ["CheckpointError", "Checkpoints"]
@@ -69,6 +74,7 @@ class Checkpoints:
         async_save: bool = True,
     ):
         self.directory = Path(workdir).absolute() / "checkpoints"
+        self.read_only = read_only
         if read_only and not self.directory.is_dir():
             raise CheckpointError(f"no checkpoints in {self.directory}")
         policy = pp.AnyPreservationPolicy(
@@ -107,9 +113,12 @@ class Checkpoints:
         A failure (a full disk, a read-only folder), also one of an earlier asynchronous save,
         raises :class:`CheckpointError` naming the folder and the cause.
         """
+        weights = {"params": state["params"], "rest": state["rest"]}
+        train = {"opt": state["opt"], "step": state["step"]}
+        meta = {**meta, "digest": {"weights": tree_digest(weights), "train": tree_digest(train)}}
         args = ocp.args.Composite(
-            weights=ocp.args.StandardSave({"params": state["params"], "rest": state["rest"]}),
-            train=ocp.args.StandardSave({"opt": state["opt"], "step": state["step"]}),
+            weights=ocp.args.StandardSave(weights),
+            train=ocp.args.StandardSave(train),
             meta=ocp.args.JsonSave(meta),
         )
         metrics = None if score is None else {"score": float(score), "step": int(step)}
@@ -150,22 +159,63 @@ class Checkpoints:
             else:
                 args[name] = ocp.args.StandardRestore(target)
         restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-        return {name: restored[name] for name in items}
+        got = {name: restored[name] for name in items}
+        recorded = (got.get("meta") or {}).get("digest", {})
+        for name in ("weights", "train"):
+            if name in got and name in recorded and tree_digest(got[name]) != recorded[name]:
+                raise CheckpointError(
+                    f"its {name} data do not match the digest saved with them (a file was "
+                    "changed or damaged)"
+                )
+        return got
 
     def _first_restorable(
         self, steps: list[int], items: dict[str, Any]
     ) -> tuple[int, dict[str, Any]] | None:
         errors = []
-        for s in steps:
+        for i, s in enumerate(steps):
             try:
-                return s, self._restore_step(s, items)
-            except Exception as e:  # truncated files, wrong shapes (another config), ...
+                found = s, self._restore_step(s, items)
+            except Exception as e:  # truncated or edited files, wrong shapes, ...
                 msg = f"{self.directory / str(s)}: {_reason(e)}"
-                logging.error("cannot restore checkpoint %s; trying an older one", msg)
-                errors.append(msg)
+                then = f"trying step {steps[i + 1]}" if i + 1 < len(steps) else "none left"
+                logging.error("cannot restore checkpoint %s; %s", msg, then)
+                errors.append((s, msg))
+                continue
+            self._set_aside([bad for bad, _ in errors])
+            return found
         if errors:
-            raise CheckpointError("no checkpoint could be restored:\n  " + "\n  ".join(errors))
+            raise CheckpointError(
+                "no checkpoint could be restored:\n  " + "\n  ".join(m for _, m in errors)
+            )
         return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Move unrestorable checkpoints to ``corrupt_checkpoints/`` (a writer only)."""
+        if self.read_only or not steps:
+            return
+        self.manager.wait_until_finished()
+        aside = self.directory.parent / "corrupt_checkpoints"
+        aside.mkdir(exist_ok=True)
+        for s in steps:
+            dest = aside / f"{s}-{os.getpid()}"
+            os.replace(self.directory / str(s), dest)
+            logging.warning("moved the unrestorable checkpoint of step %d to %s", s, dest)
+        self.manager.reload()
+
+    def set_aside_unreadable(self) -> None:
+        """Set aside every step folder whose record does not read (a junk or half-copied
+        folder would hold a slot of the keep policy)."""
+        bad = []
+        for s in self.steps():
+            try:
+                meta = self.read_meta(s)
+                if not isinstance(meta.get("step"), int):
+                    raise CheckpointError("no step in its record")
+            except CheckpointError as e:
+                logging.error("checkpoint %s has no readable record: %s", s, e)
+                bad.append(s)
+        self._set_aside(bad)
 
     def restore_state(
         self, target: dict[str, Any], step: int | None = None
@@ -188,13 +238,17 @@ class Checkpoints:
         return s, state, dict(got["meta"])
 
     def restore_weights(
-        self, target: dict[str, Any], step: int
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """({"params", "rest"}, meta) of ``step``: what encoding needs, no optimiser state."""
-        found = self._first_restorable(self._candidates(step), {"weights": target, "meta": None})
+        self, target: dict[str, Any], step: int, *, fallback: bool = False
+    ) -> tuple[int, dict[str, Any], dict[str, Any]]:
+        """(step, {"params", "rest"}, meta) of ``step``: what encoding needs, no optimiser
+        state. ``fallback``: when ``step`` does not restore, the newest other one that does."""
+        steps = self._candidates(step)
+        if fallback:
+            steps += [s for s in reversed(self.steps()) if s != step]
+        found = self._first_restorable(steps, {"weights": target, "meta": None})
         assert found is not None
-        _, got = found
-        return got["weights"], dict(got["meta"])
+        got_step, got = found
+        return got_step, got["weights"], dict(got["meta"])
 
     def read_meta(self, step: int) -> dict[str, Any]:
         """The JSON record of ``step``."""
@@ -202,6 +256,17 @@ class Checkpoints:
             return dict(self._restore_step(step, {"meta": None})["meta"])
         except Exception as e:
             raise CheckpointError(f"{self.directory / str(step)}: {_reason(e)}") from e
+
+    def saved_config(self) -> dict[str, Any] | None:
+        """The config recorded in the newest checkpoint whose record reads (None: none)."""
+        for s in reversed(self.steps()):
+            try:
+                config = self.read_meta(s).get("config")
+            except CheckpointError:
+                continue
+            if isinstance(config, dict):
+                return config
+        return None
 
     def best_step(self) -> int | None:
         """The step with the best validation mAP (as recorded by the newest checkpoint)."""

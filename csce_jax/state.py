@@ -118,8 +118,9 @@ def restore_weights(
 ) -> tuple[Any, dict[str, Any], int]:
     """(eval graphdef, {"params", "rest"}, step) of a run's best checkpoint, or of ``step``.
 
-    The run folder is opened read-only. Without a recorded best (or when it does not
-    restore) the newest restorable checkpoint is used, and the log says so.
+    The run folder is opened read-only. Without a recorded best, or when the best does not
+    restore (damaged files), the newest checkpoint that does is used, and the log says so;
+    an explicit ``step`` that does not restore is an error.
     """
     model = nnx.eval_shape(lambda: builders.create_model(config, num_classes))
     _, eval_graphdef, params, rest = _split(model)
@@ -133,7 +134,7 @@ def restore_weights(
             if not steps:
                 raise CheckpointError(f"no checkpoint in {ckpts.directory}")
             got_step = steps[-1]
-        weights, meta = ckpts.restore_weights(target, got_step)
+        got_step, weights, meta = ckpts.restore_weights(target, got_step, fallback=step is None)
     finally:
         ckpts.manager.close()
     expected = config_fingerprint(config, num_classes)

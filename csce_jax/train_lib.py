@@ -172,13 +172,22 @@ def train_and_evaluate(
 
 def start_run(config: ml_collections.ConfigDict, folder: RunFolder) -> tuple[Run, Any]:
     """Check the folder and the data, then restore the newest checkpoint or initialise."""
-    changes = folder.check_resume(config)  # refuses before anything is written
+    saved = None
+    if folder.has_checkpoints():
+        reader = Checkpoints(folder.path, read_only=True)
+        try:
+            saved = reader.saved_config()
+        finally:
+            reader.manager.close()
+    changes = folder.check_resume(config, saved)  # refuses before anything is written
     data = load_data(config.data)
     if config.data.verify:
         verify_data(data, config, report=folder.path / "data_report.json")
     mesh = sharding.make_mesh()
     repl = sharding.replicated(mesh)
     ckpts = Checkpoints(folder.path, keep=config.keep_checkpoints)
+    if folder.lead:
+        ckpts.set_aside_unreadable()
     abstract = abstract_train_state(config, data.num_classes, repl)
     restored = ckpts.restore_state(abstract.state) if folder.has_checkpoints() else None
     if restored is None:
@@ -420,7 +429,7 @@ def selected_weights(run: Run, state: dict[str, Any]) -> tuple[Any, int]:
     if best is not None and best != final_step and best in run.ckpts.steps():
         target = {"params": state["params"], "rest": state["rest"]}
         try:
-            weights, _ = run.ckpts.restore_weights(target, best)
+            _, weights, _ = run.ckpts.restore_weights(target, best)
             return (weights["params"], weights["rest"]), best
         except CheckpointError as e:
             logging.error("the best checkpoint does not restore (%s); using step %d", e, final_step)

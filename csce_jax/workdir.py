@@ -3,8 +3,8 @@
 - **Lock**: ``<workdir>/.lock`` is held with ``flock`` while ``train.py`` runs. A second trainer
   on the same folder is refused at once, naming the process that holds it. The kernel drops
   the lock when its process dies, so a ``kill -9`` never leaves a folder locked.
-- **Resume policy**: a rerun on a folder with checkpoints may change only what does not change
-  the mathematics of training (``RESUMABLE``: cadence of logs, evaluations and checkpoints,
+- **Resume policy**: a rerun on a folder with checkpoints may change, against the config saved
+  in its newest checkpoint, only what does not change the mathematics of training (``RESUMABLE``: cadence of logs, evaluations and checkpoints,
   the number of steps, paths and workers). Anything else (bits, learning rate, model, seed,
   ...) is refused before anything is written, listing each change.
 - **Record**: ``config.json`` is the config in force; every launch appends a row to
@@ -148,9 +148,13 @@ class RunFolder:
         except json.JSONDecodeError:
             return None
 
-    def check_resume(self, config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
-        """The config changes of this launch; refused (nothing written) unless all resumable."""
-        old = self.recorded_config()
+    def check_resume(
+        self, config: ml_collections.ConfigDict, saved: dict[str, Any] | None = None
+    ) -> dict[str, tuple[Any, Any]]:
+        """The config changes of this launch against ``saved`` (the config recorded in the
+        newest checkpoint; ``config.json`` when none is), refused with nothing written unless
+        all resumable. A missing, broken or hand-edited ``config.json`` changes nothing."""
+        old = saved if saved is not None else self.recorded_config()
         if old is None or not self.has_checkpoints():
             return {}
         changes = config_changes(old, config_json(config))

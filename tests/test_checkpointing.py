@@ -28,7 +28,7 @@ def test_the_best_survives_restarts_and_ties_keep_the_earlier_step(tmp_path):
     again.close()
     reader = Checkpoints(tmp_path, read_only=True)
     assert reader.steps() == [2, 5] and reader.best_step() == 2
-    weights, meta = reader.restore_weights(
+    _, weights, meta = reader.restore_weights(
         {"params": _state(0)["params"], "rest": _state(0)["rest"]}, 2
     )
     np.testing.assert_array_equal(np.asarray(weights["params"]["w"]), [2, 2, 2])

@@ -26,7 +26,7 @@ from csce_jax.checkpointing import Checkpoints
 from csce_jax.data import load_data
 from csce_jax.data.images import load_rgb
 from csce_jax.data.sources import aircraft_sources, folder_source, tfds_source
-from csce_jax.errors import CheckpointError, CodesError, ConfigError, DataError
+from csce_jax.errors import CheckpointError, CodesError, ConfigError, DataError, WorkdirError
 from csce_jax.workdir import RunFolder
 from csce_jax.writers import MetricsLog
 
@@ -43,6 +43,87 @@ def finished_run(trained_run):
 
 
 # --- Losing or corrupting work ------------------------------------------------------------------
+
+
+def _plausible_damage(step_folder):
+    """32 bytes of plausible floats (0.05) over the middle of the step's largest data file."""
+    big = max(
+        (f for f in (step_folder / "weights").rglob("*") if f.is_file()),
+        key=lambda f: f.stat().st_size,
+    )
+    data = bytearray(big.read_bytes())
+    mid = len(data) // 2 // 4 * 4
+    data[mid : mid + 32] = np.full(8, 0.05, np.float32).tobytes()
+    big.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("tamper", ["deleted", "not json", "edited to the new rate"])
+def test_the_resume_policy_reads_the_checkpoint_not_config_json(tmp_path, tamper):
+    c = tiny_config(2)
+    train_lib.train_and_evaluate(c, tmp_path)
+    record = tmp_path / "config.json"
+    if tamper == "deleted":
+        record.unlink()
+    elif tamper == "not json":
+        record.write_text("{ not json")
+    else:
+        edited = json.loads(record.read_text())
+        edited["optimizer"]["lr"] = c.optimizer.lr * 10
+        record.write_text(json.dumps(edited))
+    c2 = tiny_config(4)
+    c2.optimizer.lr = c.optimizer.lr * 10
+    with pytest.raises(WorkdirError, match=r"optimizer\.lr"):
+        train_lib.train_and_evaluate(c2, tmp_path)
+    assert saved_steps(tmp_path) == [2]
+
+
+def test_damaged_checkpoint_data_are_refused_and_the_run_goes_on_from_a_sound_one(tmp_path, caplog):
+    from csce_jax import state
+
+    c = tiny_config(4)
+    c.checkpoint_every_steps, c.eval_every_steps, c.keep_checkpoints = 2, 4, 2
+    whole = tmp_path / "whole"
+    train_lib.train_and_evaluate(tiny_config(6), whole)  # the same run, never interrupted
+    run = tmp_path / "run"
+    train_lib.train_and_evaluate(c, run)
+    assert saved_steps(run) == [2, 4]
+    _plausible_damage(run / "checkpoints" / "4")
+    # Readers: step 4 (the best, the only scored one) is refused; the newest sound one is used.
+    with caplog.at_level("INFO"):
+        _, _, got = state.restore_weights(c, run, 10)
+    assert got == 2 and "do not match the digest" in caplog.text and "trying step 2" in caplog.text
+    with pytest.raises(CheckpointError, match="no checkpoint could be restored"):
+        state.restore_weights(c, run, 10, step=4)  # asked for by name: no substitute
+    assert saved_steps(run) == [2, 4]  # readers move nothing
+    # The trainer resumes from step 2, sets step 4 aside, and ends as the whole run did.
+    c.total_steps = 6
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        train_lib.train_and_evaluate(c, run)
+    assert "resumed from step 2" in caplog.text
+    (aside,) = (run / "corrupt_checkpoints").iterdir()
+    assert aside.name.startswith("4-")
+    assert [r["step"] for r in read_rows(run) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(_final_params(run, 6), _final_params(whole, 6), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def _final_params(workdir, steps):
+    from conftest import final_params
+
+    return [np.asarray(x) for x in __import__("jax").tree.leaves(final_params(workdir, steps))]
+
+
+def test_a_junk_step_folder_holds_no_slot_of_the_keep_policy(tmp_path):
+    c = tiny_config(2)
+    c.keep_checkpoints = 1
+    train_lib.train_and_evaluate(c, tmp_path)
+    (tmp_path / "checkpoints" / "1").mkdir()  # a junk numeric folder below the newest step
+    (tmp_path / "checkpoints" / "1" / "junk").write_text("not a checkpoint")
+    c.total_steps = 4
+    train_lib.train_and_evaluate(c, tmp_path)
+    assert 1 not in saved_steps(tmp_path) and 4 in saved_steps(tmp_path)
+    assert [p.name.split("-")[0] for p in (tmp_path / "corrupt_checkpoints").iterdir()] == ["1"]
 
 
 def test_readers_never_write_into_a_run(finished_run, tmp_path):
