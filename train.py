@@ -11,6 +11,10 @@ from csce_jax import hostmem
 
 hostmem.apply_environment()
 
+from csce_jax import preemption  # noqa: E402
+
+preemption.install_early()  # a Ctrl-C or SIGTERM while the libraries load is not lost
+
 import json  # noqa: E402
 
 from absl import app, flags, logging  # noqa: E402

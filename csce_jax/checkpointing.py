@@ -75,6 +75,7 @@ class Checkpoints:
     ):
         self.directory = Path(workdir).absolute() / "checkpoints"
         self.read_only = read_only
+        self._closed = False
         if read_only and not self.directory.is_dir():
             raise CheckpointError(f"no checkpoints in {self.directory}")
         policy = pp.AnyPreservationPolicy(
@@ -146,6 +147,10 @@ class Checkpoints:
             ) from e
 
     def close(self) -> None:
+        """Wait for pending saves, then release the manager (a second call does nothing)."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             self.wait()
         finally:

@@ -15,6 +15,11 @@ reads), or ``.safetensors``. Command line::
 
   python -m csce_jax.convert torch-to-jax --src release.pth --dst model.safetensors
   python -m csce_jax.convert jax-to-torch --src model.safetensors --dst model.pt
+  python -m csce_jax.convert export --src runs/x [--step N] --dst model.safetensors  # or .pt
+
+``export`` writes a trained run's best (or ``--step``) checkpoint as a file. Weights that are
+not finite are refused on reading and on writing, naming the key; ``--dst`` may not be
+``--src``.
 """
 
 from __future__ import annotations
@@ -219,6 +224,7 @@ def release_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
 
 def write_torch_file(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
     """``torch.save`` a state dict of tensors atomically (temporary file, then rename)."""
+    check_finite(state_dict, str(path))
     try:
         import torch
     except ImportError as e:
@@ -296,10 +302,10 @@ def read_state_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
         if suffix == ".safetensors":
             from safetensors.numpy import load_file
 
-            return dict(load_file(str(path)))
+            return _finite(dict(load_file(str(path))), path)
         if suffix == ".npz":
             with np.load(path) as z:
-                return {k: z[k] for k in z.files}
+                return _finite({k: z[k] for k in z.files}, path)
         if suffix in (".pth", ".pt", ".bin"):
             try:
                 import torch
@@ -317,7 +323,8 @@ def read_state_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 obj = obj["state_dict"]
             if not isinstance(obj, dict):
                 raise ConversionError(f"{path} holds a {type(obj).__name__}, not a state dict")
-            return {k: v.detach().cpu().numpy() for k, v in obj.items() if hasattr(v, "detach")}
+            arrays = {k: v.detach().cpu().numpy() for k, v in obj.items() if hasattr(v, "detach")}
+            return _finite(arrays, path)
     except ConversionError:
         raise
     except Exception as e:  # corrupt or truncated file: say which
@@ -327,8 +334,26 @@ def read_state_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     )
 
 
+def check_finite(arrays: Mapping[str, np.ndarray], where: str) -> None:
+    """Refuse weights with NaN or infinite values, naming the first such key."""
+    for key, value in arrays.items():
+        value = np.asarray(value)
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            bad = int((~np.isfinite(value)).sum())
+            raise ConversionError(
+                f"{where}: {key} holds {bad} non-finite value(s) (NaN or inf): a diverged or "
+                "damaged model"
+            )
+
+
+def _finite(arrays: dict[str, np.ndarray], path: Path) -> dict[str, np.ndarray]:
+    check_finite(arrays, str(path))
+    return arrays
+
+
 def write_state_file(arrays: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
     """Write arrays atomically as ``.safetensors`` (or ``.npz``): temp file, then rename."""
+    check_finite(arrays, str(path))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -413,8 +438,11 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("direction", choices=["torch-to-jax", "jax-to-torch"])
-    parser.add_argument("--src", required=True, help="input file (.pth/.pt/.safetensors/.npz)")
+    parser.add_argument("direction", choices=["torch-to-jax", "jax-to-torch", "export"])
+    parser.add_argument(
+        "--src", required=True, help="input file (.pth/.pt/.safetensors/.npz); export: a run"
+    )
+    parser.add_argument("--step", type=int, help="export: the checkpoint step (default: best)")
     parser.add_argument(
         "--dst",
         required=True,
@@ -428,11 +456,25 @@ def main(argv: list[str] | None = None) -> None:
         help="input size the release model was trained at (sets the window count)",
     )
     args = parser.parse_args(argv)
-    print(cli.error_boundary(convert_file, args.direction, args.src, args.dst, args.image_size))
+    print(
+        cli.error_boundary(
+            convert_file, args.direction, args.src, args.dst, args.image_size, step=args.step
+        )
+    )
 
 
-def convert_file(direction: str, src: str, dst: str, image_size: int = 224) -> str:
+def convert_file(
+    direction: str, src: str, dst: str, image_size: int = 224, *, step: int | None = None
+) -> str:
     """Convert ``src`` to ``dst`` (see :func:`main`); returns a one-line summary."""
+    if Path(dst).absolute().resolve() == Path(src).absolute().resolve():
+        raise ConversionError(
+            f"--dst {dst} is --src: choose another file (it would be overwritten)"
+        )
+    if direction == "export":
+        return export_run(src, dst, step)
+    if step is not None:
+        raise ConversionError("--step goes with export (a run folder)")
     if direction == "torch-to-jax":
         _check_suffix(dst, OUR_SUFFIXES)
         sd = read_state_file(src)
@@ -449,17 +491,37 @@ def convert_file(direction: str, src: str, dst: str, image_size: int = 224) -> s
     return f"exported {src} -> {dst} in the release's ResNet_DOLG layout ({len(state_dict)} keys)"
 
 
+def export_run(workdir: str, dst: str, step: int | None = None) -> str:
+    """A run's best (or ``step``) checkpoint as ``dst``: ours (.safetensors/.npz, what
+    ``load_model`` and ``eval.py --weights`` read) or the release's layout (.pt/.pth)."""
+    from csce_jax.api import load_model
+
+    _check_suffix(dst, (*OUR_SUFFIXES, *TORCH_SUFFIXES))
+    if not Path(workdir).is_dir():
+        raise ConversionError(f"--src {workdir}: export reads a run folder")
+    loaded = load_model(workdir, step)
+    if Path(dst).suffix.lower() in TORCH_SUFFIXES:
+        write_torch_file(release_state_dict(loaded.model), dst)
+    else:
+        write_state_file(flat_arrays(loaded.model), dst)
+    return f"exported {workdir} step {loaded.step} -> {dst}"
+
+
 def model_from_flat(arrays: Mapping[str, np.ndarray], source: str) -> nnx.Module:
     """A complete CSCENet from a converted file's arrays (our keys), architecture inferred."""
-    model = CSCENet(arrays["centers"], rngs=nnx.Rngs(0), **_arch_from_flat(arrays))
+    arch = _arch_from_flat(arrays, source)
+    model = CSCENet(arrays["centers"], rngs=nnx.Rngs(0), **arch)
     load_flat_arrays(model, arrays, source)
     return model
 
 
-def _arch_from_flat(arrays: Mapping[str, np.ndarray]) -> dict:
+def _arch_from_flat(arrays: Mapping[str, np.ndarray], source: str = "the file") -> dict:
     """Model arguments of a converted file (our keys)."""
     if "centers" not in arrays or "backbone/conv1/kernel" not in arrays:
-        raise ConversionError("not a csce_jax converted file: no 'centers' / backbone keys")
+        raise ConversionError(
+            f"{source} is not a csce_jax converted file: no 'centers' / 'backbone/...' keys "
+            "(a PyTorch state dict goes through torch-to-jax first)"
+        )
     depths = tuple(
         len({k.split("/")[2] for k in arrays if k.startswith(f"backbone/layer{s}/")})
         for s in range(1, 5)

@@ -38,7 +38,7 @@ from csce_jax.encoding import Encoder
 from csce_jax.errors import CheckpointError, ConfigError, NonFiniteLossError, WorkdirError
 from csce_jax.eval_lib import retrieval_map
 from csce_jax.losses import csce_loss, elastic_margins
-from csce_jax.preemption import StopSignals
+from csce_jax.preemption import MAX_IN_FLIGHT, Preempted, StopSignals
 from csce_jax.state import TrainSetup, abstract_train_state, create_train_state
 from csce_jax.workdir import RunFolder
 from csce_jax.writers import Writers
@@ -130,44 +130,56 @@ def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str | os.PathLike
 ) -> dict[str, Any]:
     """Train (or resume) ``config`` in ``workdir``; returns the final metrics row, or
-    ``{"step", "preempted": True}`` when a signal stopped it after saving."""
-    runtime.prepare_jax(config)
-    runtime.initialize_distributed(config)
-    builders.check_config(config, jax.device_count(), jax.process_count())
-    with RunFolder(workdir, lead=jax.process_index() == 0) as folder:
-        run, state = start_run(config, folder)
-        if run.finished is not None:
-            return run.finished
-        train_step = make_train_step(
-            run.setup.graphdef,
-            run.setup.tx,
-            run.setup.schedule,
-            config,
-            run.data.multilabel,
-            run.mesh,
-        )
-        log_start(run)
-        clock = Clock(run.start)
-        batches = contextlib.closing(device_batches(run))  # stops the decoding workers
-        with StopSignals(config.log_every_steps) as signals, batches as batches:
-            for step, batch in enumerate(batches, start=run.start + 1):
-                state, step_metrics = train_step(state, batch)
-                last = step == config.total_steps
-                stopping = signals.should_stop(step, last)
-                row = None
-                if stopping or last or is_due(config, step):
-                    row = checked_metrics(run, step, step_metrics)
-                if step % config.log_every_steps == 0 or last:
-                    log_train_row(run, step, row, clock)
-                score = None
-                if step % config.eval_every_steps == 0 or last:
-                    score = evaluate(run, state, step)
-                    clock.restart(step)  # keep evaluation out of images/s
-                save_if_due(run, step, state, score, force=stopping or last)
-                fire_test_signal(config, step)
-                if stopping and not last:
-                    return stop_preempted(run, step)
-        return finish(run, state)
+    ``{"step", "preempted": True}`` when a signal stopped it (every checkpoint whole)."""
+    run = None
+    with StopSignals(config.log_every_steps) as signals:
+        try:
+            signals.enter("start-up")  # a signal while train.py was importing stops here
+            runtime.prepare_jax(config)
+            runtime.initialize_distributed(config)
+            builders.check_config(config, jax.device_count(), jax.process_count())
+            with RunFolder(workdir, lead=jax.process_index() == 0) as folder:
+                run, state = start_run(config, folder)
+                if run.finished is not None:
+                    return run.finished
+                return train_loop(run, state, signals)
+        except Preempted as stop:
+            return stopped_early(run, stop)
+
+
+def train_loop(run: Run, state: Any, signals: StopSignals) -> dict[str, Any]:
+    """The steps from ``run.start`` on, then the final evaluation."""
+    config = run.config
+    train_step = make_train_step(
+        run.setup.graphdef, run.setup.tx, run.setup.schedule, config, run.data.multilabel, run.mesh
+    )
+    log_start(run)
+    clock = Clock(run.start)
+    in_flight: collections.deque = collections.deque()
+    with contextlib.closing(device_batches(run)) as batches:  # closing stops the decoders
+        signals.enter("training")
+        for step, batch in enumerate(batches, start=run.start + 1):
+            state, step_metrics = train_step(state, batch)
+            in_flight.append(step_metrics["loss"])
+            if len(in_flight) > MAX_IN_FLIGHT:  # a stop is then a few steps away, not dozens
+                jax.block_until_ready(in_flight.popleft())
+            last = step == config.total_steps
+            stopping = signals.should_stop(step, last)
+            row = None
+            if stopping or last or is_due(config, step):
+                row = checked_metrics(run, step, step_metrics)
+            if step % config.log_every_steps == 0 or last:
+                log_train_row(run, step, row, clock)
+            score = None
+            if step % config.eval_every_steps == 0 or last:
+                score = evaluate(run, state, step)
+                clock.restart(step)  # keep evaluation out of images/s
+            save_if_due(run, step, state, score, force=stopping or last)
+            fire_test_signal(config, step)
+            if stopping and not last:
+                return stop_preempted(run, step)
+    signals.enter("final")
+    return finish(run, state)
 
 
 def start_run(config: ml_collections.ConfigDict, folder: RunFolder) -> tuple[Run, Any]:
@@ -402,6 +414,22 @@ def fire_test_signal(config: ml_collections.ConfigDict, step: int) -> None:
         os.killpg(os.getpgrp(), sig)
     else:  # the group would reach whoever started train.py
         raise ConfigError("testing.signal_group needs train.py to lead its own process group")
+
+
+def stopped_early(run: Run | None, stop: Preempted) -> dict[str, Any]:
+    """A signal during start-up or the final evaluation: wait for a pending save, close."""
+    if run is not None:
+        run.ckpts.close()
+        run.writers.close()
+    step = run.start if run is not None else None
+    steps = run.ckpts.steps() if run is not None else []
+    logging.warning(
+        "stopped by %s during %s; %s",
+        stop.signal_name,
+        stop.phase,
+        f"the newest checkpoint is step {steps[-1]}" if steps else "no checkpoint to keep",
+    )
+    return {"step": steps[-1] if steps else step, "preempted": True}
 
 
 def stop_preempted(run: Run, step: int) -> dict[str, Any]:

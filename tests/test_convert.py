@@ -195,3 +195,53 @@ def test_pth_files_need_torch_or_load_with_it(tmp_path):
     target = _model(seed=10)
     assert pretrained.initialize_from(target, str(path)) == "model"
     _assert_same(source, target)
+
+
+def test_a_trained_run_exports_to_a_file_that_encodes_as_the_run_does(trained_run, tmp_path):
+    import csce_jax
+    from csce_jax.convert import convert_file
+
+    images = np.random.default_rng(0).integers(0, 255, (6, 112, 112, 3), dtype=np.uint8)
+    run = csce_jax.load_model(str(trained_run))
+    summary = convert_file("export", str(trained_run), str(tmp_path / "model.safetensors"))
+    assert f"step {run.step}" in summary
+    exported = csce_jax.load_model(str(tmp_path / "model.safetensors"))
+    np.testing.assert_array_equal(csce_jax.encode(exported, images), csce_jax.encode(run, images))
+    pytest.importorskip("torch")
+    convert_file("export", str(trained_run), str(tmp_path / "model.pt"))
+    from csce_jax.convert import model_from_release
+
+    back = model_from_release(read_state_file(tmp_path / "model.pt"), image_size=112)
+    assert back.bits == run.bits  # the release's layout, read back
+
+
+def test_convert_refuses_to_overwrite_its_input_foreign_files_and_nan_weights(tmp_path):
+    from safetensors.numpy import save_file
+
+    from csce_jax.convert import convert_file
+    from csce_jax.errors import ConversionError
+
+    model = CSCENet(
+        hash_centers(10, 16), image_size=128, rngs=nnx.Rngs(0), width=1 / 16, depths=(1, 1, 1, 1)
+    )
+    arrays = flat_arrays(model)
+    write_state_file(arrays, tmp_path / "m.safetensors")
+    before = (tmp_path / "m.safetensors").read_bytes()
+    with pytest.raises(ConversionError, match="is --src"):
+        convert_file(
+            "jax-to-torch", str(tmp_path / "m.safetensors"), str(tmp_path / "m.safetensors")
+        )
+    assert (tmp_path / "m.safetensors").read_bytes() == before
+    save_file({"fc.weight": np.zeros((2, 2), np.float32)}, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(ConversionError, match="foreign.safetensors is not a csce_jax converted"):
+        convert_file("jax-to-torch", str(tmp_path / "foreign.safetensors"), str(tmp_path / "o.pt"))
+    key = next(k for k in arrays if k.endswith("kernel"))
+    bad = {**arrays, key: np.full_like(arrays[key], np.nan)}
+    with pytest.raises(ConversionError, match=f"{key} holds .* non-finite"):
+        write_state_file(bad, tmp_path / "nan.safetensors")
+    assert not (tmp_path / "nan.safetensors").exists()
+    save_file(
+        {k: np.ascontiguousarray(v) for k, v in bad.items()}, str(tmp_path / "nan.safetensors")
+    )
+    with pytest.raises(ConversionError, match="non-finite"):  # eval.py --weights reads this way
+        pretrained.initialize_from(model, str(tmp_path / "nan.safetensors"), scope="model")

@@ -26,6 +26,7 @@ from csce_jax.builders import check_config
 from csce_jax.data import DataError, load_data
 from csce_jax.errors import ConfigError, NonFiniteLossError
 from csce_jax.optim import torch_rmsprop
+from csce_jax.preemption import MAX_IN_FLIGHT
 
 
 def test_three_step_run_through_the_entry_point(trained_run):
@@ -227,13 +228,79 @@ def test_external_sigterm_stops_with_a_checkpoint(tmp_path):
     while not (tmp_path / "metrics.jsonl").exists() or len(read_rows(tmp_path)) < 2:
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.05)
+    logged = max(r["step"] for r in read_rows(tmp_path))
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == PREEMPTED, out[-2000:]
     saved = saved_steps(tmp_path)
     assert len(saved) == 1 and 2 <= saved[0] < 2000, (saved, out[-3000:])
-    # the checkpoint is the step the last logged row reached or later
-    assert saved[0] >= max(r["step"] for r in read_rows(tmp_path))
+    # The checkpoint is the step the last logged row reached or later, and only a few steps
+    # on: the host queues at most MAX_IN_FLIGHT steps ahead of the device (each row is logged
+    # when its step is done; the signal is acted on after the step being dispatched).
+    assert max(r["step"] for r in read_rows(tmp_path)) <= saved[0] <= logged + MAX_IN_FLIGHT + 3
+
+
+@pytest.mark.slow
+def test_sigterm_during_start_up_exits_preempted_having_written_nothing_more(tmp_path):
+    import signal
+    import time
+
+    proc = run_train(tmp_path, "--config.total_steps=4", background=True)
+    time.sleep(3)  # importing JAX and the data libraries, or building the run
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED, out[-3000:]
+    assert "SIGTERM during start-up" in out and "Traceback" not in out
+    assert json.loads(out.strip().splitlines()[-1])["preempted"] is True
+    assert saved_steps(tmp_path) == []
+    run_train(tmp_path, "--config.total_steps=4")  # the rerun starts as if never begun
+
+
+@pytest.mark.slow
+def test_a_signal_at_the_last_step_keeps_its_checkpoint_and_only_the_final_evaluation_is_redone(
+    tmp_path,
+):
+    steps = (
+        "--config.total_steps=3",
+        "--config.eval_every_steps=3",
+        "--config.checkpoint_every_steps=3",
+    )
+    hook = ("--config.testing.signal_at_step=3", "--config.testing.signal=SIGTERM")
+    out = run_train(tmp_path, *steps, *hook, check=False)
+    assert out.returncode == PREEMPTED, out.stderr[-3000:]
+    assert "SIGTERM during final" in out.stderr
+    assert saved_steps(tmp_path) == [3]
+    assert not any("query_map" in r for r in read_rows(tmp_path))
+    rows = read_rows(tmp_path)
+    run_train(tmp_path, *steps)
+    again = read_rows(tmp_path)
+    assert again[: len(rows)] == rows and "query_map" in again[-1]  # no step trained twice
+    assert [r["step"] for r in again if "loss" in r] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_two_quick_ctrl_c_abort_at_once(tmp_path):
+    import signal
+    import time
+
+    proc = run_train(
+        tmp_path,
+        "--config.total_steps=3000",
+        "--config.eval_every_steps=3000",
+        "--config.checkpoint_every_steps=3000",
+        background=True,
+    )
+    deadline = time.time() + 300
+    while not (tmp_path / "metrics.jsonl").exists() or len(read_rows(tmp_path)) < 2:
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.2)  # a double press (two signals sent at once are one to the kernel)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+    assert "second SIGINT: aborting" in out
 
 
 def test_rmsprop_matches_hand_computed_update():
