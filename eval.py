@@ -12,11 +12,12 @@ from csce_jax import hostmem
 hostmem.apply_environment()
 
 import json  # noqa: E402
+import sys  # noqa: E402
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from csce_jax import cli, eval_lib  # noqa: E402
+from csce_jax import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -47,6 +48,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
+    from csce_jax import eval_lib  # JAX loads here, after the flags (a quick --help)
+
     if FLAGS.query_codes:
         missing = [f for f in ("db_codes", "query_labels", "db_labels") if not getattr(FLAGS, f)]
         if missing:
@@ -82,6 +85,8 @@ def main(argv):
         )
     result.pop("pr_curve", None)
     print(json.dumps(result, indent=2, sort_keys=True))
+    if "written_to" in result:
+        print(f"wrote {result['written_to']}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import json  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from csce_jax import cli, train_lib  # noqa: E402
+from csce_jax import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -35,6 +35,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
     cli.quiet_library_logs()
+    from csce_jax import train_lib  # JAX loads here, after the flags (a quick --help)
+
     final = cli.error_boundary(train_lib.train_and_evaluate, FLAGS.config, FLAGS.workdir)
     print(json.dumps(final, sort_keys=True))
     if final.get("preempted"):

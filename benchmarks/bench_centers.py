@@ -49,6 +49,9 @@ def release_method(num_classes: int, bits: int) -> np.ndarray:
 
 
 def main() -> None:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()
     fig: dict[str, object] = {}
     for classes, bits in [(200, 12), (200, 24), (200, 48), (555, 48), (200, 64), (1000, 64)]:
         t = median_time(lambda c=classes, b=bits: hash_centers(c, b), repeats=3)

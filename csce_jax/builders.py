@@ -72,8 +72,7 @@ def check_config(config: ml_collections.ConfigDict, device_count: int, process_c
     for key, allowed in _CHOICES.items():
         if _get(config, key) not in allowed:
             fail(key, f"must be one of {allowed}")
-    if config.model.width <= 0:
-        fail("model.width", "must be positive")
+    _check_model(config, fail)
     need = 32 * (max(config.model.window_sizes) - 1) + 1
     if downsampled_size(config.data.crop, 5) < max(config.model.window_sizes):
         fail(
@@ -95,6 +94,20 @@ def check_config(config: ml_collections.ConfigDict, device_count: int, process_c
         fail("data.num_workers", "must be at least 1")
     if not 0 <= config.preempted_exit_code <= 255:
         fail("preempted_exit_code", "must be an exit status in 0..255")
+
+
+def _check_model(config: ml_collections.ConfigDict, fail) -> None:
+    m = config.model
+    if m.width <= 0:
+        fail("model.width", "must be positive")
+
+    def positive_ints(values) -> bool:
+        return all(isinstance(v, int) and v > 0 for v in values)
+
+    if len(m.depths) != 4 or not positive_ints(m.depths):
+        fail("model.depths", "must be 4 positive block counts, one per ResNet stage")
+    if not m.window_sizes or not positive_ints(m.window_sizes):
+        fail("model.window_sizes", "must be one or more positive window sizes, e.g. (2, 4)")
 
 
 def view_config(config: ml_collections.ConfigDict, *, train: bool) -> ViewConfig:

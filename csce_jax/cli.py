@@ -109,11 +109,16 @@ def _fail(message: str) -> None:
 
 
 def quiet_library_logs() -> None:
-    """Keep Orbax's and grain's INFO chatter out of the log (warnings still show)."""
+    """Keep Orbax's and grain's INFO chatter, and JAX's notes on the accelerator backends it
+    did not find, out of the log (warnings still show)."""
 
     def keep(record: pylogging.LogRecord) -> bool:
         noisy = ("/orbax/", "/grain/", "/etils/")
-        return record.levelno >= pylogging.WARNING or not any(n in record.pathname for n in noisy)
+        if record.levelno >= pylogging.WARNING:
+            return True
+        if "xla_bridge" in record.pathname and "Unable to initialize backend" in record.msg:
+            return False  # JAX probing for a TPU or GPU this host does not have
+        return not any(n in record.pathname for n in noisy)
 
     logging.get_absl_handler().addFilter(keep)
 

@@ -39,6 +39,7 @@ from csce_jax.errors import ConversionError
 from csce_jax.models import CSCENet
 from csce_jax.models.csce import num_windows
 from csce_jax.models.resnet import downsampled_size
+from csce_jax.writers import write_file_atomically
 
 # Our top-level names -> the release's (the backbone's names are torchvision's, unprefixed).
 _TOP_LEVEL = {
@@ -236,12 +237,7 @@ def write_torch_file(state_dict: Mapping[str, np.ndarray], path: str | os.PathLi
     tensors = collections.OrderedDict(
         (k, torch.from_numpy(np.array(v, copy=True))) for k, v in state_dict.items()
     )
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(tensors, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_file_atomically(path, lambda f: torch.save(tensors, f))
 
 
 IMAGE_SIZE_KEY = "image_size"  # a converted file's record of the input size (not a weight)
@@ -356,16 +352,13 @@ def write_state_file(arrays: Mapping[str, np.ndarray], path: str | os.PathLike) 
     check_finite(arrays, str(path))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
     if path.suffix == ".npz":
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+        write_file_atomically(path, lambda f: np.savez(f, **arrays))
     else:
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
 
-        save_file(arrays, str(tmp))
-    os.replace(tmp, path)
+        write_file_atomically(path, lambda f: f.write(save(arrays)))
 
 
 def infer_architecture(state_dict: Mapping[str, np.ndarray]) -> dict:

@@ -18,7 +18,7 @@ from csce_jax.data import load_data
 from csce_jax.encoding import Encoder
 from csce_jax.errors import CodesError, ConfigError
 from csce_jax.sharding import make_mesh, replicated
-from csce_jax.writers import write_text_atomically
+from csce_jax.writers import write_file_atomically, write_text_atomically
 
 PRECISION_KS = (1, 10, 50, 100, 500, 1000, 5000)
 
@@ -80,9 +80,13 @@ def load_run_config(
 
 def save_codes(out_dir: Path, name: str, enc: dict[str, np.ndarray]) -> None:
     """``<name>_codes.npy`` (packed uint8 bits), ``<name>_labels.npy``, ``<name>_index.npy``."""
-    np.save(out_dir / f"{name}_codes.npy", metrics.pack_codes(enc["codes"]))
-    np.save(out_dir / f"{name}_labels.npy", enc["labels"])
-    np.save(out_dir / f"{name}_index.npy", enc["index"])
+    arrays = {
+        "codes": metrics.pack_codes(enc["codes"]),
+        "labels": enc["labels"],
+        "index": enc["index"],
+    }
+    for kind, array in arrays.items():
+        write_file_atomically(out_dir / f"{name}_{kind}.npy", lambda f, a=array: np.save(f, a))
 
 
 def run_eval(
@@ -121,7 +125,7 @@ def run_eval(
         "data": config.data.name,
     }
     if export_only:
-        return result
+        return {**result, "written_to": str(out_dir.absolute())}
     result.update(score_codes(query, database, data.topk, config.bits))
     title = f"{config.data.name}, {config.bits} bits, step {got_step}"
     viz.plot_pr_curve(result["pr_curve"], str(out_dir / "pr_curve.png"), title)
@@ -137,7 +141,7 @@ def run_eval(
         view_config(config, train=False),
     )
     write_json(out_dir / "metrics.json", result)
-    return result
+    return {**result, "written_to": str(out_dir.absolute())}
 
 
 # --- Codes made elsewhere ----------------------------------------------------------------------
@@ -157,6 +161,8 @@ def read_codes(path: str, bits: int | None) -> np.ndarray:
     codes = _load_npy(path)
     if codes.ndim != 2:
         raise CodesError(f"{path}: codes must be a 2-D array (N, bits), got shape {codes.shape}")
+    if codes.size == 0:
+        raise CodesError(f"{path}: no codes (an array of shape {codes.shape})")
     if codes.dtype == np.uint8:
         if bits is None:
             raise CodesError(f"{path} holds packed uint8 codes: pass --bits")

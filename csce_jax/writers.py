@@ -12,22 +12,29 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 METRICS_FILE = "metrics.jsonl"
 
 
-def write_text_atomically(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: the old file stays
-    whole if writing fails (a full disk), and no temporary file is left behind."""
+def write_file_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
+    """``write(f)`` into a temporary file beside ``path``, then rename it to ``path``: the old
+    file stays whole if writing fails (a full disk), and no temporary file is left behind."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(text)
+        with open(tmp, "wb") as f:
+            write(f)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """``text`` (UTF-8) written to ``path`` atomically (see :func:`write_file_atomically`)."""
+    write_file_atomically(path, lambda f: f.write(text.encode()))
 
 
 class MetricsLog:

@@ -298,6 +298,7 @@ def _codes_files(tmp_path, q, d, ql, dl):
         ("one_d", "codes must be a 2-D array"),
         ("packed_no_bits", "packed uint8 codes: pass --bits"),
         ("not_binary", "codes must be -1 or \\+1"),
+        ("empty", "no codes \\(an array of shape \\(0, 64\\)\\)"),
     ],
 )
 def test_scoring_codes_refuses_malformed_input(tmp_path, case, message):
@@ -321,6 +322,8 @@ def test_scoring_codes_refuses_malformed_input(tmp_path, case, message):
         q, d = metrics.pack_codes(q), metrics.pack_codes(d)
     elif case == "not_binary":
         q = q * 3
+    elif case == "empty":
+        q, ql = q[:0], ql[:0]
     p = _codes_files(tmp_path, q, d, ql, dl)
     with pytest.raises(CodesError, match=message):
         eval_lib.score_npy(p["q"], p["d"], p["ql"], p["dl"], None, bits)
@@ -388,6 +391,22 @@ def test_a_search_index_works_from_any_folder_and_refuses_tampering(finished_run
     (tmp_path / "idx" / "shards" / "00000.npz").write_bytes(b"junk")
     with pytest.raises(CodesError, match="missing or not this index's"):
         search.load_index(str(tmp_path / "idx"))
+
+
+def test_a_thin_strip_that_would_resize_to_gigabytes_is_refused_and_verify_reports_it(tmp_path):
+    from csce_jax.data.sources import Source
+    from csce_jax.data.verify import check_sources
+
+    strip = tmp_path / "strip.png"
+    Image.new("L", (1, 20000)).save(strip)  # a few hundred bytes; 256 x 5,120,000 resized
+    assert strip.stat().st_size < 2000
+    with pytest.raises(DataError, match="would resize to 256 x 5120000"):
+        load_rgb(str(strip), 256, "strip.png")
+    ok = tmp_path / "ok.png"
+    Image.new("RGB", (300, 200)).save(ok)
+    src = Source([str(ok), str(strip)], np.zeros(2, np.int32), ["ok.png", "strip.png"], "t")
+    report = check_sources({"train": src}, resize=256, threads=1, progress=False)
+    assert [b["where"] for b in report["bad"]] == ["strip.png"]
 
 
 @pytest.mark.parametrize("lr", [0.0, -0.01, float("nan")])

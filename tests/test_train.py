@@ -334,6 +334,8 @@ def test_rmsprop_matches_hand_computed_update():
         ("batch_size", 6, "config.batch_size=6: must be divisible by the 4 devices"),
         ("data.crop", 64, "config.data.crop=64: too small for 4x4 windows"),
         ("dsf.estimator", "sigmoid", "config.dsf.estimator='sigmoid': must be one of"),
+        ("model.depths", (1, 1), "config.model.depths=(1, 1): must be 4 positive block counts"),
+        ("model.window_sizes", (), "config.model.window_sizes=(): must be one or more"),
     ],
 )
 def test_bad_config_values_fail_naming_the_key(key, value, message):

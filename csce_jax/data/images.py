@@ -37,6 +37,11 @@ __all__ = [
 ]
 
 
+# Decompression bombs: PIL refuses images over Image.MAX_IMAGE_PIXELS (about 179M pixels) itself;
+# a thin strip (1 x 20000 pixels: 165 bytes as a PNG) is tiny but would resize to gigabytes.
+MAX_RESIZED_PIXELS = 16_000_000
+
+
 def load_rgb(
     image: Any,
     resize: int | None = None,
@@ -67,11 +72,15 @@ def load_rgb(
         else:
             img = Image.open(os.fspath(image))
         full_height = img.height
+        if resize:
+            _check_resized_size(img.width, img.height, resize, where or str(image)[:200])
         if draft and resize and img.format == "JPEG":
             img.draft("RGB", (2 * resize, 2 * resize))
         img.load()
     except FileNotFoundError as e:
         raise DataError(f"{where or image}: file not found") from e
+    except DataError:
+        raise
     except Exception as e:  # truncated, corrupt, not an image
         raise DataError(f"{where or image}: cannot decode image: {e}") from e
     if img.mode.startswith("I") or img.mode == "F":
@@ -81,6 +90,15 @@ def load_rgb(
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
     return _trim(img.convert("RGB"), trim_bottom, full_height)
+
+
+def _check_resized_size(width: int, height: int, resize: int, where: str) -> None:
+    rw, rh = resized_size(width, height, resize)
+    if rw * rh > MAX_RESIZED_PIXELS:
+        raise DataError(
+            f"{where}: an image of {width} x {height} pixels would resize to {rw} x {rh} "
+            f"(shorter side {resize}), over {MAX_RESIZED_PIXELS:,} pixels: refused"
+        )
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:

@@ -101,7 +101,7 @@ def verify_data(
 def main(argv: list[str]) -> None:
     del argv
     config = flags.FLAGS.config
-    out = flags.FLAGS.out or f"{config.data.name}_data_report.json"
+    out = os.path.abspath(flags.FLAGS.out or f"{config.data.name}_data_report.json")
 
     def run() -> dict[str, Any]:
         data = load_data(config.data)
@@ -121,6 +121,8 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", None, "config file (configs/*.py[:args])")
-    flags.DEFINE_string("out", None, "report file (default: <data set>_data_report.json)")
+    flags.DEFINE_string(
+        "out", None, "report file (default: <data set>_data_report.json in the current folder)"
+    )
     flags.mark_flags_as_required(["config"])
     app.run(main, flags_parser=cli.parse_flags)

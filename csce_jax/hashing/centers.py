@@ -14,6 +14,7 @@ the minimum distance as large as it can be, and the achieved minimum and mean ar
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 
@@ -112,7 +113,14 @@ def hash_centers(num_classes: int, bits: int, seed: int = 0) -> np.ndarray:
     """Hash centres for ``num_classes`` classes at ``bits`` bits: int8 in {-1,+1}, shape (C, K).
 
     Deterministic for a seed. See the module docstring for the construction and guarantees.
+    Made once per (classes, bits, seed) in a process (a run asks several times); each call
+    returns its own copy.
     """
+    return _hash_centers(int(num_classes), int(bits), int(seed)).copy()
+
+
+@functools.lru_cache(maxsize=64)
+def _hash_centers(num_classes: int, bits: int, seed: int) -> np.ndarray:
     if int(num_classes) < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if int(bits) < 2:

@@ -17,7 +17,6 @@ whose last 4 are zero in every code, which changes no distance. faiss is optiona
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from csce_jax.errors import CodesError
+from csce_jax.writers import write_file_atomically
 
 ENGINES = ("scan", "faiss-flat", "faiss-ivf", "faiss-hnsw")
 FAISS_INSTALL = "pip install faiss-cpu==1.15.1"
@@ -115,9 +115,8 @@ def build(
     index = _faiss_index(engine, codes, params)
     record["build_seconds"] = round(time.perf_counter() - start, 3)
     record["file"] = f"{engine}.faiss"
-    tmp = folder / (record["file"] + ".tmp")
-    _faiss().write_index_binary(index, str(tmp))
-    os.replace(tmp, folder / record["file"])
+    data = _faiss().serialize_index_binary(index)
+    write_file_atomically(folder / record["file"], lambda f: f.write(data.tobytes()))
     return record
 
 

@@ -31,6 +31,7 @@ from csce_jax.metrics import pack_codes
 from csce_jax.search import engines
 from csce_jax.search.collection import Collection
 from csce_jax.search.model import RunEncoder
+from csce_jax.writers import write_file_atomically, write_text_atomically
 
 INDEX_VERSION = 3
 LEGACY_VERSION = 2  # a single .npz file (codes, paths, meta), still read
@@ -39,9 +40,7 @@ PLAN_KEYS = ("bits", "centers", "workdir", "step", "collection", "count", "shard
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(value, indent=1) + "\n")
 
 
 def _log(message: str) -> None:
@@ -99,16 +98,14 @@ def _encode_shard(
     sub = coll.source.subset(np.arange(rows.start, rows.stop), f"shard {path.stem}")
     out = enc.encode(sub, progress=lambda n: progress.line(done_before + n))
     kept = rows.start + out["index"]
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(
-        tmp,
-        codes=pack_codes(out["codes"]),
-        paths=np.asarray([coll.paths[i] for i in kept], dtype=str),
-        labels=np.asarray([coll.labels[i] for i in kept], dtype=str),
-        skipped=np.asarray(sorted(out.get("skipped", [])), dtype=str),
-        plan=np.asarray(plan_id),
-    )
-    os.replace(tmp, path)  # the loader has logged each unreadable image
+    arrays = {
+        "codes": pack_codes(out["codes"]),
+        "paths": np.asarray([coll.paths[i] for i in kept], dtype=str),
+        "labels": np.asarray([coll.labels[i] for i in kept], dtype=str),
+        "skipped": np.asarray(sorted(out.get("skipped", [])), dtype=str),
+        "plan": np.asarray(plan_id),
+    }
+    write_file_atomically(path, lambda f: np.savez(f, **arrays))  # unreadable ones: logged
     return len(rows)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -17,6 +18,7 @@ from csce_jax.search import collection
 from csce_jax.search.index import Index, load_index
 from csce_jax.search.model import RunEncoder
 from csce_jax.viz import hits_strip
+from csce_jax.writers import write_text_atomically
 
 HIT_FIELDS = ("rank", "distance", "index", "label", "path")
 
@@ -76,17 +78,16 @@ def write_hits(result: dict[str, Any], out: str) -> None:
     path = Path(out)
     if path.suffix not in (".json", ".csv"):
         raise CodesError(f"--out {out}: expected a .json or .csv file")
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        if path.suffix == ".json":
-            json.dump(result, f, indent=1)
-        else:
-            w = csv.writer(f)
-            w.writerow(("query", *HIT_FIELDS))
-            for q in result["queries"]:
-                for h in q["hits"]:
-                    w.writerow((q["query"], *(h[x] for x in HIT_FIELDS)))
-    os.replace(tmp, path)
+    if path.suffix == ".json":
+        write_text_atomically(path, json.dumps(result, indent=1))
+        return
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(("query", *HIT_FIELDS))
+    for q in result["queries"]:
+        for h in q["hits"]:
+            w.writerow((q["query"], *(h[x] for x in HIT_FIELDS)))
+    write_text_atomically(path, text.getvalue())
 
 
 def draw_hits(result: dict[str, Any], picture: str) -> None:

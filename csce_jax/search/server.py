@@ -27,14 +27,13 @@ from urllib.parse import parse_qs, urlparse
 
 from PIL import Image
 
-from csce_jax.data.images import load_rgb, resized_size
+from csce_jax.data.images import MAX_RESIZED_PIXELS, load_rgb, resized_size
 from csce_jax.errors import CodesError, CsceError
 from csce_jax.metrics import unpack_codes
 from csce_jax.search.queries import Searcher
 
 MAX_UPLOAD_BYTES = 20 * 2**20
 MAX_PIXELS = 40_000_000  # of the upload as stored
-MAX_RESIZED_PIXELS = 16_000_000  # after the shorter side is resized (a 1 x 20000 strip is not)
 MAX_K = 100
 THUMB = 160
 PAGE = (Path(__file__).parent / "page.html").read_text()
