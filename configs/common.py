@@ -87,6 +87,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 50
     c.eval_every_steps = 1000
     c.checkpoint_every_steps = 1000
+    # Counting in passes over the training split instead: with epochs > 0, each of the three
+    # step counts above left at 0 is set when the data are loaded, at the run's batch size:
+    # total_steps = epochs * (training images // batch_size), and so on.
+    c.epochs = 0
+    c.eval_every_epochs = 5
+    c.checkpoint_every_epochs = 1
     c.keep_checkpoints = 2  # the latest N are kept, and the best by validation mAP
     c.preempted_exit_code = 75  # exit status after SIGTERM/SIGINT (EX_TEMPFAIL: rerun me)
     c.distributed = False  # call jax.distributed.initialize() (also: CSCE_DISTRIBUTED=1)
@@ -183,10 +189,13 @@ def release_recipe(
     c.model.init_from = "torchvision:IMAGENET1K_V1"
     c.model.use_aspp = a.aspp
     c.dsf.estimator = a.estimator
-    steps_per_epoch = max(1, train_size // c.batch_size)
-    c.total_steps = a.epochs * steps_per_epoch
-    c.eval_every_steps = 5 * steps_per_epoch
-    c.checkpoint_every_steps = steps_per_epoch
+    # Steps follow from the training split and the batch size when the data are loaded
+    # (``train_size`` is the documented count: at batch 50 it gives
+    # ``epochs * (train_size // 50)`` steps).
+    del train_size
+    c.epochs = a.epochs
+    c.total_steps = c.eval_every_steps = c.checkpoint_every_steps = 0
+    c.eval_every_epochs, c.checkpoint_every_epochs = 5, 1
     c.log_every_steps = 50
     if a.release:
         apply_release(c)

@@ -50,18 +50,24 @@ def check_config(config: ml_collections.ConfigDict, device_count: int, process_c
     def fail(key, msg):
         raise ConfigError(f"config.{key}={_get(config, key)!r}: {msg}")
 
+    by_epochs = config.get("epochs", 0) > 0  # a step count left at 0 follows from epochs
     for key in (
         "bits",
         "batch_size",
         "eval_batch_size",
-        "total_steps",
         "log_every_steps",
-        "eval_every_steps",
-        "checkpoint_every_steps",
         "keep_checkpoints",
+        "eval_every_epochs",
+        "checkpoint_every_epochs",
     ):
         if not isinstance(_get(config, key), int) or _get(config, key) <= 0:
             fail(key, "must be a positive integer")
+    for key in ("total_steps", "eval_every_steps", "checkpoint_every_steps"):
+        value = _get(config, key)
+        if not isinstance(value, int) or value < 0 or (value == 0 and not by_epochs):
+            fail(key, "must be a positive integer (or 0 with config.epochs > 0)")
+    if not isinstance(config.epochs, int) or config.epochs < 0:
+        fail("epochs", "must be a whole number of passes >= 0 (0: count total_steps)")
     if config.bits < 2:
         fail("bits", "a code needs at least 2 bits")
     for key in ("batch_size", "eval_batch_size"):
@@ -94,6 +100,21 @@ def check_config(config: ml_collections.ConfigDict, device_count: int, process_c
         fail("data.num_workers", "must be at least 1")
     if not 0 <= config.preempted_exit_code <= 255:
         fail("preempted_exit_code", "must be an exit status in 0..255")
+
+
+def resolve_epochs(config: ml_collections.ConfigDict, train_size: int) -> int:
+    """Set the step counts left at 0 from ``config.epochs`` at the run's batch size (one
+    epoch: ``train_size // batch_size`` steps, at least 1); returns the steps per epoch."""
+    per_epoch = max(1, train_size // config.batch_size)
+    if config.epochs > 0:
+        for steps, epochs in (
+            ("total_steps", "epochs"),
+            ("eval_every_steps", "eval_every_epochs"),
+            ("checkpoint_every_steps", "checkpoint_every_epochs"),
+        ):
+            if config[steps] == 0:
+                config[steps] = config[epochs] * per_epoch
+    return per_epoch
 
 
 def _check_model(config: ml_collections.ConfigDict, fail) -> None:

@@ -356,6 +356,7 @@ def compare(
     if release_dir:
         check_release_size(config)
     data = load_data(config.data)
+    builders.resolve_epochs(config, len(data.fit))
     setup = state.create_train_state(config, data.num_classes, init_from=init)
     model = state.model_of(setup)
     torch_sides = {"torch": TorchSide(model, config, release_dir, "float32", data.multilabel)}

@@ -184,15 +184,18 @@ def train_loop(run: Run, state: Any, signals: StopSignals) -> dict[str, Any]:
 
 def start_run(config: ml_collections.ConfigDict, folder: RunFolder) -> tuple[Run, Any]:
     """Check the folder and the data, then restore the newest checkpoint or initialise."""
-    saved = None
-    if folder.has_checkpoints():
-        reader = Checkpoints(folder.path, read_only=True)
-        try:
-            saved = reader.saved_config()
-        finally:
-            reader.manager.close()
-    changes = folder.check_resume(config, saved)  # refuses before anything is written
     data = load_data(config.data)
+    per_epoch = builders.resolve_epochs(config, len(data.fit))
+    if config.epochs:
+        logging.info(
+            "%d epochs of %d steps (%d training images, batch %d): %d steps",
+            config.epochs,
+            per_epoch,
+            len(data.fit),
+            config.batch_size,
+            config.total_steps,
+        )
+    changes = folder.check_resume(config, saved_run_config(folder))  # before anything is written
     if config.data.verify:
         verify_data(data, config, report=folder.path / "data_report.json")
     mesh = sharding.make_mesh()
@@ -236,6 +239,17 @@ def start_run(config: ml_collections.ConfigDict, folder: RunFolder) -> tuple[Run
     if run.peak_flops:  # MFU is logged only where the peak is known (not on a CPU)
         run.train_flops = flops.model_flops_per_image(config, data.num_classes)["train"]
     return run, state
+
+
+def saved_run_config(folder: RunFolder) -> dict[str, Any] | None:
+    """The config recorded in the run's newest readable checkpoint (None: no checkpoint)."""
+    if not folder.has_checkpoints():
+        return None
+    reader = Checkpoints(folder.path, read_only=True)
+    try:
+        return reader.saved_config()
+    finally:
+        reader.manager.close()
 
 
 def check_restored(folder: RunFolder, config, step: int, meta: dict, fingerprint: str) -> None:

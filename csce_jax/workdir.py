@@ -34,6 +34,9 @@ LOCK_FILE = ".lock"
 # Keys a resumed run may change (a trailing ".*" covers a whole group).
 RESUMABLE = (
     "total_steps",
+    "epochs",
+    "eval_every_epochs",
+    "checkpoint_every_epochs",
     "log_every_steps",
     "eval_every_steps",
     "checkpoint_every_steps",

@@ -303,6 +303,30 @@ def test_two_quick_ctrl_c_abort_at_once(tmp_path):
     assert "second SIGINT: aborting" in out
 
 
+def test_epochs_count_passes_at_the_run_s_own_batch_size(tmp_path):
+    from configs.cub200 import get_config
+    from csce_jax.builders import resolve_epochs
+
+    c = get_config()
+    c.batch_size = 64
+    assert resolve_epochs(c, 5994) == 93  # CUB's training split at batch 64
+    assert (c.total_steps, c.eval_every_steps, c.checkpoint_every_steps) == (9300, 465, 93)
+    c = get_config("epochs=3")
+    c.total_steps = 10  # a step count given by hand wins
+    resolve_epochs(c, 5994)
+    assert (c.total_steps, c.eval_every_steps, c.checkpoint_every_steps) == (10, 595, 119)
+    # A run counted in epochs: 1 pass over the demo's training split at batch 64.
+    c = tiny_config(0)
+    c.batch_size, c.epochs = 64, 1
+    c.total_steps = c.eval_every_steps = c.checkpoint_every_steps = 0
+    check_config(c, 4, 1)
+    final = train_lib.train_and_evaluate(c, tmp_path)
+    fit = len(train_lib.load_data(c.data).fit)
+    assert final["step"] == fit // 64 and saved_steps(tmp_path) == [fit // 64]
+    recorded = json.loads((tmp_path / "config.json").read_text())
+    assert recorded["total_steps"] == fit // 64 and recorded["epochs"] == 1
+
+
 def test_rmsprop_matches_hand_computed_update():
     p = {"w": jnp.array([1.0, -2.0])}
     g = {"w": jnp.array([0.5, 0.1])}
