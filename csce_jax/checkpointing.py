@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging as pylogging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,22 @@ class _IntendedNotices(pylogging.Filter):
         return not any(n in message for n in self.NOTICES)
 
 
+class _OneLineErrors(pylogging.Filter):
+    """Orbax's background threads (and asyncio under them) log each failed write with its
+    traceback; the failure is raised to the trainer too (one ``error:`` line naming the
+    step), so one line each is enough."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        if record.levelno >= pylogging.ERROR and any(
+            n in record.pathname for n in ("/orbax/", "/asyncio/")
+        ):
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
 pylogging.getLogger("absl").addFilter(_IntendedNotices())
+for _name in ("absl", "asyncio"):
+    pylogging.getLogger(_name).addFilter(_OneLineErrors())
 
 
 def _score_key(metrics: dict[str, Any]) -> tuple[float, int]:
@@ -76,6 +92,7 @@ class Checkpoints:
         self.directory = Path(workdir).absolute() / "checkpoints"
         self.read_only = read_only
         self._closed = False
+        self._pending: int | None = None  # the step whose asynchronous save may still run
         if read_only and not self.directory.is_dir():
             raise CheckpointError(f"no checkpoints in {self.directory}")
         policy = pp.AnyPreservationPolicy(
@@ -123,18 +140,37 @@ class Checkpoints:
             meta=ocp.args.JsonSave(meta),
         )
         metrics = None if score is None else {"score": float(score), "step": int(step)}
+        self.check()
         try:
-            self.manager.check_for_errors()
             # A step saved before a restart (or a corrupt one the restore skipped) is replaced:
             # the run has gone back before it and redone it.
             if step in self.manager.all_steps():
                 self.manager.wait_until_finished()
                 self.manager.delete(step)
             self.manager.save(step, args=args, metrics=metrics, force=True)
+            self._pending = step
         except Exception as e:
-            raise CheckpointError(
-                f"cannot save the checkpoint of step {step} in {self.directory}: {_reason(e)}"
-            ) from e
+            self._pending = step if self._pending is None else self._pending
+            raise self._save_failed(e) from e
+
+    def check(self) -> None:
+        """Raise CheckpointError, naming the step, if a background save has failed (cheap:
+        the trainer calls it every step, so it stops at once, not at the next save)."""
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:
+            raise self._save_failed(e) from e
+
+    def _save_failed(self, e: BaseException) -> CheckpointError:
+        # The step whose save failed: the temporary folder Orbax was writing, else the
+        # newest step handed to a background save.
+        match = re.search(r"/(\d+)\.orbax-checkpoint-tmp", str(e))
+        step = int(match.group(1)) if match else self._pending
+        which = f"of step {step} " if step is not None else ""
+        return CheckpointError(
+            f"cannot save the checkpoint {which}in {self.directory}: {_reason(e)}; the "
+            "checkpoints before it are whole"
+        )
 
     def wait(self) -> None:
         """Block until pending saves are on disk; a failed one raises CheckpointError."""
@@ -142,9 +178,8 @@ class Checkpoints:
             self.manager.wait_until_finished()
             self.manager.check_for_errors()
         except Exception as e:
-            raise CheckpointError(
-                f"cannot save a checkpoint in {self.directory}: {_reason(e)}"
-            ) from e
+            raise self._save_failed(e) from e
+        self._pending = None
 
     def close(self) -> None:
         """Wait for pending saves, then release the manager (a second call does nothing)."""

@@ -175,6 +175,7 @@ def train_loop(run: Run, state: Any, signals: StopSignals) -> dict[str, Any]:
                 score = evaluate(run, state, step)
                 clock.restart(step)  # keep evaluation out of images/s
             save_if_due(run, step, state, score, force=stopping or last)
+            run.ckpts.check()  # a failed background save stops the run now, naming its step
             fire_test_signal(config, step)
             if stopping and not last:
                 return stop_preempted(run, step)

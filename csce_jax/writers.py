@@ -28,6 +28,10 @@ def write_file_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], A
         with open(tmp, "wb") as f:
             write(f)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename:
+            raise
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e  # name the file
     finally:
         tmp.unlink(missing_ok=True)
 
