@@ -212,22 +212,29 @@ def test_stop_signal_saves_exits_preempted_and_resumes_exactly(tmp_path, straigh
         _assert_same_run(straight_run, tmp_path)
 
 
-@pytest.mark.slow
-def test_external_sigterm_stops_with_a_checkpoint(tmp_path):
-    import signal
+def _training_in_background(workdir, steps=3000):
+    """A long tiny run in the background, returned once it has logged two steps."""
     import time
 
     proc = run_train(
-        tmp_path,
-        "--config.total_steps=2000",
-        "--config.eval_every_steps=2000",
-        "--config.checkpoint_every_steps=2000",
+        workdir,
+        f"--config.total_steps={steps}",
+        f"--config.eval_every_steps={steps}",
+        f"--config.checkpoint_every_steps={steps}",
         background=True,
     )
     deadline = time.time() + 300
-    while not (tmp_path / "metrics.jsonl").exists() or len(read_rows(tmp_path)) < 2:
+    while not (workdir / "metrics.jsonl").exists() or len(read_rows(workdir)) < 2:
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.05)
+    return proc
+
+
+@pytest.mark.slow
+def test_external_sigterm_stops_with_a_checkpoint(tmp_path):
+    import signal
+
+    proc = _training_in_background(tmp_path)
     logged = max(r["step"] for r in read_rows(tmp_path))
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
@@ -284,17 +291,7 @@ def test_two_quick_ctrl_c_abort_at_once(tmp_path):
     import signal
     import time
 
-    proc = run_train(
-        tmp_path,
-        "--config.total_steps=3000",
-        "--config.eval_every_steps=3000",
-        "--config.checkpoint_every_steps=3000",
-        background=True,
-    )
-    deadline = time.time() + 300
-    while not (tmp_path / "metrics.jsonl").exists() or len(read_rows(tmp_path)) < 2:
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.05)
+    proc = _training_in_background(tmp_path)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.2)  # a double press (two signals sent at once are one to the kernel)
     proc.send_signal(signal.SIGINT)
@@ -467,7 +464,13 @@ def _two_process_run(workdir, *extra, per_process=((), ())):
         )
         for i in range(2)
     ]
-    return [(p.communicate(timeout=600)[0], p.returncode) for p in procs]
+    try:
+        return [(p.communicate(timeout=600)[0], p.returncode) for p in procs]
+    finally:  # a hung or failed job leaves no process behind
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 MULTI_STEPS = [
