@@ -231,21 +231,27 @@ class Checkpoints:
         return None
 
     def _set_aside(self, steps: list[int]) -> None:
-        """Move unrestorable checkpoints to ``corrupt_checkpoints/`` (a writer only)."""
+        """Move unrestorable checkpoints to ``corrupt_checkpoints/`` (a writer only; every
+        process of a job calls it, process 0 moves, all then see the same steps)."""
         if self.read_only or not steps:
             return
         self.manager.wait_until_finished()
-        aside = self.directory.parent / "corrupt_checkpoints"
-        aside.mkdir(exist_ok=True)
-        for s in steps:
-            dest = aside / f"{s}-{os.getpid()}"
-            os.replace(self.directory / str(s), dest)
-            logging.warning("moved the unrestorable checkpoint of step %d to %s", s, dest)
+        if jax.process_index() == 0:
+            aside = self.directory.parent / "corrupt_checkpoints"
+            aside.mkdir(exist_ok=True)
+            for s in steps:
+                dest = aside / f"{s}-{os.getpid()}"
+                os.replace(self.directory / str(s), dest)
+                logging.warning("moved the unrestorable checkpoint of step %d to %s", s, dest)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("csce_jax.checkpoints.set_aside")
         self.manager.reload()
 
     def set_aside_unreadable(self) -> None:
         """Set aside every step folder whose record does not read (a junk or half-copied
-        folder would hold a slot of the keep policy)."""
+        folder would hold a slot of the keep policy). Every process of a job calls it."""
         bad = []
         for s in self.steps():
             try:

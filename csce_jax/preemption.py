@@ -95,6 +95,7 @@ class StopSignals:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: leave the defaults alone
                 pass
+        self.reinstall()
         if _early:  # acted on by the first enter()
             if _early.count("SIGINT") > 1:
                 self.__exit__()
@@ -123,6 +124,12 @@ class StopSignals:
         if self.received is None:
             logging.warning("%s: saving a checkpoint at the next step, then exiting", name)
         self.received = name
+
+    def reinstall(self) -> None:
+        """Take the handlers back: ``jax.distributed.initialize`` installs a SIGTERM handler of
+        its own (its preemption notifier), which would leave our stop unheard."""
+        for sig in self._previous:
+            signal.signal(sig, self._handle)
 
     def enter(self, phase: str) -> None:
         """Move to ``phase``; a signal already received acts at once if the phase stops at once

@@ -137,6 +137,7 @@ def train_and_evaluate(
             signals.enter("start-up")  # a signal while train.py was importing stops here
             runtime.prepare_jax(config)
             runtime.initialize_distributed(config)
+            signals.reinstall()  # after JAX's own SIGTERM handler of a multi-host job
             builders.check_config(config, jax.device_count(), jax.process_count())
             with RunFolder(workdir, lead=jax.process_index() == 0) as folder:
                 run, state = start_run(config, folder)
@@ -202,8 +203,7 @@ def start_run(config: ml_collections.ConfigDict, folder: RunFolder) -> tuple[Run
     mesh = sharding.make_mesh()
     repl = sharding.replicated(mesh)
     ckpts = Checkpoints(folder.path, keep=config.keep_checkpoints)
-    if folder.lead:
-        ckpts.set_aside_unreadable()
+    ckpts.set_aside_unreadable()  # every process: reading a record is collective
     abstract = abstract_train_state(config, data.num_classes, repl)
     restored = ckpts.restore_state(abstract.state) if folder.has_checkpoints() else None
     if restored is None:

@@ -252,17 +252,25 @@ def test_metrics_truncation_leaves_no_temporary_file_when_the_disk_is_full(tmp_p
     for step in (1, 2, 3):
         log.write({"step": step, "loss": 1.0})
     original = (tmp_path / "metrics.jsonl").read_bytes()
-    real = type(tmp_path).write_text
+    from csce_jax import writers
 
-    def full(self, *args, **kwargs):
-        if self.name.endswith(".tmp"):
-            real(self, "")  # the 0-byte file a full disk leaves
-            raise OSError(errno.ENOSPC, "No space left on device", str(self))
-        return real(self, *args, **kwargs)
+    class FullDisk:  # the file is created (0 bytes), its first write fails
+        def __init__(self, path, mode):
+            self.f = open(path, mode)
 
-    monkeypatch.setattr(type(tmp_path), "write_text", full)
-    with pytest.raises(OSError):
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writers, "open", FullDisk, raising=False)
+    with pytest.raises(OSError) as failed:
         log.truncate_after(2)
+    assert failed.value.filename == str(tmp_path / "metrics.jsonl")  # the error names the file
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
     assert (tmp_path / "metrics.jsonl").read_bytes() == original
 
