@@ -144,3 +144,19 @@ def _encode_batch(model: CSCENet, images: jax.Array, raw: bool, bal) -> jax.Arra
 
 
 _encode_step = nnx.jit(_encode_batch, static_argnums=(2, 3))
+
+
+def export_run(workdir: str | os.PathLike, dst: str | os.PathLike, step: int | None = None) -> str:
+    """A run's best (or ``step``) checkpoint written as ``dst``: ours (.safetensors/.npz, what
+    :func:`load_model` and ``eval.py --weights`` read) or the release's layout (.pt/.pth).
+    Returns a one-line summary."""
+    dst = str(dst)
+    convert._check_suffix(dst, (*convert.OUR_SUFFIXES, *convert.TORCH_SUFFIXES))
+    if not Path(workdir).is_dir():
+        raise ConversionError(f"--src {workdir}: export reads a run folder")
+    loaded = load_model(workdir, step)
+    if Path(dst).suffix.lower() in convert.TORCH_SUFFIXES:
+        convert.write_torch_file(convert.release_state_dict(loaded.model), dst)
+    else:
+        convert.write_state_file(convert.flat_arrays(loaded.model), dst)
+    return f"exported {workdir} step {loaded.step} -> {dst}"

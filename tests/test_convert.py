@@ -18,7 +18,7 @@ from csce_jax.convert import (
     read_state_file,
     write_state_file,
 )
-from csce_jax.convert import main as convert_main
+from csce_jax.convert.__main__ import main as convert_main
 from csce_jax.hashing import hash_centers
 from csce_jax.models import CSCENet
 
@@ -199,16 +199,16 @@ def test_pth_files_need_torch_or_load_with_it(tmp_path):
 
 def test_a_trained_run_exports_to_a_file_that_encodes_as_the_run_does(trained_run, tmp_path):
     import csce_jax
-    from csce_jax.convert import convert_file
+    from csce_jax.api import export_run
 
     images = np.random.default_rng(0).integers(0, 255, (6, 112, 112, 3), dtype=np.uint8)
     run = csce_jax.load_model(str(trained_run))
-    summary = convert_file("export", str(trained_run), str(tmp_path / "model.safetensors"))
+    summary = export_run(str(trained_run), str(tmp_path / "model.safetensors"))
     assert f"step {run.step}" in summary
     exported = csce_jax.load_model(str(tmp_path / "model.safetensors"))
     np.testing.assert_array_equal(csce_jax.encode(exported, images), csce_jax.encode(run, images))
     pytest.importorskip("torch")
-    convert_file("export", str(trained_run), str(tmp_path / "model.pt"))
+    export_run(str(trained_run), str(tmp_path / "model.pt"))
     from csce_jax.convert import model_from_release
 
     back = model_from_release(read_state_file(tmp_path / "model.pt"), image_size=112)

@@ -17,7 +17,7 @@ reads), or ``.safetensors``. Command line::
   python -m csce_jax.convert jax-to-torch --src model.safetensors --dst model.pt
   python -m csce_jax.convert export --src runs/x [--step N] --dst model.safetensors  # or .pt
 
-``export`` writes a trained run's best (or ``--step``) checkpoint as a file. Weights that are
+``export`` (``csce_jax.api.export_run``) writes a trained run's best (or ``--step``) checkpoint as a file. Weights that are
 not finite are refused on reading and on writing, naming the key; ``--dst`` may not be
 ``--src``.
 """
@@ -34,7 +34,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from csce_jax import cli
 from csce_jax.errors import ConversionError
 from csce_jax.models import CSCENet
 from csce_jax.models.csce import num_windows
@@ -422,50 +421,20 @@ def _check_suffix(path: str, allowed: tuple[str, ...]) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m csce_jax.convert {torch-to-jax,jax-to-torch} --src A --dst B``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="python -m csce_jax.convert",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("direction", choices=["torch-to-jax", "jax-to-torch", "export"])
-    parser.add_argument(
-        "--src", required=True, help="input file (.pth/.pt/.safetensors/.npz); export: a run"
-    )
-    parser.add_argument("--step", type=int, help="export: the checkpoint step (default: best)")
-    parser.add_argument(
-        "--dst",
-        required=True,
-        help="output: .safetensors/.npz (torch-to-jax); .pt/.pth (torch.save, loads into the "
-        "release's ResNet_DOLG) or .safetensors (jax-to-torch)",
-    )
-    parser.add_argument(
-        "--image_size",
-        type=int,
-        default=224,
-        help="input size the release model was trained at (sets the window count)",
-    )
-    args = parser.parse_args(argv)
-    print(
-        cli.error_boundary(
-            convert_file, args.direction, args.src, args.dst, args.image_size, step=args.step
+def check_distinct(src: str, dst: str) -> None:
+    """Refuse a ``--dst`` that is the ``--src`` file (it would be overwritten)."""
+    if Path(dst).absolute().resolve() == Path(src).absolute().resolve():
+        raise ConversionError(
+            f"--dst {dst} is --src: choose another file (it would be overwritten)"
         )
-    )
 
 
 def convert_file(
     direction: str, src: str, dst: str, image_size: int = 224, *, step: int | None = None
 ) -> str:
-    """Convert ``src`` to ``dst`` (see :func:`main`); returns a one-line summary."""
-    if Path(dst).absolute().resolve() == Path(src).absolute().resolve():
-        raise ConversionError(
-            f"--dst {dst} is --src: choose another file (it would be overwritten)"
-        )
-    if direction == "export":
-        return export_run(src, dst, step)
+    """Convert ``src`` to ``dst`` (``torch-to-jax`` or ``jax-to-torch``); returns a one-line
+    summary."""
+    check_distinct(src, dst)
     if step is not None:
         raise ConversionError("--step goes with export (a run folder)")
     if direction == "torch-to-jax":
@@ -482,22 +451,6 @@ def convert_file(
     else:
         write_state_file(state_dict, dst)
     return f"exported {src} -> {dst} in the release's ResNet_DOLG layout ({len(state_dict)} keys)"
-
-
-def export_run(workdir: str, dst: str, step: int | None = None) -> str:
-    """A run's best (or ``step``) checkpoint as ``dst``: ours (.safetensors/.npz, what
-    ``load_model`` and ``eval.py --weights`` read) or the release's layout (.pt/.pth)."""
-    from csce_jax.api import load_model
-
-    _check_suffix(dst, (*OUR_SUFFIXES, *TORCH_SUFFIXES))
-    if not Path(workdir).is_dir():
-        raise ConversionError(f"--src {workdir}: export reads a run folder")
-    loaded = load_model(workdir, step)
-    if Path(dst).suffix.lower() in TORCH_SUFFIXES:
-        write_torch_file(release_state_dict(loaded.model), dst)
-    else:
-        write_state_file(flat_arrays(loaded.model), dst)
-    return f"exported {workdir} step {loaded.step} -> {dst}"
 
 
 def model_from_flat(arrays: Mapping[str, np.ndarray], source: str) -> nnx.Module:
@@ -534,7 +487,3 @@ def _arch_from_flat(arrays: Mapping[str, np.ndarray], source: str = "the file") 
         "image_size": size,
         "use_aspp": any(k.startswith("aspp/") for k in arrays),
     }
-
-
-if __name__ == "__main__":
-    main()
