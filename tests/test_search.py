@@ -337,7 +337,10 @@ def test_a_person_uploads_an_image_in_a_real_browser_and_sees_its_hits(page, tmp
     driver = _browser()
     try:
         driver.get(srv.url)
-        wait = WebDriverWait(driver, 60)
+        from selenium.common.exceptions import StaleElementReferenceException
+
+        # A re-render replaces the tiles under a lookup in progress: look again.
+        wait = WebDriverWait(driver, 60, ignored_exceptions=(StaleElementReferenceException,))
         wait.until(lambda d: "14 images" in d.find_element(By.ID, "info").text)
         assert "64-bit codes" in driver.find_element(By.ID, "info").text
         query = sorted(photos.rglob("*.png"))[3]
