@@ -73,7 +73,8 @@ def _shard_path(folder: Path, j: int) -> Path:
 
 
 def _read_shard(path: Path, plan_id: str) -> dict[str, Any] | None:
-    """A finished shard of this plan, or None (absent, another plan's, unreadable)."""
+    """A finished shard of this plan, or None (absent, another plan's, unreadable). Read
+    whole, so that a damaged shard is encoded again rather than kept."""
     try:
         with np.load(path, allow_pickle=False) as z:
             if str(z["plan"]) != plan_id:
@@ -125,7 +126,6 @@ def _start_plan(folder: Path, plan: dict[str, Any]) -> str:
                 "it or choose another --out"
             )
     elif jax.process_index() == 0:
-        (folder / "shards").mkdir(parents=True, exist_ok=True)
         _write_json(path, {**plan, "id": plan_id})
     (folder / "shards").mkdir(parents=True, exist_ok=True)
     return plan_id
