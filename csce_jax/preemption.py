@@ -134,9 +134,11 @@ class StopSignals:
     def enter(self, phase: str) -> None:
         """Move to ``phase``; a signal already received acts at once if the phase stops at once
         (the last training step was saved, the final evaluation not started)."""
+        # A signal of a stop-at-once phase whose Preempted was swallowed on its way (raised
+        # inside a finaliser, say) still stops the run here, before any step.
+        if self.received is not None and (phase != "training" or self.phase == "start-up"):
+            raise Preempted(self.received, self.phase if phase == "training" else phase)
         self.phase = phase
-        if phase != "training" and self.received is not None:
-            raise Preempted(self.received, phase)
 
     def __exit__(self, *exc) -> None:
         for sig, previous in self._previous.items():
