@@ -63,7 +63,7 @@ def make_folder(root: Path, images: int, classes: int = 10, seed: int = 0) -> No
 
 
 def make_config(args: argparse.Namespace):
-    from configs.common import base_config, data_config
+    from csce_jax.config import base_config, data_config
 
     c = base_config()
     c.data = data_config("folder")

@@ -61,7 +61,7 @@ def make_jpegs(folder: Path, n: int) -> None:
 
 
 def image_config(folder: Path, prepared: str = ""):
-    from configs.common import base_config, data_config
+    from csce_jax.config import base_config, data_config
 
     c = base_config()
     c.data = data_config("folder")

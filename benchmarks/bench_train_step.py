@@ -49,16 +49,13 @@ from common import median_time, report  # noqa: E402
 
 def _config(args):
     """The release recipe on the benchmark's model size, dtype and kernels."""
-    from configs.common import apply_release
-    from configs.default import get_config
+    from csce_jax.config import load_config_file, release_training
 
-    c = get_config()
-    apply_release(c)
+    c = load_config_file("default")
     c.model.width, c.model.depths = args.width, args.depths
     c.data.crop = args.size
     c.batch_size = c.eval_batch_size = args.batch
-    c.optimizer.name, c.optimizer.lr, c.optimizer.weight_decay = "rmsprop", 1e-5, 1e-5
-    c.optimizer.schedule, c.optimizer.warmup_steps = "constant", 0
+    release_training(c)
     c.model.dtype = args.dtype
     c.model.kernels = args.kernels
     return c
@@ -67,7 +64,7 @@ def _config(args):
 def jax_side(args, images, labels):
     import jax
 
-    from csce_jax import encoding, sharding, train_lib
+    from csce_jax import builders, sharding, train_lib
     from csce_jax import state as train_state
 
     c = _config(args)
@@ -92,7 +89,7 @@ def jax_side(args, images, labels):
     train()
     first = time.perf_counter() - start  # trace + compile + first run: the first-step latency
     t_train = median_time(train, repeats=args.repeats, warmup=1)
-    enc = encoding.Encoder(setup.eval_graphdef, c, mesh)
+    enc = builders.make_encoder(c, setup.eval_graphdef, mesh)
     weights = (holder["state"]["params"], holder["state"]["rest"])
 
     def encode():

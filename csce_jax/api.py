@@ -17,16 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 
-from csce_jax import builders, convert, eval_lib, state
+from csce_jax import builders, convert, sharding
 from csce_jax.data.images import eval_view, load_rgb
+from csce_jax.encoding import make_encode_step
 from csce_jax.errors import ConversionError
-from csce_jax.hashing import encode as binarize
 from csce_jax.models import CSCENet
+from csce_jax.run_reader import RunReader
 
 DEFAULT_RESIZE_RATIO = 256 / 224  # the release's evaluation resize for its 224 crop
 
@@ -43,17 +43,34 @@ class LoadedModel:
     raw_eval_band: bool = False
     balance: float | None = None
     step: int | None = None  # the checkpoint step, for a run
+    _encoder: Any = dataclasses.field(default=None, repr=False)
 
     def __call__(self, images: jax.Array) -> Any:
         return self.model(images)
 
+    def encode_batch(self, images: np.ndarray) -> np.ndarray:
+        """int8 {-1,+1} codes of a batch of prepared uint8 images, on this host's devices
+        (the encoding step of ``eval.py`` and training's evaluation)."""
+        if self._encoder is None or self._encoder[0] != (self.raw_eval_band, self.balance):
+            mesh = sharding.make_mesh(local=True)
+            graphdef, params, rest = nnx.split(self.model, nnx.Param, ...)
+            step = make_encode_step(
+                graphdef, mesh, raw_eval_band=self.raw_eval_band, bal=self.balance
+            )
+            weights = jax.device_put((params, rest), sharding.replicated(mesh))
+            self._encoder = ((self.raw_eval_band, self.balance), step, weights, mesh.size)
+        _, step, weights, devices = self._encoder
+        pad = -len(images) % devices
+        padded = np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.uint8)])
+        codes, _ = step(weights, padded)
+        return np.asarray(codes)[: len(images)]
+
 
 def _from_run(workdir: Path, step: int | None) -> LoadedModel:
-    config = eval_lib.load_run_config(workdir, None)
-    num_classes = state.run_num_classes(workdir)
-    graphdef, weights, got = state.restore_weights(config, workdir, num_classes, step)
-    model = nnx.merge(graphdef, weights["params"], weights["rest"])
-    return _loaded(model, config, step=got)
+    with RunReader(workdir) as run:
+        config = run.config()
+        restored = run.weights(config, step)
+    return _loaded(restored.model(), config, step=restored.step)
 
 
 def _loaded(
@@ -133,17 +150,8 @@ def encode(
         chunk = pixels[start : start + batch_size]
         pad = batch_size - len(chunk) if len(pixels) > batch_size else 0
         padded = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.uint8)])
-        got = _encode_step(model.model, jnp.asarray(padded), model.raw_eval_band, model.balance)
-        codes.append(np.asarray(got)[: len(chunk)])
+        codes.append(model.encode_batch(padded)[: len(chunk)])
     return np.concatenate(codes) if codes else np.zeros((0, model.bits), np.int8)
-
-
-def _encode_batch(model: CSCENet, images: jax.Array, raw: bool, bal) -> jax.Array:
-    out = model(images)
-    return binarize(out.codes, out.threshold, raw_eval_band=raw, balance=bal).astype(jnp.int8)
-
-
-_encode_step = nnx.jit(_encode_batch, static_argnums=(2, 3))
 
 
 def export_run(workdir: str | os.PathLike, dst: str | os.PathLike, step: int | None = None) -> str:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging as pylogging
 import os
 import re
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -33,6 +32,7 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from csce_jax.digest import tree_digest
 from csce_jax.errors import CheckpointError
+from csce_jax.workdir import layout
 
 __all__ = ["CheckpointError", "Checkpoints"]
 
@@ -89,7 +89,7 @@ class Checkpoints:
         read_only: bool = False,
         async_save: bool = True,
     ):
-        self.directory = Path(workdir).absolute() / "checkpoints"
+        self.directory = layout(workdir).checkpoints
         self.read_only = read_only
         self._closed = False
         self._pending: int | None = None  # the step whose asynchronous save may still run
@@ -142,11 +142,6 @@ class Checkpoints:
         metrics = None if score is None else {"score": float(score), "step": int(step)}
         self.check()
         try:
-            # A step saved before a restart (or a corrupt one the restore skipped) is replaced:
-            # the run has gone back before it and redone it.
-            if step in self.manager.all_steps():
-                self.manager.wait_until_finished()
-                self.manager.delete(step)
             self.manager.save(step, args=args, metrics=metrics, force=True)
             self._pending = step
         except Exception as e:
@@ -237,7 +232,7 @@ class Checkpoints:
             return
         self.manager.wait_until_finished()
         if jax.process_index() == 0:
-            aside = self.directory.parent / "corrupt_checkpoints"
+            aside = layout(self.directory.parent).corrupt
             aside.mkdir(exist_ok=True)
             for s in steps:
                 dest = aside / f"{s}-{os.getpid()}"
@@ -315,18 +310,9 @@ class Checkpoints:
         return None
 
     def best_step(self) -> int | None:
-        """The step with the best validation mAP (as recorded by the newest checkpoint)."""
-        steps = self.steps()
-        if not steps:
-            return None
-        for s in reversed(steps):
-            try:
-                best = self.read_meta(s).get("best_step")
-            except CheckpointError as e:
-                logging.error("cannot read the record of checkpoint %s", e)
-                continue
-            return best if best in steps else None
-        return None
+        """The step with the best validation mAP among those saved with one (Orbax's own
+        ranking of the saved scores; ties go to the earlier step), or None."""
+        return self.manager.best_step()
 
     def _candidates(self, step: int | None) -> list[int]:
         steps = self.steps()

@@ -4,82 +4,82 @@ quieter library log."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging as pylogging
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
-import ml_collections
 from absl import flags, logging
+from ml_collections import config_flags
 
-from csce_jax.errors import CsceError
+from csce_jax.config.files import load_config_file, override_key
+from csce_jax.errors import ConfigError, CsceError
 
 T = TypeVar("T")
 
 
-def load_config_file(spec: str) -> ml_collections.ConfigDict:
-    """``path.py[:arg]`` -> the file's ``get_config(arg)``; any failure names the file."""
-    path, _, arg = spec.partition(":")
-    if not Path(path).is_file():
-        raise CsceError(f"config file not found: {path}")
-    module_spec = importlib.util.spec_from_file_location("_csce_config", path)
-    if module_spec is None or module_spec.loader is None:
-        raise CsceError(f"config file {path}: not a Python file")
-    module = importlib.util.module_from_spec(module_spec)
-    try:
-        module_spec.loader.exec_module(module)
-    except SyntaxError as e:
-        raise CsceError(f"config file {path}, line {e.lineno}: syntax error: {e.msg}") from None
-    except Exception as e:
-        raise CsceError(f"config file {path}: {type(e).__name__}: {e}") from None
-    if not callable(getattr(module, "get_config", None)):
-        raise CsceError(f"config file {path} has no get_config() function")
-    try:
-        return module.get_config(arg) if arg else module.get_config()
-    except (ValueError, TypeError) as e:
-        raise CsceError(f"config file {path}, argument {arg!r}: {e}") from None
+CONFIG_HELP = "a preset (cub200, default, ...) or a config file, with :args (e.g. cub200:bits=32)"
 
 
-def unknown_override(argv: list[str]) -> str | None:
-    """A message for the first ``--config.a.b=v`` naming a key the config does not have."""
-    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if spec is None and "--config" in argv[:-1]:
-        spec = argv[argv.index("--config") + 1]
-    if spec is None:
-        return None
-    config = load_config_file(spec)
-    for a in argv:
-        if not a.startswith("--config."):
-            continue
-        dotted = a[len("--config.") :].split("=", 1)[0]
-        node, walked = config, "config"
-        for part in dotted.split("."):
-            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-                valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-                return (
-                    f"unknown config key {walked}.{part} (from {a!r}); valid keys of {walked}: "
-                    f"{', '.join(valid)}"
-                )
-            node, walked = node[part], f"{walked}.{part}"
-    return None
+def _config_spec(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(the ``--config`` value, argv without it)."""
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return a.split("=", 1)[1], argv[:i] + argv[i + 1 :]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1], argv[:i] + argv[i + 2 :]
+    return None, argv
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing that turns a bad config file, argument or override into one line."""
-    try:
-        message = unknown_override(argv[1:])
-    except CsceError as e:
-        message = str(e)
-    if message:
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+def flags_parser(
+    *, config_required: bool, module: str | None = None
+) -> Callable[[list[str]], list[str]]:
+    """absl's flag parsing, with ``--config NAME|path.py[:args]`` read once through
+    :func:`csce_jax.config.load_config_file` and every ``--config.a.b=v`` key checked against
+    the schema: a bad file, argument, key or value is one ``error:`` line (exit 2). The flags
+    of ``module`` (the command's) are listed by ``--help`` whatever script started it."""
+
+    def parse(argv: list[str]) -> list[str]:
+        spec, rest = _config_spec(argv)
+        try:
+            for a in rest:
+                if a.startswith("--config."):
+                    if spec is None:
+                        raise ConfigError(f"{a.split('=')[0]} needs --config")
+                    override_key(a)
+            config = load_config_file(spec) if spec is not None else None
+        except ConfigError as e:
+            _usage_error(str(e))
+        if config is None:
+            flags.DEFINE_string("config", None, CONFIG_HELP)
+        else:
+            config_flags.DEFINE_config_dict(
+                "config", config, CONFIG_HELP, lock_config=True, sys_argv=rest
+            )
+        _show_in_help(__name__, module)
+        if spec is None and config_required and not {"--help", "--helpshort", "-h"} & set(rest):
+            _usage_error("--config is required (" + CONFIG_HELP + ")")
+        try:
+            return flags.FLAGS(rest)
+        except flags.Error as e:
+            _usage_error(str(e))
+        raise AssertionError("unreachable")
+
+    return parse
+
+
+def _show_in_help(*modules: str | None) -> None:
+    main = sys.argv[0]
+    shown = {f.name for f in flags.FLAGS.get_flags_for_module(main)}
+    for module in filter(None, modules):
+        for flag in flags.FLAGS.get_flags_for_module(module):
+            if flag.name not in shown:
+                flags.FLAGS.register_flag_by_module(main, flag)
+
+
+def _usage_error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def error_boundary(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -121,33 +121,3 @@ def quiet_library_logs() -> None:
         return not any(n in record.pathname for n in noisy)
 
     logging.get_absl_handler().addFilter(keep)
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> None:
-    """Apply ``--config.a.b=value`` arguments (Python literals, else strings) to ``config``;
-    an unknown key or a value of the wrong type is a CsceError naming it."""
-    import ast
-
-    for arg in overrides:
-        if not arg.startswith("--config.") or "=" not in arg:
-            raise CsceError(f"unrecognised argument {arg!r} (overrides read --config.key=value)")
-        dotted, raw = arg[len("--config.") :].split("=", 1)
-        *parents, leaf = dotted.split(".")
-        node, walked = config, "config"
-        for part in [*parents, leaf]:
-            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-                valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-                raise CsceError(
-                    f"unknown config key {walked}.{part} (from {arg!r}); valid keys of "
-                    f"{walked}: {', '.join(valid)}"
-                )
-            if part != leaf:
-                node, walked = node[part], f"{walked}.{part}"
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
-        try:
-            node[leaf] = value
-        except TypeError as e:
-            raise CsceError(f"{arg}: {e}") from None

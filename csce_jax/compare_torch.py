@@ -45,17 +45,17 @@ import jax
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from csce_jax import builders, cli, convert, metrics, sharding, state, train_lib
+from csce_jax import builders, cli, convert, retrieval, sharding, state, train_lib
+from csce_jax.atomic import write_text_atomically
+from csce_jax.config import check_config, release_training, resolve_epochs
 from csce_jax.data import EvalLoader, load_data
 from csce_jax.data.pipeline import apply_flips
-from csce_jax.encoding import Encoder
 from csce_jax.errors import ConfigError
 from csce_jax.losses import elastic_margins
 from csce_jax.models.csce import normalize_images
+from csce_jax.run_reader import RunReader
 from csce_jax.viz import plot_curves
-from csce_jax.writers import write_text_atomically
 
 SERIES = ("loss", "ce", "quant", "grad_norm")
 FLOOR_FACTOR = 3.0
@@ -68,18 +68,6 @@ RELEASE_SIZE = {
     "model.learn_centers": False,
     "data.crop": 224,
 }
-
-
-def release_recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """``config`` with the release's optimiser and every release-compat switch on."""
-    c = ml_collections.ConfigDict(config.to_dict())
-    c.dsf.estimator = "release"
-    for key in c.release_compat:
-        c.release_compat[key] = True
-    c.optimizer.name, c.optimizer.lr, c.optimizer.weight_decay = "rmsprop", 1e-5, 1e-5
-    c.optimizer.schedule, c.optimizer.warmup_steps = "constant", 0
-    c.model.dtype = "float32"
-    return c
 
 
 def _normalized_nchw(images: np.ndarray) -> np.ndarray:
@@ -236,6 +224,18 @@ def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
 
+def initial_state(config, num_classes: int, init: str) -> state.TrainSetup:
+    """Our seeded initialisation, or ``init``: a weights file, or a run folder (its best
+    checkpoint's weights, read through the run reader)."""
+    if not init or not Path(init).is_dir():
+        return state.create_train_state(config, num_classes, init_from=init)
+    setup = state.create_train_state(config, num_classes)
+    with RunReader(init) as run:
+        restored = run.weights(config)
+    setup.state["params"], setup.state["rest"] = jax.device_get(restored.pair)
+    return setup
+
+
 def train_both(
     config, data, setup, torch_sides: dict[str, TorchSide], steps: int
 ) -> list[dict[str, Any]]:
@@ -311,7 +311,7 @@ def score_sides(config, data, setup, torch_sides: dict[str, TorchSide]) -> dict[
     """Encode query and database on every side, score each with our metric, count the code
     bits that differ between JAX and PyTorch float32 (and between PyTorch float32 and 64)."""
     mesh = sharding.make_mesh()
-    encoder = Encoder(setup.eval_graphdef, config, mesh)
+    encoder = builders.make_encoder(config, setup.eval_graphdef, mesh)
     weights = (setup.state["params"], setup.state["rest"])
     view = builders.view_config(config, train=False)
     codes: dict[str, dict[str, np.ndarray]] = {n: {} for n in ("jax", *torch_sides)}
@@ -324,9 +324,9 @@ def score_sides(config, data, setup, torch_sides: dict[str, TorchSide]) -> dict[
             codes[name][split] = side.encode(loader)["codes"]
     out: dict[str, Any] = {}
     for name, c in codes.items():
-        out[f"map_{name}"] = metrics.mean_average_precision(
-            c["query"], c["database"], labels["query"], labels["database"], data.topk
-        )
+        query = {"codes": c["query"], "labels": labels["query"]}
+        database = {"codes": c["database"], "labels": labels["database"]}
+        out[f"map_{name}"] = retrieval.score(query, database, data.topk)["map"]
 
     def differing(a: str, b: str) -> int:
         return int(sum(np.sum(codes[a][s] != codes[b][s]) for s in ("query", "database")))
@@ -350,14 +350,14 @@ def compare(
     floor: str = "both",
 ) -> dict[str, Any]:
     """Run the comparison; returns the summary (also written to ``workdir``)."""
-    config = release_recipe(config)
+    config = release_training(ml_collections.ConfigDict(config.to_dict()))
     config.total_steps = max(steps, 1)
-    builders.check_config(config, jax.device_count(), jax.process_count())
+    check_config(config, jax.device_count(), jax.process_count())
     if release_dir:
         check_release_size(config)
     data = load_data(config.data)
-    builders.resolve_epochs(config, len(data.fit))
-    setup = state.create_train_state(config, data.num_classes, init_from=init)
+    resolve_epochs(config, len(data.fit))
+    setup = initial_state(config, data.num_classes, init)
     model = state.model_of(setup)
     torch_sides = {"torch": TorchSide(model, config, release_dir, "float32", data.multilabel)}
     if floor in ("float64", "both"):
@@ -414,11 +414,13 @@ def main(argv: list[str]) -> None:
     print(json.dumps(summary, sort_keys=True))
 
 
-if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", None, "config file (configs/*.py[:args])")
+def run() -> None:
+    """The command line (console script and ``python -m``)."""
     flags.DEFINE_integer("steps", 50, "training steps on both sides")
     flags.DEFINE_string("workdir", None, "output folder (comparison.json, loss_curves.png)")
-    flags.DEFINE_string("init", "", "start from this release .pt/.pth or converted file")
+    flags.DEFINE_string(
+        "init", "", "start from a release .pt/.pth, a converted file, or a run folder"
+    )
     flags.DEFINE_string("release_dir", None, "a checkout of the release's code (torchvision)")
     flags.DEFINE_enum(
         "floor",
@@ -427,5 +429,9 @@ if __name__ == "__main__":
         "the rounding floor: PyTorch trained again in float64, and/or in float32 from weights "
         "one unit in the last place away (nudged); none: skip",
     )
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main, flags_parser=cli.parse_flags)
+    flags.mark_flags_as_required(["workdir"])
+    app.run(main, flags_parser=cli.flags_parser(config_required=True, module=__name__))
+
+
+if __name__ == "__main__":
+    run()

@@ -7,17 +7,16 @@ the same number of steps (their collectives must match).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
-from csce_jax.builders import balance, decode_workers, view_config
-from csce_jax.data.pipeline import EvalLoader
+from csce_jax.data.pipeline import EvalLoader, ViewConfig, Workers
 from csce_jax.data.sources import Source
 from csce_jax.hashing import encode as binarize
 from csce_jax.sharding import data_sharded, gather, global_batch, replicated
@@ -39,6 +38,19 @@ def make_encode_step(graphdef: Any, mesh: jax.sharding.Mesh, *, raw_eval_band: b
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class EncodeOptions:
+    """How a split is read and binarised: the global batch, the evaluation view, the host
+    decoding, whether unreadable images are skipped, and the DSF's evaluation settings."""
+
+    batch: int
+    view: ViewConfig
+    workers: Workers = dataclasses.field(default_factory=Workers)
+    skip_corrupt: bool = False
+    raw_eval_band: bool = False
+    balance: float | None = None
+
+
 class Encoder:
     """Encodes whole sources with one model structure; the weights are passed per call.
 
@@ -46,17 +58,14 @@ class Encoder:
     this host's devices alone (``make_mesh(local=True)``) this host reads the whole source.
     """
 
-    def __init__(self, graphdef: Any, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+    def __init__(self, graphdef: Any, options: EncodeOptions, mesh: jax.sharding.Mesh):
         self.mesh = mesh
         self._local = all(d.process_index == jax.process_index() for d in mesh.devices.flat)
-        self.config = config
+        self.options = options
         self._step = make_encode_step(
-            graphdef,
-            mesh,
-            raw_eval_band=config.release_compat.raw_eval_band,
-            bal=balance(config),
+            graphdef, mesh, raw_eval_band=options.raw_eval_band, bal=options.balance
         )
-        self.skipped: set[str] = set()  # unreadable images met so far (data.skip_corrupt)
+        self.skipped: set[str] = set()  # unreadable images met so far (skip_corrupt)
 
     def encode(
         self,
@@ -72,16 +81,15 @@ class Encoder:
         left out; their names are in ``out["skipped"]``. ``progress(records done)`` is called
         after each batch.
         """
-        c = self.config
-        hosts = 1 if self._local else jax.process_count()
+        o = self.options
         loader = EvalLoader(
             source,
-            global_batch=c.eval_batch_size,
-            view=view_config(c, train=False),
+            global_batch=o.batch,
+            view=o.view,
             process_index=0 if self._local else jax.process_index(),
-            process_count=hosts,
-            workers=decode_workers(c),
-            skip_corrupt=c.data.skip_corrupt,
+            process_count=1 if self._local else jax.process_count(),
+            workers=o.workers,
+            skip_corrupt=o.skip_corrupt,
         )
         codes, cont, index = [], [], []
         for host in loader.batches():
@@ -94,7 +102,7 @@ class Encoder:
             if with_continuous:
                 cont.append(gather(v)[keep])
             if progress is not None:
-                progress(min(len(source), len(codes) * c.eval_batch_size))
+                progress(min(len(source), len(codes) * o.batch))
         index = np.concatenate(index)
         order = np.argsort(index, kind="stable")
         index = index[order]

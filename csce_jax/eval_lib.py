@@ -3,8 +3,6 @@ made elsewhere (``.npy``), with the metric of ``csce_jax.metrics``."""
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -12,70 +10,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from csce_jax import metrics, runtime, state, viz
-from csce_jax.builders import view_config
+from csce_jax import metrics, retrieval, runtime, state, viz
+from csce_jax.atomic import write_file_atomically, write_json_atomically
+from csce_jax.builders import make_encoder, view_config
 from csce_jax.data import load_data
-from csce_jax.encoding import Encoder
 from csce_jax.errors import CodesError, ConfigError
+from csce_jax.run_reader import RunReader
 from csce_jax.sharding import make_mesh, replicated
-from csce_jax.writers import write_file_atomically, write_text_atomically
-
-PRECISION_KS = (1, 10, 50, 100, 500, 1000, 5000)
-
-
-def retrieval_map(
-    query: dict[str, np.ndarray], database: dict[str, np.ndarray], topk: int | None
-) -> float:
-    """mAP@topk of encoded query vs database (ties by database index)."""
-    return metrics.mean_average_precision(
-        query["codes"], database["codes"], query["labels"], database["labels"], topk
-    )
-
-
-def score_codes(
-    query: dict[str, np.ndarray], database: dict[str, np.ndarray], topk: int | None, bits: int
-) -> dict[str, Any]:
-    """Every figure eval.py reports for encoded query / database sets."""
-    ks = sorted({topk, None}, key=lambda k: k or 1 << 62)
-    args = (query["codes"], database["codes"], query["labels"], database["labels"])
-    maps = metrics.map_at_ks(*args, ks)
-    n_db = len(database["codes"])
-    pk = metrics.precision_recall_at_k(*args, [k for k in PRECISION_KS if k <= n_db] or [n_db])
-    radius = metrics.hamming_radius_curve(*args)
-    return {
-        "map": maps["map@all" if topk is None else f"map@{topk}"],
-        "topk": topk if topk is not None else "all",
-        **maps,
-        "precision_at_k": dict(zip(map(str, pk["k"]), pk["precision"], strict=True)),
-        "recall_at_k": dict(zip(map(str, pk["k"]), pk["recall"], strict=True)),
-        "precision_within_radius_2": radius["precision"][min(2, bits)],
-        "pr_curve": {
-            "radius": radius["radius"],
-            "precision": radius["precision"],
-            "recall": radius["recall"],
-        },
-        "bits": bits,
-        "num_query": len(query["codes"]),
-        "num_database": n_db,
-    }
-
-
-def load_run_config(
-    workdir: str | os.PathLike, config: ml_collections.ConfigDict | None
-) -> ml_collections.ConfigDict:
-    """The config given, else the one the run saved in ``<workdir>/config.json``."""
-    if config is not None:
-        return config
-    path = Path(workdir) / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"{path} not found: pass --config, or point --workdir at a run")
-    try:
-        c = ml_collections.ConfigDict(json.loads(path.read_text()))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from None
-    c.model.depths = tuple(c.model.depths)
-    c.model.window_sizes = tuple(c.model.window_sizes)
-    return c
+from csce_jax.workdir import layout
 
 
 def save_codes(out_dir: Path, name: str, enc: dict[str, np.ndarray]) -> None:
@@ -90,44 +32,57 @@ def save_codes(out_dir: Path, name: str, enc: dict[str, np.ndarray]) -> None:
 
 
 def run_eval(
-    config: ml_collections.ConfigDict,
     workdir: str,
+    config: ml_collections.ConfigDict | None = None,
     *,
     step: int | None = None,
+    prepared: str | None = None,
     export_only: bool = False,
     grid_queries: int = 5,
     weights_file: str | None = None,
 ) -> dict[str, Any]:
-    """Encode the query and database sets with a checkpoint (or a weights file, e.g. a converted
-    PyTorch checkpoint) and write ``<workdir>/eval/``. The checkpoints are only read."""
-    runtime.prepare_jax(config)
+    """Encode the query and database sets with a run's checkpoint (or a weights file, e.g. a
+    converted PyTorch checkpoint, with ``config``) and write ``<workdir>/eval/``; ``config``
+    defaults to the run's own. The checkpoints are only read."""
+    if weights_file and config is None:
+        raise ConfigError("--weights needs --config (the architecture and data set)")
+    reader = None if weights_file else RunReader(workdir)
+    try:
+        config = config if reader is None else reader.config(config)
+        if prepared:
+            config.data.prepared = prepared
+        runtime.prepare_jax(config)  # before JAX starts its backends
+        restored = None if reader is None else reader.weights(config, step)
+    finally:
+        if reader is not None:
+            reader.close()
     data = load_data(config.data)
     mesh = make_mesh()
-    if weights_file:
+    if restored is None:
         graphdef, weights = state.weights_from_file(config, data.num_classes, weights_file)
-        weights = jax.device_put(weights, replicated(mesh))
+        pair = jax.device_put((weights["params"], weights["rest"]), replicated(mesh))
         got_step: Any = f"weights file {weights_file}"
     else:
-        graphdef, weights, got_step = state.restore_weights(
-            config, workdir, data.num_classes, step, mesh=mesh
-        )
-    encoder = Encoder(graphdef, config, mesh)
-    pair = (weights["params"], weights["rest"])
-    query = encoder.encode(pair, data.query)
-    database = encoder.encode(pair, data.database)
-    out_dir = Path(workdir) / "eval"
+        graphdef, pair, got_step = restored.graphdef, restored.pair, restored.step
+    query, database = retrieval.encode_pair(
+        make_encoder(config, graphdef, mesh), pair, data.query, data.database
+    )
+    out_dir = layout(workdir).eval
     out_dir.mkdir(parents=True, exist_ok=True)
     save_codes(out_dir, "query", query)
     save_codes(out_dir, "database", database)
-    result: dict[str, Any] = {
-        "checkpoint_step": got_step,
-        "bits": config.bits,
-        "data": config.data.name,
-    }
+    result: dict[str, Any] = {"checkpoint_step": got_step, "data": config.data.name}
     if export_only:
-        return {**result, "written_to": str(out_dir.absolute())}
-    result.update(score_codes(query, database, data.topk, config.bits))
-    title = f"{config.data.name}, {config.bits} bits, step {got_step}"
+        return {**result, "bits": config.bits, "written_to": str(out_dir)}
+    result.update(retrieval.score(query, database, data.topk, curves=True))
+    write_figures(out_dir, result, data, query, database, config, grid_queries)
+    return {**result, "written_to": str(out_dir)}
+
+
+def write_figures(out_dir: Path, result, data, query, database, config, grid_queries: int) -> None:
+    """``pr_curve.png``, ``retrieval_grid.png`` (``grid_queries`` evenly spaced queries) and
+    ``metrics.json``."""
+    title = f"{config.data.name}, {config.bits} bits, step {result['checkpoint_step']}"
     viz.plot_pr_curve(result["pr_curve"], str(out_dir / "pr_curve.png"), title)
     n = len(query["index"])
     rows = np.linspace(0, n - 1, min(grid_queries, n), dtype=int)
@@ -140,8 +95,7 @@ def run_eval(
         str(out_dir / "retrieval_grid.png"),
         view_config(config, train=False),
     )
-    write_json(out_dir / "metrics.json", result)
-    return {**result, "written_to": str(out_dir.absolute())}
+    write_json_atomically(out_dir / "metrics.json", result)
 
 
 # --- Codes made elsewhere ----------------------------------------------------------------------
@@ -232,9 +186,6 @@ def score_npy(
         )
     if topk is not None and topk <= 0:
         raise CodesError(f"--topk {topk}: must be positive (or -1 for the whole database)")
-    return score_codes({"codes": q, "labels": ql}, {"codes": d, "labels": dl}, topk, q.shape[1])
-
-
-def write_json(path: Path, obj: dict[str, Any]) -> None:
-    """Write ``obj`` as JSON atomically (temporary file, then rename)."""
-    write_text_atomically(path, json.dumps(obj, indent=2, sort_keys=True))
+    return retrieval.score(
+        {"codes": q, "labels": ql}, {"codes": d, "labels": dl}, topk, curves=True
+    )

@@ -252,12 +252,18 @@ def map_at_ks(
 
     parts = _map_chunks(chunk, len(q_words), 2, len(db_words))
     return {
-        _key(k): float(np.mean(np.concatenate([p[i] for p in parts]))) for i, k in enumerate(ks)
+        map_key(k): float(np.mean(np.concatenate([p[i] for p in parts]))) for i, k in enumerate(ks)
     }
 
 
-def _key(k: int | None) -> str:
+def map_key(k: int | None) -> str:
+    """The figure name of mAP at cut-off ``k``: ``map@all`` (None: the whole database), ``map@k``."""
     return "map@all" if k is None else f"map@{k}"
+
+
+def protocol_cutoffs(topk: int | None) -> list[int | None]:
+    """The cut-offs reported for a protocol's ``topk``: it, and the whole database."""
+    return sorted({topk, None}, key=lambda k: k or 1 << 62)
 
 
 class CodeScanner:
@@ -347,4 +353,9 @@ def precision_within_radius(
 ) -> float:
     """Mean precision of the items within Hamming ``radius`` (0 where none is), the usual P@H<=2."""
     curve = hamming_radius_curve(query_codes, db_codes, query_labels, db_labels, bits=bits)
+    return precision_at_radius(curve, radius)
+
+
+def precision_at_radius(curve: dict[str, list[float]], radius: int) -> float:
+    """The precision within ``radius`` read off a :func:`hamming_radius_curve`."""
     return float(curve["precision"][min(radius, len(curve["precision"]) - 1)])

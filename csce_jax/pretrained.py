@@ -28,6 +28,7 @@ from pathlib import Path
 from absl import logging
 from flax import nnx
 
+from csce_jax.config.schema import choices
 from csce_jax.convert import load_flat_arrays, load_torch_state_dict, read_state_file
 from csce_jax.errors import ConfigError, ConversionError
 
@@ -89,7 +90,7 @@ def _check_digest(path: Path, prefix: str, url: str) -> None:
         )
 
 
-SCOPES = ("auto", "model", "backbone")
+SCOPES = choices("model.init_scope")
 
 
 def initialize_from(model: nnx.Module, spec: str, scope: str = "auto") -> str:

@@ -57,26 +57,24 @@ def prepare_jax(config: ml_collections.ConfigDict) -> None:
     enable_compilation_cache(config.compilation_cache)
 
 
-def _distributed_ready() -> bool:
-    try:
-        from jax._src import distributed
-
-        return distributed.global_state.client is not None
-    except Exception:  # pragma: no cover - private API moved
-        return False
+# A loaded or slow host can stall for minutes (compiling, or starved of CPU) before it reaches
+# the coordinator or sends a heartbeat; JAX's defaults (300 s to join, 100 s without a
+# heartbeat) would then abort the whole job. These give a slow host time instead.
+JOIN_TIMEOUT_S = 900
+HEARTBEAT_TIMEOUT_S = 600
 
 
 def initialize_distributed(config: ml_collections.ConfigDict) -> None:
     """Join a multi-process job when asked: ``config.distributed``, ``CSCE_DISTRIBUTED=1``, or
     an explicit ``config.coordinator_address`` (with ``num_processes`` and ``process_id``).
 
-    Without an address JAX finds the job itself on SLURM, Open MPI and Cloud TPU (or from
-    ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``). On CPU-only hosts
-    the cross-process collectives are set to gloo first.
+    Without an address JAX finds the job itself (its cluster detection: SLURM, Open MPI, Cloud
+    TPU and the other environments it knows). On CPU-only hosts the cross-process collectives
+    are set to gloo first.
     """
     explicit = bool(config.coordinator_address)
     wanted = config.distributed or explicit or os.environ.get("CSCE_DISTRIBUTED") == "1"
-    if not wanted or _distributed_ready():
+    if not wanted or jax.distributed.is_initialized():
         return
     kwargs = {}
     if explicit:
@@ -94,7 +92,11 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
         }
     if not accelerator_present():
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(**kwargs)
+    jax.distributed.initialize(
+        **kwargs,
+        initialization_timeout=JOIN_TIMEOUT_S,
+        heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
+    )
 
 
 def enable_compilation_cache(setting: str) -> str | None:

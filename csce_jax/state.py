@@ -19,8 +19,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from csce_jax import builders, sharding
-from csce_jax.checkpointing import Checkpoints, abstract_on
+from csce_jax import builders
+from csce_jax.checkpointing import abstract_on
 from csce_jax.errors import CheckpointError
 from csce_jax.hashing import centers_fingerprint, hash_centers
 from csce_jax.pretrained import initialize_from
@@ -96,54 +96,13 @@ def abstract_train_state(
     )
 
 
-def run_num_classes(workdir: str | Path) -> int:
-    """The class count a run was trained with, from its newest checkpoint's record."""
-    ckpts = Checkpoints(workdir, read_only=True)
-    try:
-        steps = ckpts.steps()
-        if not steps:
-            raise CheckpointError(f"no checkpoint in {ckpts.directory}")
-        return int(ckpts.read_meta(steps[-1])["num_classes"])
-    finally:
-        ckpts.manager.close()
-
-
-def restore_weights(
-    config: ml_collections.ConfigDict,
-    workdir: str | Path,
-    num_classes: int,
-    step: int | None = None,
-    *,
-    mesh: jax.sharding.Mesh | None = None,
-) -> tuple[Any, dict[str, Any], int]:
-    """(eval graphdef, {"params", "rest"}, step) of a run's best checkpoint, or of ``step``.
-
-    The run folder is opened read-only. Without a recorded best, or when the best does not
-    restore (damaged files), the newest checkpoint that does is used, and the log says so;
-    an explicit ``step`` that does not restore is an error.
-    """
-    model = nnx.eval_shape(lambda: builders.create_model(config, num_classes))
-    _, eval_graphdef, params, rest = _split(model)
-    mesh = mesh if mesh is not None else sharding.make_mesh()
-    target = abstract_on({"params": params, "rest": rest}, sharding.replicated(mesh))
-    ckpts = Checkpoints(workdir, read_only=True)
-    try:
-        got_step = step if step is not None else ckpts.best_step()
-        if got_step is None:
-            steps = ckpts.steps()
-            if not steps:
-                raise CheckpointError(f"no checkpoint in {ckpts.directory}")
-            got_step = steps[-1]
-        got_step, weights, meta = ckpts.restore_weights(target, got_step, fallback=step is None)
-    finally:
-        ckpts.manager.close()
-    expected = config_fingerprint(config, num_classes)
-    if meta.get("centers") != expected:
+def check_centers(meta: dict[str, Any], fingerprint: str, where: Path) -> None:
+    """A checkpoint must carry the hash centres this config gives (bits, classes, seed)."""
+    if meta.get("centers") != fingerprint:
         raise CheckpointError(
-            f"checkpoint {ckpts.directory / str(got_step)} was made with other hash centres "
-            "than this config gives (bits, classes or centers_seed)"
+            f"checkpoint {where} was made with other hash centres than this config gives "
+            "(bits, classes or centers_seed)"
         )
-    return eval_graphdef, weights, got_step
 
 
 def weights_from_file(

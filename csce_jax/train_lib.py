@@ -30,16 +30,17 @@ import optax
 from absl import logging
 from flax import nnx
 
-from csce_jax import builders, flops, hostmem, metrics, runtime, sharding
+from csce_jax import builders, flops, hostmem, retrieval, runtime, sharding
 from csce_jax.checkpointing import Checkpoints
+from csce_jax.config import check_config, resolve_epochs
 from csce_jax.data import RetrievalData, TrainLoader, load_data
 from csce_jax.data.verify import verify_data
 from csce_jax.encoding import Encoder
 from csce_jax.errors import CheckpointError, ConfigError, NonFiniteLossError, WorkdirError
-from csce_jax.eval_lib import retrieval_map
 from csce_jax.losses import csce_loss, elastic_margins
 from csce_jax.preemption import MAX_IN_FLIGHT, Preempted, StopSignals
-from csce_jax.state import TrainSetup, abstract_train_state, create_train_state
+from csce_jax.run_reader import RunReader
+from csce_jax.state import TrainSetup, abstract_train_state, check_centers, create_train_state
 from csce_jax.workdir import RunFolder
 from csce_jax.writers import Writers
 
@@ -138,7 +139,7 @@ def train_and_evaluate(
             runtime.prepare_jax(config)
             runtime.initialize_distributed(config)
             signals.reinstall()  # after JAX's own SIGTERM handler of a multi-host job
-            builders.check_config(config, jax.device_count(), jax.process_count())
+            check_config(config, jax.device_count(), jax.process_count())
             with RunFolder(workdir, lead=jax.process_index() == 0) as folder:
                 run, state = start_run(config, folder)
                 if run.finished is not None:
@@ -161,6 +162,8 @@ def train_loop(run: Run, state: Any, signals: StopSignals) -> dict[str, Any]:
         signals.enter("training")
         for step, batch in enumerate(batches, start=run.start + 1):
             state, step_metrics = train_step(state, batch)
+            if step == run.start + 1:
+                log_first_step(step_metrics, clock)
             in_flight.append(step_metrics["loss"])
             if len(in_flight) > MAX_IN_FLIGHT:  # a stop is then a few steps away, not dozens
                 jax.block_until_ready(in_flight.popleft())
@@ -187,7 +190,7 @@ def train_loop(run: Run, state: Any, signals: StopSignals) -> dict[str, Any]:
 def start_run(config: ml_collections.ConfigDict, folder: RunFolder) -> tuple[Run, Any]:
     """Check the folder and the data, then restore the newest checkpoint or initialise."""
     data = load_data(config.data)
-    per_epoch = builders.resolve_epochs(config, len(data.fit))
+    per_epoch = resolve_epochs(config, len(data.fit))
     if config.epochs:
         logging.info(
             "%d epochs of %d steps (%d training images, batch %d): %d steps",
@@ -199,7 +202,7 @@ def start_run(config: ml_collections.ConfigDict, folder: RunFolder) -> tuple[Run
         )
     changes = folder.check_resume(config, saved_run_config(folder))  # before anything is written
     if config.data.verify:
-        verify_data(data, config, report=folder.path / "data_report.json")
+        verify_data(data, config.data, report=folder.layout.data_report)
     mesh = sharding.make_mesh()
     repl = sharding.replicated(mesh)
     ckpts = Checkpoints(folder.path, keep=config.keep_checkpoints)
@@ -223,7 +226,7 @@ def start_run(config: ml_collections.ConfigDict, folder: RunFolder) -> tuple[Run
         mesh,
         ckpts,
         writers,
-        Encoder(setup.eval_graphdef, config, mesh),
+        builders.make_encoder(config, setup.eval_graphdef, mesh),
         make_loader(config, data),
         start,
         meta.get("best_map", -math.inf),
@@ -246,20 +249,14 @@ def saved_run_config(folder: RunFolder) -> dict[str, Any] | None:
     """The config recorded in the run's newest readable checkpoint (None: no checkpoint)."""
     if not folder.has_checkpoints():
         return None
-    reader = Checkpoints(folder.path, read_only=True)
-    try:
+    with RunReader(folder.path) as reader:
         return reader.saved_config()
-    finally:
-        reader.manager.close()
 
 
 def check_restored(folder: RunFolder, config, step: int, meta: dict, fingerprint: str) -> None:
     """A restored checkpoint must belong to this config and lie within its steps."""
-    where = folder.path / "checkpoints" / str(step)
-    if meta.get("centers") != fingerprint:
-        raise CheckpointError(
-            f"checkpoint {where} was made with other hash centres (bits, classes or centers_seed)"
-        )
+    where = folder.layout.checkpoints / str(step)
+    check_centers(meta, fingerprint, where)
     if step > config.total_steps:
         raise WorkdirError(
             f"checkpoint {where} is past config.total_steps={config.total_steps}: raise it"
@@ -314,6 +311,13 @@ def log_start(run: Run) -> None:
         jax.process_count(),
         "tuned" if hostmem.is_tuned() else "glibc default",
     )
+
+
+def log_first_step(step_metrics: dict[str, jax.Array], clock: Clock) -> None:
+    """Say when the first step (which compiles the step function) is done, so that the long
+    wait before the first progress row is accounted for."""
+    jax.block_until_ready(step_metrics["loss"])
+    logging.info("first step done in %.1f s (compiling the training step)", time.time() - clock.t0)
 
 
 def is_due(config: ml_collections.ConfigDict, step: int) -> bool:
@@ -388,9 +392,8 @@ def evaluate(run: Run, state: dict[str, Any], step: int) -> float:
         queries, database = run.data.query, run.data.database
     else:
         queries, database = run.data.val, run.data.fit
-    q = run.encoder.encode(weights, queries)
-    db = run.encoder.encode(weights, database)
-    score = retrieval_map(q, db, run.data.topk)
+    q, db = retrieval.encode_pair(run.encoder, weights, queries, database)
+    score = retrieval.score(q, db, run.data.topk)["map"]
     if score > run.best_map:
         run.best_map, run.best_step = score, step
     key = "select_map" if run.select_on == "query" else "val_map"
@@ -482,24 +485,16 @@ def selected_weights(run: Run, state: dict[str, Any]) -> tuple[Any, int]:
 def final_query_metrics(run: Run, state: dict[str, Any]) -> dict[str, Any]:
     """Query-vs-database mAP of the selected (best) checkpoint: the run's final row."""
     weights, used_step = selected_weights(run, state)
-    q = run.encoder.encode(weights, run.data.query)
-    db = run.encoder.encode(weights, run.data.database)
-    topk = run.data.topk
-    scores = metrics.map_at_ks(
-        q["codes"],
-        db["codes"],
-        q["labels"],
-        db["labels"],
-        sorted({topk, None}, key=lambda k: k or 1 << 62),
-    )
+    q, db = retrieval.encode_pair(run.encoder, weights, run.data.query, run.data.database)
+    figures = retrieval.score(q, db, run.data.topk)
     return {
         "step": run.config.total_steps,
-        "query_map": scores["map@all" if topk is None else f"map@{topk}"],
+        "query_map": figures["map"],
         "best_step": used_step,
         "select_on": run.select_on,
-        "bits": run.config.bits,
-        "num_query": len(q["codes"]),
-        "num_database": len(db["codes"]),
+        "bits": figures["bits"],
+        "num_query": figures["num_query"],
+        "num_database": figures["num_database"],
         "skipped_images": run.skipped_images(),
-        **{f"query_{k}": v for k, v in scores.items()},
+        **{f"query_{k}": v for k, v in figures.items() if k.startswith("map@")},
     }

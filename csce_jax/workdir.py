@@ -1,18 +1,21 @@
-"""A run folder: one trainer at a time, and a record of the config it was started and resumed with.
+"""A run folder: its layout, one trainer at a time, and a record of the config it was started
+and resumed with. (Reading a run: ``csce_jax.run_reader``.)
 
 - **Lock**: ``<workdir>/.lock`` is held with ``flock`` while ``train.py`` runs. A second trainer
   on the same folder is refused at once, naming the process that holds it. The kernel drops
   the lock when its process dies, so a ``kill -9`` never leaves a folder locked.
 - **Resume policy**: a rerun on a folder with checkpoints may change, against the config saved
-  in its newest checkpoint, only what does not change the mathematics of training (``RESUMABLE``: cadence of logs, evaluations and checkpoints,
-  the number of steps, paths and workers). Anything else (bits, learning rate, model, seed,
-  ...) is refused before anything is written, listing each change.
+  in its newest checkpoint, only the fields the schema marks resumable (they leave the
+  mathematics of training alone: cadence of logs, evaluations and checkpoints, the number of
+  steps, paths and workers). Anything else (bits, learning rate, model, seed, ...) is refused
+  before anything is written, listing each change.
 - **Record**: ``config.json`` is the config in force; every launch appends a row to
   ``config_history.jsonl`` (time, resumed step, the changes it made, the command line).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import fcntl
 import json
@@ -24,65 +27,35 @@ from typing import Any
 
 import ml_collections
 
+from csce_jax.atomic import write_text_atomically
+from csce_jax.config.schema import flatten, resumable
 from csce_jax.errors import WorkdirError
-from csce_jax.writers import write_text_atomically
-
-CONFIG_FILE = "config.json"
-HISTORY_FILE = "config_history.jsonl"
-LOCK_FILE = ".lock"
-
-# Keys a resumed run may change (a trailing ".*" covers a whole group).
-RESUMABLE = (
-    "total_steps",
-    "epochs",
-    "eval_every_epochs",
-    "checkpoint_every_epochs",
-    "log_every_steps",
-    "eval_every_steps",
-    "checkpoint_every_steps",
-    "keep_checkpoints",
-    "eval_batch_size",
-    "preempted_exit_code",
-    "distributed",
-    "coordinator_address",
-    "num_processes",
-    "process_id",
-    "compilation_cache",
-    "data.data_dir",
-    "data.download",
-    "data.manual_dir",
-    "data.list_dir",
-    "data.image_root",
-    "data.prepared",  # records give the image files' pixels exactly
-    "data.num_threads",  # the decode setting's earlier name
-    "data.num_workers",
-    "data.worker_processes",
-    "data.skip_corrupt",
-    "data.verify",
-    "model.init_from",
-    "model.init_scope",
-    "model.remat",
-    "model.kernels",
-    "testing.*",
-)
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: tree}
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where each part of a run lives (docs/training.md, "The run folder")."""
+
+    root: Path
+
+    config = property(lambda self: self.root / "config.json")  # the config in force
+    history = property(lambda self: self.root / "config_history.jsonl")  # one row per launch
+    lock = property(lambda self: self.root / ".lock")  # held while a trainer runs
+    metrics = property(lambda self: self.root / "metrics.jsonl")
+    tensorboard = property(lambda self: self.root / "tensorboard")
+    checkpoints = property(lambda self: self.root / "checkpoints")
+    corrupt = property(lambda self: self.root / "corrupt_checkpoints")  # set aside, kept
+    data_report = property(lambda self: self.root / "data_report.json")
+    eval = property(lambda self: self.root / "eval")  # eval.py's outputs
 
 
-def _resumable(key: str) -> bool:
-    return any(key == r or (r.endswith(".*") and key.startswith(r[:-1])) for r in RESUMABLE)
+def layout(workdir: str | os.PathLike) -> Layout:
+    return Layout(Path(workdir).absolute())
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """{dotted key: (old, new)} for every field that differs (JSON values)."""
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten(old), flatten(new)
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
@@ -94,7 +67,8 @@ class RunFolder:
     """The workdir of one training run, locked while open (only the lead process locks)."""
 
     def __init__(self, workdir: str | os.PathLike, lead: bool = True):
-        self.path = Path(workdir).absolute()
+        self.layout = layout(workdir)
+        self.path = self.layout.root
         self.lead = lead
         self._lock_fd: int | None = None
 
@@ -120,7 +94,7 @@ class RunFolder:
             raise WorkdirError(f"workdir {self.path} is not writable")
 
     def _lock(self) -> None:
-        path = self.path / LOCK_FILE
+        path = self.layout.lock
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
@@ -139,11 +113,11 @@ class RunFolder:
         self._lock_fd = fd
 
     def has_checkpoints(self) -> bool:
-        ckpt = self.path / "checkpoints"
+        ckpt = self.layout.checkpoints
         return ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
 
     def recorded_config(self) -> dict[str, Any] | None:
-        path = self.path / CONFIG_FILE
+        path = self.layout.config
         if not path.is_file():
             return None
         try:
@@ -161,13 +135,13 @@ class RunFolder:
         if old is None or not self.has_checkpoints():
             return {}
         changes = config_changes(old, config_json(config))
-        refused = {k: v for k, v in changes.items() if not _resumable(k)}
+        refused = {k: v for k, v in changes.items() if not resumable(k)}
         if refused:
             listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
             raise WorkdirError(
                 f"{self.path} holds a run with another config ({listed}). These change what "
                 "the run computes, so it cannot resume with them: use a new --workdir, or rerun "
-                f"with the values in {self.path / CONFIG_FILE}."
+                f"with the values in {self.layout.config}."
             )
         return changes
 
@@ -178,12 +152,12 @@ class RunFolder:
         if not self.lead:
             return
         text = json.dumps(config_json(config), indent=2, sort_keys=True)
-        write_text_atomically(self.path / CONFIG_FILE, text)
+        write_text_atomically(self.layout.config, text)
         row = {
             "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "start_step": step,
             "changes": {k: list(v) for k, v in changes.items()},
             "argv": sys.argv,
         }
-        with open(self.path / HISTORY_FILE, "a") as f:
+        with open(self.layout.history, "a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")

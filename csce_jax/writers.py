@@ -12,40 +12,18 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-METRICS_FILE = "metrics.jsonl"
-
-
-def write_file_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
-    """``write(f)`` into a temporary file beside ``path``, then rename it to ``path``: the old
-    file stays whole if writing fails (a full disk), and no temporary file is left behind."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except OSError as e:
-        if e.filename:
-            raise
-        raise OSError(e.errno, e.strerror or str(e), str(path)) from e  # name the file
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text_atomically(path: str | os.PathLike, text: str) -> None:
-    """``text`` (UTF-8) written to ``path`` atomically (see :func:`write_file_atomically`)."""
-    write_file_atomically(path, lambda f: f.write(text.encode()))
+from csce_jax.atomic import write_text_atomically
+from csce_jax.workdir import layout
 
 
 class MetricsLog:
     """``<workdir>/metrics.jsonl``."""
 
     def __init__(self, workdir: str | os.PathLike, active: bool = True):
-        self.path = Path(workdir) / METRICS_FILE
+        self.path = layout(workdir).metrics
         self.active = active
 
     def rows(self) -> list[dict[str, Any]]:
@@ -117,7 +95,7 @@ class Writers:
 
     def __init__(self, workdir: str | os.PathLike, active: bool = True):
         self.log = MetricsLog(workdir, active)
-        self.tensorboard = ScalarWriter(Path(workdir) / "tensorboard", active)
+        self.tensorboard = ScalarWriter(layout(workdir).tensorboard, active)
 
     def write(self, row: dict[str, Any]) -> None:
         self.log.write(row)

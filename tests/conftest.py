@@ -4,23 +4,33 @@ Helpers are plain functions (``from conftest import run_train``): the digits dem
 few steps, the entry point run as a subprocess, and readers of a run's outputs.
 """
 
+import fcntl
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The suite's own XLA compilation cache (and $CSCE_JAX_CACHE), never the user's: shared by the
+# in-process tests, the train.py subprocesses and the xdist workers of a run, which all
+# compile the same tiny programs. A cache hit gives the same executable, so no result depends
+# on which test filled it.
+os.environ["CSCE_JAX_CACHE"] = str(Path(tempfile.gettempdir()) / f"csce_jax_tests_{os.getuid()}")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest
 
 from csce_jax import runtime
 
-# In-process tests build models too: share train.py's persistent compilation cache.
 runtime.enable_compilation_cache("auto")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,10 +57,25 @@ def tiny_model():
 
 
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory):
+def trained_run(tmp_path_factory, worker_id):
     """A finished 3-step demo run through train.py, shared read-only by the tests that
-    evaluate, search or inspect a run (none of them may change its checkpoints or rows)."""
-    workdir = tmp_path_factory.mktemp("trained_run")
+    evaluate, search or inspect a run (none of them may change its checkpoints or rows).
+    Under xdist the first worker to ask trains it, in the run's common temporary folder, and
+    the others wait for it and read the same run."""
+    if worker_id == "master":
+        return _train_shared_run(tmp_path_factory.mktemp("trained_run"))
+    shared = tmp_path_factory.getbasetemp().parent  # this pytest run's, common to its workers
+    with open(shared / "trained_run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        workdir = shared / "trained_run"
+        if not (shared / "trained_run.done").exists():
+            shutil.rmtree(workdir, ignore_errors=True)  # a worker that died half way
+            _train_shared_run(workdir)
+            (shared / "trained_run.done").touch()
+    return workdir
+
+
+def _train_shared_run(workdir: Path) -> Path:
     run_train(
         workdir,
         "--config.total_steps=3",
@@ -64,7 +89,7 @@ def tiny_config(steps=4, linear_optimizer=False):
     """The digits demo cut down; ``linear_optimizer``: SGD at a constant rate, whose update is
     linear in the gradient (Adam's first steps are ~lr * sign(g): float noise in a near-zero
     gradient flips a whole step, which would hide real sharding differences)."""
-    from configs.default import get_config
+    from csce_jax.presets.default import get_config
 
     c = get_config()
     c.total_steps = steps
@@ -125,6 +150,57 @@ def run_train(
     if check:
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
+
+
+def run_job(commands, *, env=None, timeout=900, grace=60):
+    """Run the processes of one job (e.g. two train.py joined by jax.distributed) to the end;
+    returns [(stdout and stderr, exit status)]. When one fails, the others (which would wait
+    for it) get ``grace`` seconds, then are killed with their process groups, as is anything
+    still running after ``timeout``: a test fails with every process's output, none is left."""
+    procs = [
+        subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        for cmd in commands
+    ]
+    texts = [[] for _ in procs]
+    readers = [
+        threading.Thread(target=lambda p=p, t=t: t.append(p.stdout.read()), daemon=True)
+        for p, t in zip(procs, texts, strict=True)
+    ]
+    for r in readers:
+        r.start()
+    start, failed = time.monotonic(), None
+    try:
+        while any(p.poll() is None for p in procs):
+            now = time.monotonic()
+            if failed is None and any(p.poll() not in (None, 0) for p in procs):
+                failed = now
+            if now - start > timeout or (failed is not None and now - failed > grace):
+                break
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        for r in readers:
+            r.join(30)
+    outs = []
+    for i, (p, t) in enumerate(zip(procs, texts, strict=True)):
+        note = (
+            f"\n[process {i} killed by the test: the job did not finish]"
+            if p.returncode == -9
+            else ""
+        )
+        outs.append(("".join(t) + note, p.returncode))
+    return outs
 
 
 def run_module(*args, env=None):

@@ -1,6 +1,6 @@
 """A tiny image-folder config for the record-set tests (their images come from the test)."""
 
-from configs.common import base_config, data_config
+from csce_jax.config import base_config, data_config
 
 
 def get_config(arg=None):

@@ -50,6 +50,7 @@ def test_aspp_matches_a_pytorch_transcription():
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_one_training_step_with_aspp_moves_its_weights():
     c = tiny_config()
     c.model.use_aspp = True

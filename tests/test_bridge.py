@@ -8,7 +8,7 @@ from conftest import run_module
 from flax import nnx
 
 import csce_jax
-from csce_jax import metrics, state
+from csce_jax import metrics
 from csce_jax.convert import (
     convert_file,
     flat_arrays,
@@ -18,10 +18,10 @@ from csce_jax.convert import (
 )
 from csce_jax.data.digits import digits_sources
 from csce_jax.errors import ConversionError
-from csce_jax.eval_lib import load_run_config
 from csce_jax.hashing import encode as binarize
 from csce_jax.hashing import hash_centers
 from csce_jax.models import CSCENet
+from csce_jax.run_reader import RunReader
 
 
 def _model(seed=0, classes=10, bits=64):
@@ -34,6 +34,7 @@ def _model(seed=0, classes=10, bits=64):
     )
 
 
+@pytest.mark.slow
 def test_a_pt_export_loads_strictly_into_the_release_network_and_gives_its_codes(tmp_path):
     torch = pytest.importorskip("torch")
     from csce_jax.torch_reference import ReleaseNet, release_dsf
@@ -105,12 +106,9 @@ def test_load_model_and_encode_give_eval_py_codes(trained_run, tmp_path):
     assert codes.dtype == np.int8 and set(np.unique(codes)) <= {-1, 1}
     np.testing.assert_array_equal(codes, expected)
     # The same weights as a converted file encode the same (a 224-free, 112 px model).
-    config = load_run_config(trained_run, None)
-    graphdef, weights, _ = state.restore_weights(config, trained_run, 10)
-    write_state_file(
-        flat_arrays(nnx.merge(graphdef, weights["params"], weights["rest"])),
-        tmp_path / "model.safetensors",
-    )
+    with RunReader(trained_run) as run:
+        restored = run.weights(run.config())
+    write_state_file(flat_arrays(restored.model()), tmp_path / "model.safetensors")
     from_file = csce_jax.load_model(tmp_path / "model.safetensors")
     assert (from_file.crop, from_file.resize) == (112, 128)
     np.testing.assert_array_equal(
@@ -156,9 +154,9 @@ def test_floor_verdict_and_release_size_check():
     """The median gap within 3x the larger median floor (never below float32's 1e-5) passes,
     whatever one step does; beyond, it fails and names the series. A non-release-size config
     names the flags to change."""
-    from configs.default import get_config
     from csce_jax import compare_torch as ct
     from csce_jax.errors import ConfigError
+    from csce_jax.presets.default import get_config
 
     def rows(gaps, floor64=1e-4, nudged=None, others=1e-4):
         out = []

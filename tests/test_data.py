@@ -5,7 +5,7 @@ import pytest
 from conftest import run_module
 from PIL import Image
 
-from configs.common import data_config
+from csce_jax.config import data_config
 from csce_jax.data import DataError, EvalLoader, TrainLoader, ViewConfig, load_data
 from csce_jax.data.digits import digits_sources
 from csce_jax.data.images import load_rgb
@@ -65,7 +65,7 @@ def test_folder_source_and_corrupt_handling(image_tree):
         list(loader.batches())
     loader = EvalLoader(src, global_batch=4, view=VIEW, skip_corrupt=True)
     batches = list(loader.batches())
-    mask = np.concatenate([b["mask"] for b in batches])
+    mask = np.concatenate([(b["index"] >= 0) for b in batches])
     assert mask.sum() == 5 and len(mask) == 8 and loader.corrupt.count == 1
     assert all(b["image"].shape == (4, 32, 32, 3) and b["image"].dtype == np.uint8 for b in batches)
 

@@ -9,9 +9,10 @@ import pytest
 from conftest import ROOT
 from PIL import Image
 
-from csce_jax import eval_lib, metrics, state, viz
+from csce_jax import metrics, viz
 from csce_jax.data.digits import digits_images
 from csce_jax.errors import CodesError
+from csce_jax.run_reader import RunReader
 
 
 @pytest.fixture
@@ -87,7 +88,7 @@ def test_eval_scores_codes_made_elsewhere(trained, tmp_path):
 
 def test_eval_errors_name_what_is_wrong(tmp_path):
     out = _run("eval.py", "--workdir", str(tmp_path))
-    assert out.returncode != 0 and "config.json not found" in out.stderr
+    assert out.returncode == 1 and "is not a training run (it holds no checkpoints/)" in out.stderr
 
 
 def test_search_round_trip_and_corrupt_image(trained, tmp_path):
@@ -162,16 +163,13 @@ def test_search_refuses_a_mismatched_index(trained, tmp_path):
 
 
 def test_eval_scores_a_weights_file_like_its_checkpoint(trained, tmp_path):
-    from flax import nnx
-
     from csce_jax.convert import flat_arrays, write_state_file
 
-    config = eval_lib.load_run_config(str(trained), None)
-    graphdef, weights, step = state.restore_weights(config, str(trained), 10)
+    with RunReader(trained) as run:
+        restored = run.weights(run.config())
+    step = restored.step
     converted = tmp_path / "converted.safetensors"
-    write_state_file(
-        flat_arrays(nnx.merge(graphdef, weights["params"], weights["rest"])), converted
-    )
+    write_state_file(flat_arrays(restored.model()), converted)
     out = _run(
         "eval.py",
         "--config",

@@ -21,8 +21,8 @@ from conftest import (
 from PIL import Image
 
 from csce_jax import cli, eval_lib, metrics, train_lib
-from csce_jax.builders import check_config
 from csce_jax.checkpointing import Checkpoints
+from csce_jax.config import check_config
 from csce_jax.data import load_data
 from csce_jax.data.images import load_rgb
 from csce_jax.data.sources import aircraft_sources, folder_source, tfds_source
@@ -77,8 +77,9 @@ def test_the_resume_policy_reads_the_checkpoint_not_config_json(tmp_path, tamper
     assert saved_steps(tmp_path) == [2]
 
 
+@pytest.mark.slow
 def test_damaged_checkpoint_data_are_refused_and_the_run_goes_on_from_a_sound_one(tmp_path, caplog):
-    from csce_jax import state
+    from csce_jax.run_reader import RunReader
 
     c = tiny_config(4)
     c.checkpoint_every_steps, c.eval_every_steps, c.keep_checkpoints = 2, 4, 2
@@ -90,10 +91,12 @@ def test_damaged_checkpoint_data_are_refused_and_the_run_goes_on_from_a_sound_on
     _plausible_damage(run / "checkpoints" / "4")
     # Readers: step 4 (the best, the only scored one) is refused; the newest sound one is used.
     with caplog.at_level("INFO"):
-        _, _, got = state.restore_weights(c, run, 10)
+        with RunReader(run) as reader:
+            got = reader.weights(c).step
     assert got == 2 and "do not match the digest" in caplog.text and "trying step 2" in caplog.text
     with pytest.raises(CheckpointError, match="no checkpoint could be restored"):
-        state.restore_weights(c, run, 10, step=4)  # asked for by name: no substitute
+        with RunReader(run) as reader:
+            reader.weights(c, step=4)  # asked for by name: no substitute
     assert saved_steps(run) == [2, 4]  # readers move nothing
     # The trainer resumes from step 2, sets step 4 aside, and ends as the whole run did.
     c.total_steps = 6
@@ -189,6 +192,7 @@ def test_a_second_trainer_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
         os.close(fd)
 
 
+@pytest.mark.slow
 def test_a_refused_resume_writes_nothing_and_allowed_changes_are_recorded(tmp_path):
     train_lib.train_and_evaluate(tiny_config(2), tmp_path)  # what SHORT gives through train.py
     config_before = (tmp_path / "config.json").read_bytes()
@@ -214,8 +218,13 @@ def test_a_refused_resume_writes_nothing_and_allowed_changes_are_recorded(tmp_pa
 
 
 def test_a_corrupt_best_checkpoint_falls_back_and_keeps_the_final_row(tmp_path, monkeypatch):
-    scores = iter([0.9, 0.5, 0.4, 0.3])  # the first evaluation (step 2) stays the best
-    monkeypatch.setattr(train_lib, "retrieval_map", lambda *a: next(scores))
+    # Evaluations at steps 2 and 4, the final one, then at 6 and the final one of the resumed
+    # run: the first evaluation (step 2) stays the best.
+    scores = iter([0.9, 0.5, 0.5, 0.3, 0.3])
+    real = train_lib.retrieval.score
+    monkeypatch.setattr(
+        train_lib.retrieval, "score", lambda *a, **k: {**real(*a, **k), "map": next(scores)}
+    )
     c = tiny_config(4)
     c.eval_every_steps = c.checkpoint_every_steps = 2
     c.keep_checkpoints = 1
@@ -252,7 +261,7 @@ def test_metrics_truncation_leaves_no_temporary_file_when_the_disk_is_full(tmp_p
     for step in (1, 2, 3):
         log.write({"step": step, "loss": 1.0})
     original = (tmp_path / "metrics.jsonl").read_bytes()
-    from csce_jax import writers
+    from csce_jax import atomic
 
     class FullDisk:  # the file is created (0 bytes), its first write fails
         def __init__(self, path, mode):
@@ -267,7 +276,7 @@ def test_metrics_truncation_leaves_no_temporary_file_when_the_disk_is_full(tmp_p
         def write(self, data):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(writers, "open", FullDisk, raising=False)
+    monkeypatch.setattr(atomic, "open", FullDisk, raising=False)
     with pytest.raises(OSError) as failed:
         log.truncate_after(2)
     assert failed.value.filename == str(tmp_path / "metrics.jsonl")  # the error names the file
@@ -511,13 +520,20 @@ def _folder_config(root, steps=2):
     return c
 
 
-def test_skipped_images_are_counted_once_per_run(tmp_path):
-    c = _folder_config(_folder_with_corrupt(tmp_path))
+def test_skipped_images_are_counted_once_per_run(tmp_path, caplog):
+    root = _folder_with_corrupt(tmp_path)
+    c = _folder_config(root)
     c.data.skip_corrupt = True
     c.total_steps = 6  # enough batches to meet every training image
     c.eval_every_steps = c.checkpoint_every_steps = 6
-    final = train_lib.train_and_evaluate(c, tmp_path / "run")
+    with caplog.at_level("WARNING"):
+        final = train_lib.train_and_evaluate(c, tmp_path / "run")
     assert final["skipped_images"] == 2
+    # Each image is logged once, though the training loader and every split's encoding meet it.
+    warned = [r for r in caplog.records if "skipped unreadable image" in r.getMessage()]
+    assert len([r for r in warned if str(root) in r.getMessage()]) == 2, [
+        r.getMessage() for r in warned
+    ]
     logged = [r["skipped_images"] for r in read_rows(tmp_path / "run") if "loss" in r]
     assert logged == sorted(logged) and max(logged) <= 2
 

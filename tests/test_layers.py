@@ -182,7 +182,7 @@ def test_the_flag_is_set_before_jax_starts_and_jax_runs_with_it():
     code = (
         "import os\n"
         "from csce_jax import runtime\n"
-        "from configs.default import get_config\n"
+        "from csce_jax.presets.default import get_config\n"
         "runtime.accelerator_present = lambda: True  # as on a GPU host\n"
         "c = get_config()\n"
         "c.model.kernels = 'cpu'\n"
@@ -196,7 +196,7 @@ def test_the_flag_is_set_before_jax_starts_and_jax_runs_with_it():
 
 
 def test_a_gpu_backend_started_without_the_flag_is_refused(monkeypatch):
-    from configs.default import get_config
+    from csce_jax.presets.default import get_config
 
     c = get_config()
     c.model.kernels = "cpu"

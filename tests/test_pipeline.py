@@ -77,7 +77,7 @@ def test_resume_mid_epoch_continues_exactly(source):
 def test_eval_pads_and_masks_so_hosts_run_equal_steps(source):
     whole = list(EvalLoader(source, global_batch=8, view=VIEW).batches())
     assert len(whole) == 5  # ceil(37 / 8)
-    mask = np.concatenate([b["mask"] for b in whole])
+    mask = np.concatenate([(b["index"] >= 0) for b in whole])
     idx = np.concatenate([b["index"] for b in whole])
     assert mask.sum() == 37 and idx[mask].tolist() == list(range(37)) and (idx[~mask] == -1).all()
     parts = [
@@ -127,7 +127,7 @@ def test_a_skip_in_a_worker_process_is_counted_once_by_the_loader(tmp_path):
     assert sum(len(b["image"]) for b in train.batches()) == 12
     assert train.corrupt.names == {str(paths[3])}  # drawn twice in two epochs, counted once
     evaluate = EvalLoader(src, global_batch=4, view=view, workers=workers, skip_corrupt=True)
-    mask = np.concatenate([b["mask"] for b in evaluate.batches()])
+    mask = np.concatenate([(b["index"] >= 0) for b in evaluate.batches()])
     assert mask.tolist() == [True] * 3 + [False] + [True] * 2 + [False] * 2
     assert evaluate.corrupt.names == {str(paths[3])}
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from scipy import io as sio
 
-from configs.common import data_config
+from csce_jax.config import data_config
 from csce_jax.data import load_data
 from csce_jax.data import sources as S
 from csce_jax.data.datasets import _check_labels

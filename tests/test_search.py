@@ -4,7 +4,6 @@ processes), batch queries, and the search page (HTTP, then a real headless brows
 import json
 import os
 import shutil
-import subprocess
 import sys
 import threading
 import urllib.error
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import run_job
 from PIL import Image
 
 from csce_jax import metrics
@@ -211,26 +210,12 @@ def test_two_processes_encode_the_same_codes_as_one(trained_run, tmp_path):
         f"--config.coordinator_address=127.0.0.1:{port}",
         "--config.num_processes=2",
     ]
-    procs = [
-        subprocess.Popen(
-            [*cmd, f"--config.process_id={i}"],
-            cwd=ROOT,
-            env=env,
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        for i in range(2)
-    ]
-    try:
-        outs = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
-    assert "[process 1] index: 4/4 images" in outs[1][1]  # shards 1 and 3 (3 + 1 images)
-    assert json.loads(outs[0][0].splitlines()[-1])["indexed"] == 10
+    outs = run_job([[*cmd, f"--config.process_id={i}"] for i in range(2)], env=env)
+    for out, code in outs:
+        assert code == 0, out[-3000:]
+    assert "[process 1] index: 4/4 images" in outs[1][0]  # shards 1 and 3 (3 + 1 images)
+    summary = [line for line in outs[0][0].splitlines() if line.startswith('{"')]
+    assert json.loads(summary[-1])["indexed"] == 10
     a, b = load_index(one), load_index(tmp_path / "two")
     np.testing.assert_array_equal(a.codes, b.codes)
     assert a.paths == b.paths

@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -12,9 +13,11 @@ import optax
 import pytest
 from conftest import (
     PREEMPTED,
+    TINY_OVERRIDES,
     final_params,
     read_rows,
     restore_state,
+    run_job,
     run_train,
     saved_steps,
     tiny_config,
@@ -22,7 +25,7 @@ from conftest import (
 
 from csce_jax import sharding, train_lib
 from csce_jax import state as train_state
-from csce_jax.builders import check_config
+from csce_jax.config import check_config
 from csce_jax.data import DataError, load_data
 from csce_jax.errors import ConfigError, NonFiniteLossError
 from csce_jax.optim import torch_rmsprop
@@ -44,6 +47,7 @@ def test_three_step_run_through_the_entry_point(trained_run):
     assert list((tmp_path / "tensorboard").iterdir())
 
 
+@pytest.mark.slow
 def test_tfds_data_set_trains_under_mock_data(tmp_path):
     import tensorflow_datasets as tfds
 
@@ -80,6 +84,7 @@ def _update_gaps(p0, pa, pb):
     return np.asarray(gaps), np.sqrt(num / den)
 
 
+@pytest.mark.slow
 def test_one_device_equals_four_devices():
     assert jax.device_count() == 4
     c = tiny_config(linear_optimizer=True)
@@ -300,9 +305,9 @@ def test_two_quick_ctrl_c_abort_at_once(tmp_path):
     assert "second SIGINT: aborting" in out
 
 
-def test_epochs_count_passes_at_the_run_s_own_batch_size(tmp_path):
-    from configs.cub200 import get_config
-    from csce_jax.builders import resolve_epochs
+def test_epochs_count_passes_at_the_run_s_own_batch_size():
+    from csce_jax.config import resolve_epochs
+    from csce_jax.presets.cub200 import get_config
 
     c = get_config()
     c.batch_size = 64
@@ -312,7 +317,11 @@ def test_epochs_count_passes_at_the_run_s_own_batch_size(tmp_path):
     c.total_steps = 10  # a step count given by hand wins
     resolve_epochs(c, 5994)
     assert (c.total_steps, c.eval_every_steps, c.checkpoint_every_steps) == (10, 595, 119)
-    # A run counted in epochs: 1 pass over the demo's training split at batch 64.
+
+
+@pytest.mark.slow
+def test_a_run_counted_in_epochs_trains_whole_passes(tmp_path):
+    # 1 pass over the demo's training split at batch 64.
     c = tiny_config(0)
     c.batch_size, c.epochs = 64, 1
     c.total_steps = c.eval_every_steps = c.checkpoint_every_steps = 0
@@ -417,6 +426,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored["params"]))
 
 
+@pytest.mark.slow
 def test_non_finite_from_the_start_saves_nothing_and_a_rerun_trains(tmp_path):
     """The reported reproduction: NaN at an evaluation step that is no checkpoint step."""
     common = [
@@ -446,31 +456,26 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
 def _two_process_run(workdir, *extra, per_process=((), ())):
     """Two train.py processes of two fake CPU devices each, as one job; returns their outputs."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     port = _free_port()
-    procs = [
-        run_train(
-            workdir,
-            *extra,
-            *per_process[i],
-            f"--config.coordinator_address=127.0.0.1:{port}",
-            "--config.num_processes=2",
-            f"--config.process_id={i}",
-            background=True,
-            env=env,
-        )
-        for i in range(2)
-    ]
-    try:
-        return [(p.communicate(timeout=600)[0], p.returncode) for p in procs]
-    finally:  # a hung or failed job leaves no process behind
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    base = [sys.executable, "train.py", "--config", "configs/default.py", "--workdir", str(workdir)]
+    return run_job(
+        [
+            [
+                *base,
+                *TINY_OVERRIDES,
+                *extra,
+                *per_process[i],
+                f"--config.coordinator_address=127.0.0.1:{port}",
+                "--config.num_processes=2",
+                f"--config.process_id={i}",
+            ]
+            for i in range(2)
+        ],
+        env=env,
+    )
 
 
 MULTI_STEPS = [
@@ -522,7 +527,8 @@ def test_a_signal_to_one_process_stops_the_whole_job_at_one_step(tmp_path, two_p
     assert [code for _, code in stopped] == [PREEMPTED, PREEMPTED], stopped[0][0][-3000:]
     # Only process 1 was signalled; both saved the same step (the next one) together.
     for out, _ in stopped:
-        assert json.loads(out.strip().splitlines()[-1]) == {"preempted": True, "step": 3}
+        summary = [line for line in out.splitlines() if line.startswith('{"')]
+        assert json.loads(summary[-1]) == {"preempted": True, "step": 3}
     assert saved_steps(tmp_path) == [3]
     resumed = _two_process_run(tmp_path, *MULTI_STEPS)
     assert [code for _, code in resumed] == [0, 0]
@@ -558,6 +564,7 @@ def test_the_step_compiles_once():
     assert np.isfinite(float(metrics["loss"]))
 
 
+@pytest.mark.slow
 def test_bfloat16_step_tracks_float32():
     """One step from the same initial weights and batch: bf16 compute, float32 parameters."""
     rng = np.random.default_rng(0)

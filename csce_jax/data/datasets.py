@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from csce_jax.config.schema import choices
 from csce_jax.data import sources as S
 from csce_jax.data.digits import digits_sources
 from csce_jax.data.records import load_prepared
@@ -99,7 +100,7 @@ def _flowers(cfg):
 
 
 LIST_FILES = {"train": "train.txt", "database": "database.txt", "query": "test.txt"}
-MULTILABEL_CHOICES = ("auto", "true", "false")
+MULTILABEL_CHOICES = choices("data.multilabel")
 
 
 def _lists(num_classes: int | None = None, multilabel: bool | None = None):

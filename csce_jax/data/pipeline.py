@@ -7,8 +7,8 @@ augmentation of position p is seeded by (seed, p), so the pixels do not depend o
 hosts, threads or restarts, and resuming at step s is just starting the stream there: the
 iterator state is the step number, saved in the checkpoint.
 
-Evaluation pads the last global batch with copies of record 0 and a ``mask`` of False, so every
-host runs the same number of steps (collectives must match).
+Evaluation pads the last global batch with blank images of index -1, so every host runs the
+same number of steps (collectives must match).
 """
 
 from __future__ import annotations
@@ -68,8 +68,12 @@ class Workers:
     processes: bool = False
 
 
+_WARNED: set[str] = set()  # unreadable images already logged by this process, numbered once
+
+
 class CorruptImages:
-    """The distinct unreadable images a loader skipped (``data.skip_corrupt``).
+    """The distinct unreadable images a loader skipped (``data.skip_corrupt``); the log names
+    each once per process, however many loaders meet it.
 
     Examples report what they skipped inside their batch (``skipped``), so the count is kept
     in the consuming thread whether the batch was decoded by a thread or by another process.
@@ -86,7 +90,10 @@ class CorruptImages:
         if where in self.names:
             return
         self.names.add(where)
-        n = len(self.names)
+        if where in _WARNED:  # met by another loader of this process (each split's encoding)
+            return
+        _WARNED.add(where)
+        n = len(_WARNED)
         if n <= 10 or n % 1000 == 0:
             logging.warning("skipped unreadable image #%d: %s (%s)", n, where, err)
 
@@ -110,7 +117,7 @@ def _stream_position(q: int, global_batch: int, host_batch: int, process_index: 
 
 
 def _collate(items: Iterable[dict[str, Any]], size: int) -> dict[str, np.ndarray]:
-    """Build a host batch of ``size`` examples (image, label, index, and mask / flip where
+    """Build a host batch of ``size`` examples (image, label, index, and flip where
     present); the images they skipped as one list of (name, error). Each image is copied
     into the batch as soon as it is made, so its source (a decoded file, a record) is freed
     before the next one is read: the memory it used is reused while still in cache."""
@@ -126,9 +133,8 @@ def _collate(items: Iterable[dict[str, Any]], size: int) -> dict[str, np.ndarray
         "index": np.asarray([x["index"] for x in rest], np.int64),
         "skipped": [s for x in rest for s in x["skipped"]],
     }
-    for key in ("mask", "flip"):
-        if key in rest[0]:
-            out[key] = np.asarray([x[key] for x in rest], bool)
+    if "flip" in rest[0]:
+        out["flip"] = np.asarray([x["flip"] for x in rest], bool)
     return out
 
 
@@ -201,7 +207,39 @@ def _start_decoding_process(worker_index: int, num_workers: int) -> None:
     threading.Thread(target=exit_when_orphaned, daemon=True).start()
 
 
-class TrainLoader:
+class _HostLoader:
+    """What both loaders share: this host's share of each global batch of ``source``, decoded
+    by ``workers``, with unreadable images skipped (and noted) where ``skip_corrupt``."""
+
+    def __init__(
+        self,
+        source: Source,
+        global_batch: int,
+        view: ViewConfig,
+        process_index: int,
+        process_count: int,
+        workers: Workers,
+        skip_corrupt: bool,
+    ):
+        if global_batch % process_count:
+            raise ValueError(f"global batch {global_batch} not divisible by {process_count} hosts")
+        self.source, self.view = source, view
+        self.global_batch = global_batch
+        self.host_batch = global_batch // process_count
+        self.process_index = process_index
+        self.workers, self.skip_corrupt = workers, skip_corrupt
+        self.corrupt = CorruptImages()
+        self._epoch: tuple[int, np.ndarray] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a decoding process needs: everything but the parent's record of skips."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("corrupt", "_epoch")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _epoch=None, corrupt=CorruptImages())
+
+
+class TrainLoader(_HostLoader):
     """Host batches {"image": uint8 (b, crop, crop, 3), "flip", "label", "index"} for steps
     [0, num_steps). ``image`` holds the crops unflipped; ``flip`` (bool (b,)) says which ones the
     release's random flip mirrors (:func:`apply_flips`; the training step does it on the
@@ -220,19 +258,13 @@ class TrainLoader:
         workers: Workers = Workers(),
         skip_corrupt: bool = False,
     ):
-        if global_batch % process_count:
-            raise ValueError(f"global batch {global_batch} not divisible by {process_count} hosts")
+        share = (process_index, process_count, workers, skip_corrupt)
+        super().__init__(source, global_batch, view, *share)
         if len(source) < global_batch:
             raise DataError(
                 f"{source.name}: {len(source)} records, fewer than one batch of {global_batch}"
             )
-        self.source, self.view, self.seed = source, view, seed
-        self.global_batch, self.num_steps = global_batch, num_steps
-        self.host_batch = global_batch // process_count
-        self.process_index = process_index
-        self.workers, self.skip_corrupt = workers, skip_corrupt
-        self.corrupt = CorruptImages()
-        self._epoch: tuple[int, np.ndarray] | None = None
+        self.seed, self.num_steps = seed, num_steps
 
     def _example(self, q: int) -> dict[str, Any]:
         pos = _stream_position(q, self.global_batch, self.host_batch, self.process_index)
@@ -277,16 +309,10 @@ class TrainLoader:
         )
         return self.corrupt.noting(batches)
 
-    def __getstate__(self) -> dict[str, Any]:
-        """What a decoding process needs: everything but the parent's record of skips."""
-        return {k: v for k, v in self.__dict__.items() if k not in ("corrupt", "_epoch")}
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, _epoch=None, corrupt=CorruptImages())
-
-
-class EvalLoader:
-    """Host batches {"image", "label", "index", "mask"} over a whole split, padded and masked."""
+class EvalLoader(_HostLoader):
+    """Host batches {"image", "label", "index"} over a whole split; the last is padded with
+    blank images of index -1 (so every host runs the same steps), as are skipped images."""
 
     def __init__(
         self,
@@ -299,20 +325,14 @@ class EvalLoader:
         workers: Workers = Workers(),
         skip_corrupt: bool = False,
     ):
-        if global_batch % process_count:
-            raise ValueError(f"global batch {global_batch} not divisible by {process_count} hosts")
-        self.source, self.view = source, view
-        self.global_batch = global_batch
-        self.host_batch = global_batch // process_count
-        self.process_index = process_index
+        share = (process_index, process_count, workers, skip_corrupt)
+        super().__init__(source, global_batch, view, *share)
         self.num_steps = max(1, math.ceil(len(source) / global_batch))
-        self.workers, self.skip_corrupt = workers, skip_corrupt
-        self.corrupt = CorruptImages()
 
     def _example(self, q: int) -> dict[str, Any]:
         pos = _stream_position(q, self.global_batch, self.host_batch, self.process_index)
         blank = np.zeros((self.view.crop, self.view.crop, 3), np.uint8)
-        pad = {"image": blank, "index": -1, "mask": False, "skipped": []}
+        pad = {"image": blank, "index": -1, "skipped": []}
         if pos >= len(self.source):  # padding: nothing to read
             return {**pad, "label": self.source.labels[0]}
         label = self.source.labels[pos]
@@ -322,12 +342,9 @@ class EvalLoader:
             if not self.skip_corrupt:
                 raise
             return {**pad, "label": label, "skipped": [(self.source.where[pos], str(e))]}
-        return {"image": image, "label": label, "index": pos, "mask": True, "skipped": []}
+        return {"image": image, "label": label, "index": pos, "skipped": []}
 
     def batches(self) -> Iterator[dict[str, np.ndarray]]:
         """Host batches over the whole split."""
         batches = _host_batches(self._example, self.num_steps, self.host_batch, self.workers)
         return self.corrupt.noting(batches)
-
-    __getstate__ = TrainLoader.__getstate__
-    __setstate__ = TrainLoader.__setstate__

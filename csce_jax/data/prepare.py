@@ -31,15 +31,14 @@ from typing import Any
 
 import numpy as np
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from csce_jax import cli
+from csce_jax.atomic import write_file_atomically, write_text_atomically
 from csce_jax.data import records as R
 from csce_jax.data.datasets import DATASETS, RetrievalData, load_data
 from csce_jax.data.images import resized_rgb
 from csce_jax.data.sources import Source
 from csce_jax.errors import DataError
-from csce_jax.writers import write_text_atomically
 
 VIEW_NAMES = ("train", "fit", "val", "database", "query")
 
@@ -254,13 +253,10 @@ def write_index(
             if j["split"] == split
         ]
         labels_file = f"{split}.npz"
-        tmp = out / f".{split}.tmp.npz"
-        np.savez(tmp, labels=np.asarray(src.labels), where=np.asarray(src.where, dtype=str))
-        os.replace(tmp, out / labels_file)
+        arrays = {"labels": np.asarray(src.labels), "where": np.asarray(src.where, dtype=str)}
+        write_file_atomically(out / labels_file, lambda f, a=arrays: np.savez(f, **a))
         splits[split] = {"count": len(src), "labels": labels_file, "shards": shards}
-    tmp = out / ".views.tmp.npz"
-    np.savez(tmp, **index)
-    os.replace(tmp, out / R.VIEWS_FILE)
+    write_file_atomically(out / R.VIEWS_FILE, lambda f: np.savez(f, **index))
     return splits
 
 
@@ -275,12 +271,7 @@ def prepare(
 ) -> dict[str, Any]:
     """Write the record set of ``config.data`` into ``out_dir``; returns the summary."""
     d = config.data
-    if d.get("prepared"):
-        raise DataError("data.prepared is set: prepare reads the image files, unset it")
-    if image_format not in ("raw", "jpeg"):
-        raise DataError(f"--format={image_format!r}: raw or jpeg")
-    if shard_size < 1 or workers < 1:
-        raise DataError("--shard_size and --workers must be at least 1")
+    _check_request(d, image_format, shard_size, workers)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = load_data(d)
@@ -308,6 +299,20 @@ def prepare(
         "unreadable": [b["where"] for b in bad],
     }
     write_text_atomically(out / R.MANIFEST, json.dumps(manifest, indent=1))
+    return _summary(out, splits, jobs, results, bad)
+
+
+def _check_request(d: Any, image_format: str, shard_size: int, workers: int) -> None:
+    if d.get("prepared"):
+        raise DataError("data.prepared is set: prepare reads the image files, unset it")
+    if image_format not in ("raw", "jpeg"):
+        raise DataError(f"--format={image_format!r}: raw or jpeg")
+    if shard_size < 1 or workers < 1:
+        raise DataError("--shard_size and --workers must be at least 1")
+
+
+def _summary(out: Path, splits, jobs, results, bad) -> dict[str, Any]:
+    """What was written, printed in one line and returned."""
     total_bytes = sum(s["bytes"] for sp in splits.values() for s in sp["shards"])
     images = sum(sp["count"] for sp in splits.values())
     written = sum(1 for j in jobs if results[j["path"]].get("written", True))
@@ -344,12 +349,16 @@ def main(argv: list[str]) -> None:
     print(json.dumps(summary, sort_keys=True))
 
 
-if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", None, "config file (configs/*.py[:args])")
+def run() -> None:
+    """The command line (console script and ``python -m``)."""
     flags.DEFINE_string("out", None, "the record set's folder")
     flags.DEFINE_integer("workers", max(1, (os.cpu_count() or 2)), "writing processes")
     flags.DEFINE_integer("shard_size", 1024, "records per shard")
     flags.DEFINE_enum("format", "raw", ["raw", "jpeg"], "raw pixels or JPEG")
     flags.DEFINE_integer("jpeg_quality", 95, "with --format jpeg")
-    flags.mark_flags_as_required(["config", "out"])
-    app.run(main, flags_parser=cli.parse_flags)
+    flags.mark_flags_as_required(["out"])
+    app.run(main, flags_parser=cli.flags_parser(config_required=True, module=__name__))
+
+
+if __name__ == "__main__":
+    run()

@@ -17,9 +17,10 @@ import numpy as np
 from absl import app, flags
 
 from csce_jax import cli
+from csce_jax.atomic import write_text_atomically
+from csce_jax.config import data_config
 from csce_jax.data.datasets import DATASETS, load_data
 from csce_jax.data.sources import Source
-from csce_jax.writers import write_text_atomically
 
 
 def list_lines(source: Source, num_classes: int, root: str | None = None) -> list[str]:
@@ -59,8 +60,6 @@ def write_lists(cfg, out_dir: str | os.PathLike) -> dict[str, tuple[int, str]]:
 
 def main(argv):
     del argv
-    from configs.common import data_config  # the repository's configs/, beside the package
-
     cfg = data_config(FLAGS.dataset)
     for key in ("data_dir", "manual_dir", "list_dir", "image_root"):
         if getattr(FLAGS, key):
@@ -71,7 +70,10 @@ def main(argv):
 
 
 FLAGS = flags.FLAGS
-if __name__ == "__main__":
+
+
+def run() -> None:
+    """The command line (console script and ``python -m``)."""
     flags.DEFINE_enum("dataset", "digits", sorted(DATASETS), "data set name")
     flags.DEFINE_string("out", None, "output folder", required=True)
     flags.DEFINE_string("data_dir", "", "tfds data_dir")
@@ -80,3 +82,7 @@ if __name__ == "__main__":
     flags.DEFINE_string("image_root", "", "image root for list files or an image folder")
     flags.DEFINE_bool("allow_size_mismatch", False, "accept split sizes that differ")
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -20,14 +20,13 @@ from typing import Any
 
 import ml_collections
 from absl import app, flags
-from ml_collections import config_flags
 
 from csce_jax import cli
+from csce_jax.atomic import write_text_atomically
 from csce_jax.data.datasets import RetrievalData, load_data
 from csce_jax.data.images import load_rgb
 from csce_jax.data.sources import Source
 from csce_jax.errors import DataError
-from csce_jax.writers import write_text_atomically
 
 
 def _check(source: Source, i: int, resize: int) -> tuple[str, str] | None:
@@ -81,17 +80,16 @@ def write_report(report: dict[str, Any], path: str | os.PathLike) -> None:
 
 
 def verify_data(
-    data: RetrievalData, config: ml_collections.ConfigDict, report: str | os.PathLike
+    data: RetrievalData, block: ml_collections.ConfigDict, report: str | os.PathLike
 ) -> dict[str, Any]:
-    """Check every image; an unreadable one is an error unless ``data.skip_corrupt``."""
-    result = check_sources(
-        _splits(data), resize=config.data.resize, threads=config.data.num_workers
-    )
+    """Check every image of the data set of the config's ``data`` block; an unreadable one is
+    an error unless ``data.skip_corrupt``."""
+    result = check_sources(_splits(data), resize=block.resize, threads=block.num_workers)
     write_report(result, report)
-    if result["bad"] and not config.data.skip_corrupt:
+    if result["bad"] and not block.skip_corrupt:
         first = result["bad"][0]
         raise DataError(
-            f"{len(result['bad'])} unreadable image(s) in {config.data.name}, first: "
+            f"{len(result['bad'])} unreadable image(s) in {block.name}, first: "
             f"{first['where']} ({first['error']}); the full list is in {report}. Fix or remove "
             "them, or set data.skip_corrupt=True to train without them"
         )
@@ -119,10 +117,13 @@ def main(argv: list[str]) -> None:
         raise SystemExit(1)
 
 
-if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", None, "config file (configs/*.py[:args])")
+def run() -> None:
+    """The command line (console script and ``python -m``)."""
     flags.DEFINE_string(
         "out", None, "report file (default: <data set>_data_report.json in the current folder)"
     )
-    flags.mark_flags_as_required(["config"])
-    app.run(main, flags_parser=cli.parse_flags)
+    app.run(main, flags_parser=cli.flags_parser(config_required=True, module=__name__))
+
+
+if __name__ == "__main__":
+    run()

@@ -121,17 +121,7 @@ def hash_centers(num_classes: int, bits: int, seed: int = 0) -> np.ndarray:
 
 @functools.lru_cache(maxsize=64)
 def _hash_centers(num_classes: int, bits: int, seed: int) -> np.ndarray:
-    if int(num_classes) < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    if int(bits) < 2:
-        raise ValueError(f"bits must be >= 2, got {bits}")
-    num_classes, bits = int(num_classes), int(bits)
-    available = math.comb(bits, bits // 2) + (2 * bits if bits & (bits - 1) == 0 else 0)
-    if num_classes > available:
-        raise ValueError(
-            f"cannot give {num_classes} classes distinct {bits}-bit centres (at most "
-            f"{available} exist): use more bits"
-        )
+    _check_counts(num_classes, bits)
     out = np.zeros((num_classes, bits), np.int32)
     n = 0
     if bits & (bits - 1) == 0:
@@ -140,37 +130,59 @@ def _hash_centers(num_classes: int, bits: int, seed: int) -> np.ndarray:
         out[:n] = np.concatenate([h, -h])[:n]
     if n == num_classes:
         return out.astype(np.int8)
-
     rng = np.random.default_rng(seed)
-    min_bound = bits // 4 + 1  # strictly greater than K/4
-    mean_bound = bits / 2
+    bounds = [bits // 4 + 1, bits / 2]  # min distance strictly > K/4; mean distance >= K/2
     if bits == 12:  # the optimal pool first, rows and columns shuffled by the seed
         pool = steiner_12()[rng.permutation(132)][:, rng.permutation(12)]
-        accepted = _accept(pool, out, n, num_classes - n, min_bound, mean_bound)
+        accepted = _accept(pool, out, n, num_classes - n, *bounds)
         out[n : n + len(accepted)] = pool[accepted]
         n += len(accepted)
-    relaxed = False
-    stalled = 0
+    relaxed = _fill_random(out, n, rng, bounds)
+    centers = out.astype(np.int8)
+    _log_stats(centers, relaxed)
+    return centers
+
+
+def _check_counts(num_classes: int, bits: int) -> None:
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if bits < 2:
+        raise ValueError(f"bits must be >= 2, got {bits}")
+    available = math.comb(bits, bits // 2) + (2 * bits if bits & (bits - 1) == 0 else 0)
+    if num_classes > available:
+        raise ValueError(
+            f"cannot give {num_classes} classes distinct {bits}-bit centres (at most "
+            f"{available} exist): use more bits"
+        )
+
+
+def _fill_random(out: np.ndarray, n: int, rng: np.random.Generator, bounds: list) -> bool:
+    """Rows ``n:`` of ``out`` from balanced random candidates within ``bounds`` (min, mean
+    distance), relaxed one step whenever no candidate fits for a while; True if relaxed."""
+    num_classes, bits = out.shape
+    relaxed, stalled = False, 0
     while n < num_classes:
         cand = _balanced_rows(rng, _BATCH, bits)
-        accepted = _accept(cand, out, n, num_classes - n, min_bound, mean_bound)
+        accepted = _accept(cand, out, n, num_classes - n, *bounds)
         if accepted:
             out[n : n + len(accepted)] = cand[accepted]
             n += len(accepted)
             stalled = 0
             continue
         stalled += 1
-        if stalled >= _PATIENCE:
-            # The bounds cannot be met (or not found): relax them one step and go on.
-            relaxed = True
-            stalled = 0
-            if mean_bound > 0:
-                mean_bound = 0.0  # the minimum distance matters more than the mean
-            elif min_bound > 1:
-                min_bound -= 1
+        if stalled >= _PATIENCE:  # the bounds cannot be met (or not found): relax, go on
+            relaxed, stalled = True, 0
+            if bounds[1] > 0:
+                bounds[1] = 0.0  # the minimum distance matters more than the mean
+            elif bounds[0] > 1:
+                bounds[0] -= 1
             else:
                 raise RuntimeError(f"no new distinct {bits}-bit centre found for class {n}")
-    centers = out.astype(np.int8)
+    return relaxed
+
+
+def _log_stats(centers: np.ndarray, relaxed: bool) -> None:
+    num_classes, bits = centers.shape
     lo, mean = center_stats(centers)
     log = logging.warning if relaxed else logging.info
     log(
@@ -184,4 +196,3 @@ def _hash_centers(num_classes: int, bits: int, seed: int) -> np.ndarray:
         bits / 2,
         "; the bounds cannot all be met, best found kept" if relaxed else "",
     )
-    return centers

@@ -81,6 +81,13 @@ def aie_orthogonal(windows: jax.Array, local: jax.Array) -> jax.Array:
     return lbar - proj
 
 
+def torch_default_conv(in_ch: int, out_ch: int, k: int, **kwargs) -> nnx.Module:
+    """A biased conv with PyTorch's default init (kaiming_uniform with a = sqrt(5), i.e.
+    variance scaling 1/3, fan in, uniform), as the release's own heads are built."""
+    init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+    return conv(in_ch, out_ch, k, bias=True, kernel_init=init, **kwargs)
+
+
 class ASPP(nnx.Module):
     """Multi-atrous block (paper variant, after DOLG): three dilated 3x3 convs and a pooled branch."""
 
@@ -97,34 +104,14 @@ class ASPP(nnx.Module):
         if channels % branches:
             raise ValueError(f"ASPP needs channels divisible by {branches}, got {channels}")
         hidden = channels // branches
-        default = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+        kw = {"dtype": dtype, "kernels": kernels, "rngs": rngs}
         self.dilated = nnx.List(
             [
-                conv(
-                    channels,
-                    hidden,
-                    3,
-                    padding=d,
-                    dilation=d,
-                    bias=True,
-                    kernel_init=default,
-                    dtype=dtype,
-                    kernels=kernels,
-                    rngs=rngs,
-                )
+                torch_default_conv(channels, hidden, 3, padding=d, dilation=d, **kw)
                 for d in dilations
             ]
         )
-        self.pooled = conv(
-            channels,
-            hidden,
-            1,
-            bias=True,
-            kernel_init=default,
-            dtype=dtype,
-            kernels=kernels,
-            rngs=rngs,
-        )
+        self.pooled = torch_default_conv(channels, hidden, 1, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         outs = [c(x) for c in self.dilated]
@@ -152,6 +139,18 @@ class SpatialAttention(nnx.Module):
         normalized = xf / jnp.maximum(norm, 1e-12)
         score = jax.nn.softplus(self.conv2(jax.nn.relu(x)).astype(jnp.float32))
         return (score * normalized).astype(x.dtype)
+
+
+def _f4_size(size: tuple[int, int], window_sizes: Sequence[int]) -> tuple[int, int]:
+    """The trunk's last feature map for ``size`` inputs; refused if smaller than a window."""
+    f4 = (downsampled_size(size[0], 5), downsampled_size(size[1], 5))
+    if min(f4) < max(window_sizes):
+        w = max(window_sizes)
+        raise ValueError(
+            f"image_size {size} gives a {f4[0]}x{f4[1]} f4 map, too small for {w}x{w} "
+            f"windows (need >= {32 * (w - 1) + 1} pixels per side)"
+        )
+    return f4
 
 
 def cosine_logits(v: jax.Array, centers: jax.Array) -> jax.Array:
@@ -194,13 +193,7 @@ class CSCENet(nnx.Module):
         centers = jnp.asarray(centers, jnp.float32)
         num_classes, bits = centers.shape
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        f4_size = (downsampled_size(size[0], 5), downsampled_size(size[1], 5))
-        if min(f4_size) < max(window_sizes):
-            raise ValueError(
-                f"image_size {size} gives a {f4_size[0]}x{f4_size[1]} f4 map, too small for "
-                f"{max(window_sizes)}x{max(window_sizes)} windows (need >= "
-                f"{32 * (max(window_sizes) - 1) + 1} pixels per side)"
-            )
+        f4_size = _f4_size(size, window_sizes)
         self.backbone = ResNet(width=width, depths=depths, dtype=dtype, kernels=kernels, rngs=rngs)
         d3, d4 = self.backbone.f3_channels, self.backbone.f4_channels
         for k in window_sizes:
@@ -208,21 +201,9 @@ class CSCENet(nnx.Module):
                 raise ValueError(f"f3 channels {d3} not divisible by window area {k * k}")
         self.aspp = ASPP(d3, dtype=dtype, kernels=kernels, rngs=rngs) if use_aspp else None
         self.local = SpatialAttention(d3, dtype=dtype, kernels=kernels, rngs=rngs)
-        default = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+        kw = {"dtype": dtype, "kernels": kernels, "rngs": rngs}
         self.window_proj = nnx.List(
-            [
-                conv(
-                    d4,
-                    d3 // (k * k),
-                    1,
-                    bias=True,
-                    kernel_init=default,
-                    dtype=dtype,
-                    kernels=kernels,
-                    rngs=rngs,
-                )
-                for k in window_sizes
-            ]
+            [torch_default_conv(d4, d3 // (k * k), 1, **kw) for k in window_sizes]
         )
         n_windows = num_windows(f4_size, window_sizes)
         self.window_fusion = nnx.Linear(

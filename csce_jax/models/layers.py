@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from csce_jax.config.schema import choices
 from csce_jax.models import cpu_kernels
 
 Dtype = Any
@@ -39,7 +40,7 @@ def torch_uniform_init(fan_in: int) -> nnx.Initializer:
 conv_fan_out_normal = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-KERNELS = ("auto", "xla", "cpu")
+KERNELS = choices("model.kernels")
 
 
 def resolve_kernels(kernels: str) -> str:

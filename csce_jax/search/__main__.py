@@ -7,6 +7,7 @@ import json
 import sys
 
 from csce_jax import cli
+from csce_jax.config import apply_overrides, base_config, load_config_file
 from csce_jax.errors import CodesError
 from csce_jax.search import __doc__ as DOC
 from csce_jax.search.engines import ENGINES
@@ -54,13 +55,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _index(args: argparse.Namespace, overrides: list[str]) -> dict:
-    from csce_jax import eval_lib, runtime
+    from csce_jax import runtime
+    from csce_jax.run_reader import run_config
     from csce_jax.search.build import build_index
 
-    config = cli.load_config_file(args.config) if args.config else None
-    config = eval_lib.load_run_config(args.workdir, config)
-    cli.apply_overrides(config, overrides)
-    runtime.initialize_distributed(config)  # --config.distributed=True: one shard set per host
+    given = load_config_file(args.config) if args.config else None
+    # The job's multi-host settings come from this command line (--config.distributed=True:
+    # one shard set per host), and JAX joins the job before the run is read.
+    job = given if given is not None else base_config()
+    apply_overrides(job, overrides)
+    runtime.initialize_distributed(job)
+    config = run_config(args.workdir, given)
+    apply_overrides(config, overrides)
     params = {n: getattr(args, n) for n in ENGINE_PARAMS if getattr(args, n) is not None}
     return build_index(
         args.workdir,
@@ -90,7 +96,7 @@ def _print_table(result: dict) -> None:
 def _query(args: argparse.Namespace) -> None:
     from csce_jax.search import collection, queries
 
-    config = cli.load_config_file(args.config) if args.config else None
+    config = load_config_file(args.config) if args.config else None
     paths = collection.query_paths(args.image, args.images, args.list_file)
     if args.picture and len(paths) != 1:
         raise CodesError("--picture draws one query: give a single image")
@@ -113,7 +119,7 @@ def _query(args: argparse.Namespace) -> None:
 def _serve(args: argparse.Namespace) -> None:
     from csce_jax.search import queries, server
 
-    config = cli.load_config_file(args.config) if args.config else None
+    config = load_config_file(args.config) if args.config else None
     searcher = queries.Searcher(args.index, workdir=args.workdir, config=config)
     server.serve(searcher, args.host, args.port)
 

@@ -8,8 +8,8 @@ from typing import Any
 import jax
 import ml_collections
 
-from csce_jax import eval_lib
 from csce_jax.errors import CodesError
+from csce_jax.run_reader import run_config
 from csce_jax.search import collection, engines
 from csce_jax.search.index import DEFAULT_SHARD_SIZE, encode_shards, finish_index
 from csce_jax.search.model import RunEncoder
@@ -57,7 +57,7 @@ def build_index(
     """Encode a collection with ``workdir``'s best (or ``step``) checkpoint into the index
     folder ``out``, resuming an interrupted build; returns a summary (process 0's is whole)."""
     engines.check_engine(engine, engine_params or {})
-    config = eval_lib.load_run_config(workdir, config)
+    config = run_config(workdir, config)
     coll = choose_collection(
         config,
         images=images,

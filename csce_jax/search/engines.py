@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from csce_jax.atomic import write_file_atomically
 from csce_jax.errors import CodesError
-from csce_jax.writers import write_file_atomically
 
 ENGINES = ("scan", "faiss-flat", "faiss-ivf", "faiss-hnsw")
 FAISS_INSTALL = "pip install faiss-cpu==1.15.1"

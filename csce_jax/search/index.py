@@ -26,21 +26,17 @@ from typing import Any
 import jax
 import numpy as np
 
+from csce_jax.atomic import write_file_atomically, write_json_atomically
 from csce_jax.errors import CodesError
 from csce_jax.metrics import pack_codes
 from csce_jax.search import engines
 from csce_jax.search.collection import Collection
 from csce_jax.search.model import RunEncoder
-from csce_jax.writers import write_file_atomically, write_text_atomically
 
 INDEX_VERSION = 3
 LEGACY_VERSION = 2  # a single .npz file (codes, paths, meta), still read
 DEFAULT_SHARD_SIZE = 50_000
 PLAN_KEYS = ("bits", "centers", "workdir", "step", "collection", "count", "shard_size")
-
-
-def _write_json(path: Path, value: dict[str, Any]) -> None:
-    write_text_atomically(path, json.dumps(value, indent=1) + "\n")
 
 
 def _log(message: str) -> None:
@@ -126,7 +122,7 @@ def _start_plan(folder: Path, plan: dict[str, Any]) -> str:
                 "it or choose another --out"
             )
     elif jax.process_index() == 0:
-        _write_json(path, {**plan, "id": plan_id})
+        write_json_atomically(path, {**plan, "id": plan_id})
     (folder / "shards").mkdir(parents=True, exist_ok=True)
     return plan_id
 
@@ -192,7 +188,7 @@ def finish_index(folder: Path, plan_id: str, engine: str, params: dict[str, int]
         "engine": record,
         "plan": plan_id,
     }
-    _write_json(folder / "index.json", manifest)
+    write_json_atomically(folder / "index.json", manifest)
     return manifest
 
 

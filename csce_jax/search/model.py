@@ -9,10 +9,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from csce_jax import eval_lib, state
+from csce_jax import builders, state
 from csce_jax.data.sources import Source
-from csce_jax.encoding import Encoder
 from csce_jax.errors import CodesError
+from csce_jax.run_reader import RunReader
 from csce_jax.sharding import make_mesh, replicated
 
 
@@ -31,19 +31,19 @@ class RunEncoder:
         *,
         local: bool = False,
     ):
-        config = eval_lib.load_run_config(workdir, config)
-        config.data.skip_corrupt = True
-        num_classes = state.run_num_classes(workdir)
-        graphdef, weights, got_step = state.restore_weights(
-            config, workdir, num_classes, step, mesh=make_mesh()
-        )
+        with RunReader(workdir) as run:
+            config = run.config(config)
+            config.data.skip_corrupt = True
+            num_classes = run.num_classes()
+            restored = run.weights(config, step, mesh=make_mesh())
+        weights, graphdef, got_step = restored.weights, restored.graphdef, restored.step
         mesh = make_mesh(local=local)
         if local and jax.process_count() > 1:
             weights = jax.tree.map(
                 lambda a: jax.device_put(np.asarray(a.addressable_data(0)), replicated(mesh)),
                 weights,
             )
-        self._encoder = Encoder(graphdef, config, mesh)
+        self._encoder = builders.make_encoder(config, graphdef, mesh)
         self._weights = (weights["params"], weights["rest"])
         self.config = config
         self.meta: dict[str, Any] = {

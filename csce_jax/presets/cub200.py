@@ -9,8 +9,8 @@ Expected: not yet measured by us. For orientation only (other people's method an
 SEMICON's published logs reach mAP 0.378 / 0.635 / 0.726 / 0.796 on CUB at 12 / 24 / 32 / 48 bits.
 """
 
-from configs.common import release_recipe
+from csce_jax.config import release_recipe
 
 
 def get_config(arg=None):
-    return release_recipe("cub200", arg, bits=48, epochs=100, train_size=5994)
+    return release_recipe("cub200", arg, bits=48, epochs=100)

@@ -11,8 +11,8 @@ Expected: not yet measured by us. Other people's results on this protocol: CSQ w
 release trains 500 epochs; pass :epochs=500 to match it exactly.
 """
 
-from configs.common import release_recipe
+from csce_jax.config import release_recipe
 
 
 def get_config(arg=None):
-    return release_recipe("imagenet100", arg, bits=64, epochs=100, train_size=13000)
+    return release_recipe("imagenet100", arg, bits=64, epochs=100)

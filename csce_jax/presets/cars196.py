@@ -8,8 +8,8 @@ Fine-grained protocol: database = training set, query = test set, mAP over the w
 Expected: not yet measured by us.
 """
 
-from configs.common import release_recipe
+from csce_jax.config import release_recipe
 
 
 def get_config(arg=None):
-    return release_recipe("cars196", arg, bits=48, epochs=100, train_size=8144)
+    return release_recipe("cars196", arg, bits=48, epochs=100)

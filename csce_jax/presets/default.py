@@ -6,14 +6,14 @@ Command (this machine, 2 CPU cores):
 
 Expected: query mAP@all >= 0.90 at 64 bits within 10 minutes wall time (see the README for the
 measured figure). Variants: ``configs/default.py:bits=32``, ``configs/default.py:release``
-(every release-compat switch on). Shared fields and helpers live in ``configs/common.py``.
+(every release-compat switch on). Every field: ``csce_jax/config/schema.py``.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from configs.common import base_config, data_config, parse_arg, small_cpu_recipe
+from csce_jax.config import base_config, data_config, parse_arg, small_cpu_recipe
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

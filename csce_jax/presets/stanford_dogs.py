@@ -8,8 +8,8 @@ Fine-grained protocol: database = training set, query = test set, mAP over the w
 Expected: not yet measured by us.
 """
 
-from configs.common import release_recipe
+from csce_jax.config import release_recipe
 
 
 def get_config(arg=None):
-    return release_recipe("stanford_dogs", arg, bits=48, epochs=100, train_size=12000)
+    return release_recipe("stanford_dogs", arg, bits=48, epochs=100)

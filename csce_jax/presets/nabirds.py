@@ -9,8 +9,8 @@ Expected: not yet measured by us.
 Add --config.data.manual_dir=/path/holding/nabirds.
 """
 
-from configs.common import release_recipe
+from csce_jax.config import release_recipe
 
 
 def get_config(arg=None):
-    return release_recipe("nabirds", arg, bits=48, epochs=50, train_size=23929)
+    return release_recipe("nabirds", arg, bits=48, epochs=50)

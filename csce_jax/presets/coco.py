@@ -9,8 +9,8 @@ The release's protocol (DeepHash list files train.txt / database.txt / test.txt 
 Expected: not yet measured by us.
 """
 
-from configs.common import release_recipe
+from csce_jax.config import release_recipe
 
 
 def get_config(arg=None):
-    return release_recipe("coco", arg, bits=64, epochs=100, train_size=10000)
+    return release_recipe("coco", arg, bits=64, epochs=100)

@@ -9,8 +9,8 @@ Expected: not yet measured by us.
 Add --config.data.manual_dir=/path/holding/fgvc-aircraft-2013b.
 """
 
-from configs.common import release_recipe
+from csce_jax.config import release_recipe
 
 
 def get_config(arg=None):
-    return release_recipe("aircraft", arg, bits=48, epochs=100, train_size=6667)
+    return release_recipe("aircraft", arg, bits=48, epochs=100)

@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import base_config, data_config, parse_arg, release_recipe, small_cpu_recipe
-
-TRAIN_SIZE = 1020
+from csce_jax.config import base_config, data_config, parse_arg, release_recipe, small_cpu_recipe
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -55,9 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             f"estimator={a.estimator}",
         ]
         rest += ["release"] * a.release + ["aspp"] * a.aspp
-        return release_recipe(
-            "oxford_flowers102", ",".join(rest), bits=a.bits, epochs=a.epochs, train_size=TRAIN_SIZE
-        )
+        return release_recipe("oxford_flowers102", ",".join(rest), bits=a.bits, epochs=a.epochs)
     c = base_config()
     c.data = data_config("oxford_flowers102")
     c.data.resize = 128

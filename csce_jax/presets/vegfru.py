@@ -9,8 +9,8 @@ Expected: not yet measured by us.
 Add --config.data.manual_dir=/path/holding/vegfru.
 """
 
-from configs.common import release_recipe
+from csce_jax.config import release_recipe
 
 
 def get_config(arg=None):
-    return release_recipe("vegfru", arg, bits=48, epochs=50, train_size=29200)
+    return release_recipe("vegfru", arg, bits=48, epochs=50)

@@ -1,0 +1,41 @@
+"""``csce-train --config NAME|path.py[:args] --workdir runs/x [--config.key=value ...]``.
+
+Rerunning the same command resumes from the latest checkpoint in the workdir. Exit status: 0
+finished, 1 an error (one ``error:`` line), 2 a bad command line, ``config.preempted_exit_code``
+(75) stopped by SIGTERM/SIGINT after saving a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+
+from absl import app, flags, logging
+
+from csce_jax import cli, hostmem
+
+FLAGS = flags.FLAGS
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.INFO)
+    cli.quiet_library_logs()
+    from csce_jax import train_lib  # JAX loads here, after the flags (a quick --help)
+
+    final = cli.error_boundary(train_lib.train_and_evaluate, FLAGS.config, FLAGS.workdir)
+    print(json.dumps(final, sort_keys=True))
+    if final.get("preempted"):
+        raise SystemExit(FLAGS.config.preempted_exit_code)
+
+
+def run() -> None:
+    """The command: allocator and early signals first, then the flags, then training."""
+    hostmem.apply_environment()  # before any thread allocates (see hostmem)
+    from csce_jax import preemption
+
+    preemption.install_early()  # a Ctrl-C or SIGTERM while the libraries load is not lost
+    flags.DEFINE_string(
+        "workdir", None, "output folder (checkpoints, metrics.jsonl)", required=True
+    )
+    app.run(main, flags_parser=cli.flags_parser(config_required=True, module=__name__))
