@@ -121,3 +121,29 @@ def quiet_library_logs() -> None:
         return not any(n in record.pathname for n in noisy)
 
     logging.get_absl_handler().addFilter(keep)
+    _drop_closed_loop_tracebacks()
+
+
+def _is_closed_loop(exc: BaseException | None) -> bool:
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _drop_closed_loop_tracebacks() -> None:
+    """When a checkpoint does not restore (or a save fails), Orbax stops its asyncio loop
+    while tensorstore still has reads or writes in flight; each one that completes later
+    reports "Event loop is closed" with a traceback, dozens of them after the one-line error
+    that matters. Those (and only those) are dropped."""
+    if getattr(sys.excepthook, "_drops_closed_loop", False):
+        return
+    previous_hook, previous_unraisable = sys.excepthook, sys.unraisablehook
+
+    def excepthook(kind, exc, tb):
+        if not _is_closed_loop(exc):
+            previous_hook(kind, exc, tb)
+
+    def unraisablehook(info):
+        if not _is_closed_loop(info.exc_value):
+            previous_unraisable(info)
+
+    excepthook._drops_closed_loop = True  # type: ignore[attr-defined]
+    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook

@@ -2,12 +2,13 @@
 
   python -m csce_jax.compare_torch --config configs/default.py --steps 50 --workdir runs/cmp
 
-From one initialisation (our seeded init exported to PyTorch, or ``--init release.pt``) both
-sides run N steps of the release's recipe (every release-compat switch on: the release's DSF
-and loss, RMSprop with PyTorch semantics, lr 1e-5, weight decay 1e-5) on the batches of our
-pipeline, with the same elastic margins, on any data config (list files, Flowers-102, folders;
-multi-label data with the release's multi-label loss). Each step's loss, its two terms and the
-gradient norm are recorded on each side.
+From one initialisation (our seeded init exported to PyTorch, ``--init release.pt``, or a run
+folder's best checkpoint, ``--init runs/x``) both sides run N steps of the release's recipe
+(every release-compat switch on: the release's DSF and loss, RMSprop with PyTorch semantics,
+lr 1e-5, weight decay 1e-5) on the batches of our pipeline, with the same elastic margins, on
+any data config (list files, Flowers-102, folders; multi-label data with the release's
+multi-label loss). Each step's loss, its two terms and the gradient norm are recorded on each
+side.
 
 The first RMSprop steps are chaotic (each is about lr * sign(g)), so one trajectory cannot tell
 a porting error from rounding. Beside the JAX-vs-PyTorch gap the report therefore shows the

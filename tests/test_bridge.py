@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 from conftest import run_module
@@ -180,3 +181,18 @@ def test_floor_verdict_and_release_size_check():
     assert tiny["within_floor"] and tiny["median_gap_over_floor"]["quant"] == pytest.approx(0.2)
     with pytest.raises(ConfigError, match=r"--config.model.width=1.0 .*--config.data.crop=224"):
         ct.check_release_size(get_config())
+
+
+def test_compare_torch_starts_from_a_run_folder_through_the_run_reader(trained_run):
+    from csce_jax import compare_torch as ct
+    from csce_jax.config import release_training
+
+    with RunReader(trained_run) as run:
+        config = release_training(run.config())
+        restored = run.weights(config)
+    setup = ct.initial_state(config, 10, str(trained_run))
+    got = jax.tree.leaves((setup.state["params"], setup.state["rest"]))
+    want = jax.tree.leaves(restored.pair)
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -626,3 +626,20 @@ def test_checkpoint_folder_opened_read_only_needs_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoints in"):
         Checkpoints(tmp_path, read_only=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_only_the_closed_event_loop_tracebacks_are_dropped(capsys, monkeypatch):
+    import sys
+
+    from csce_jax import cli
+
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
+    cli._drop_closed_loop_tracebacks()
+    for exc in (RuntimeError("Event loop is closed"), ValueError("a real failure")):
+        try:
+            raise exc
+        except Exception as e:
+            sys.excepthook(type(e), e, e.__traceback__)
+    err = capsys.readouterr().err
+    assert "a real failure" in err and "Event loop is closed" not in err

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+import csce_jax.data.sources as S
 from csce_jax.config.schema import choices
-from csce_jax.data import sources as S
 from csce_jax.data.digits import digits_sources
 from csce_jax.data.records import load_prepared
 from csce_jax.errors import DataError

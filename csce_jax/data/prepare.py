@@ -32,9 +32,9 @@ from typing import Any
 import numpy as np
 from absl import app, flags, logging
 
+import csce_jax.data.records as R
 from csce_jax import cli
 from csce_jax.atomic import write_file_atomically, write_text_atomically
-from csce_jax.data import records as R
 from csce_jax.data.datasets import DATASETS, RetrievalData, load_data
 from csce_jax.data.images import resized_rgb
 from csce_jax.data.sources import Source

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import csce_jax.models.cpu_kernels as cpu_kernels
 from csce_jax.config.schema import choices
-from csce_jax.models import cpu_kernels
 
 Dtype = Any
 
