@@ -43,7 +43,7 @@ def test_device_check_script_smoke_run(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=1800,  # a loaded machine: a slow pass, not a failure
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     lines = (tmp_path / "device_check.jsonl").read_text().splitlines()
