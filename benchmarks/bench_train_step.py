@@ -92,8 +92,10 @@ def jax_side(args, images, labels):
     enc = builders.make_encoder(c, setup.eval_graphdef, mesh)
     weights = (holder["state"]["params"], holder["state"]["rest"])
 
+    index = sharding.global_batch(mesh, {"index": np.arange(args.batch, dtype=np.int32)})
+
     def encode():
-        jax.block_until_ready(enc._step(weights, batch["image"]))
+        jax.block_until_ready(enc._step(weights, batch["image"], index["index"]))
 
     t_enc = median_time(encode, repeats=args.repeats, warmup=1)
     stats = jax.devices()[0].memory_stats() or {}

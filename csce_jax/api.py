@@ -62,7 +62,7 @@ class LoadedModel:
         _, step, weights, devices = self._encoder
         pad = -len(images) % devices
         padded = np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.uint8)])
-        codes, _ = step(weights, padded)
+        codes, _, _ = step(weights, padded, np.arange(len(padded), dtype=np.int32))
         return np.asarray(codes)[: len(images)]
 
 

@@ -19,6 +19,7 @@ from csce_jax.data.pipeline import ViewConfig, Workers
 from csce_jax.encoding import EncodeOptions, Encoder
 from csce_jax.hashing import hash_centers
 from csce_jax.models import CSCENet
+from csce_jax.models.layers import resolve_kernels
 from csce_jax.optim import learning_rate_schedule, make_optimizer, with_frozen
 
 
@@ -54,9 +55,17 @@ def compute_dtype(config: ml_collections.ConfigDict) -> Any:
 
 
 def create_model(
-    config: ml_collections.ConfigDict, num_classes: int, centers: np.ndarray | None = None
+    config: ml_collections.ConfigDict,
+    num_classes: int,
+    centers: np.ndarray | None = None,
+    *,
+    platform: str | None = None,
 ) -> CSCENet:
-    """The configured CSCE-Net; centres from ``hash_centers(num_classes, bits, centers_seed)``."""
+    """The configured CSCE-Net; centres from ``hash_centers(num_classes, bits, centers_seed)``.
+
+    ``platform``: where its programs will run (default: JAX's default backend), which decides
+    what ``model.kernels="auto"`` means (:func:`csce_jax.models.layers.resolve_kernels`).
+    """
     if centers is None:
         centers = hash_centers(num_classes, config.bits, seed=config.centers_seed)
     m = config.model
@@ -70,7 +79,7 @@ def create_model(
         learn_centers=m.learn_centers,
         signt=m.signt,
         dtype=compute_dtype(config),
-        kernels=m.kernels,
+        kernels=resolve_kernels(m.kernels, platform),
         rngs=nnx.Rngs(config.seed),
     )
 

@@ -23,18 +23,21 @@ from csce_jax.sharding import data_sharded, gather, global_batch, replicated
 
 
 def make_encode_step(graphdef: Any, mesh: jax.sharding.Mesh, *, raw_eval_band: bool, bal):
-    """jit((weights, uint8 images) -> (int8 {-1,+1} codes, continuous codes v))."""
+    """jit((weights, uint8 images, indices) -> (int8 {-1,+1} codes, continuous codes v,
+    indices)). The batch comes in sharded over ('data',); the three outputs leave replicated,
+    so the gather that every host of a multi-host job needs is one all-gather inside the
+    compiled step (what ``csce-plan`` reports), not a host round trip after it."""
 
-    def step(weights, images):
+    def step(weights, images, index):
         model = nnx.merge(graphdef, *weights, copy=True)
         out = model(images)
         codes = binarize(out.codes, out.threshold, raw_eval_band=raw_eval_band, balance=bal)
-        return codes.astype(jnp.int8), out.codes
+        return codes.astype(jnp.int8), out.codes, index
 
     return jax.jit(
         step,
-        in_shardings=(replicated(mesh), data_sharded(mesh)),
-        out_shardings=data_sharded(mesh),
+        in_shardings=(replicated(mesh), data_sharded(mesh), data_sharded(mesh)),
+        out_shardings=replicated(mesh),
     )
 
 
@@ -94,8 +97,8 @@ class Encoder:
         codes, cont, index = [], [], []
         for host in loader.batches():
             batch = global_batch(self.mesh, {"image": host["image"], "index": host["index"]})
-            b, v = self._step(weights, batch["image"])
-            idx = gather(batch["index"])
+            b, v, idx = self._step(weights, batch["image"], batch["index"])
+            idx = gather(idx)
             keep = idx >= 0
             codes.append(gather(b)[keep])
             index.append(idx[keep])

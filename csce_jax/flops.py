@@ -25,17 +25,7 @@ import jax
 from flax import nnx
 from jax.extend import core as jax_core
 
-from csce_jax import builders
-
-# Dense peak FLOP/s by device-kind fragment (vendor data sheets, SXM parts): (bf16, tf32/fp32).
-PEAK_FLOPS = {
-    "H200": (989e12, 494e12),
-    "H100": (989e12, 494e12),
-    "A100": (312e12, 156e12),
-    "TPU v5p": (459e12, 459e12),
-    "TPU v5 lite": (197e12, 197e12),
-    "TPU v4": (275e12, 275e12),
-}
+from csce_jax import builders, hardware
 
 
 def _conv_flops(eqn) -> int:
@@ -86,9 +76,11 @@ def count_flops(fn: Callable[..., Any], *args: Any) -> int:
     return jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
-def model_flops_per_image(config: Any, num_classes: int) -> dict[str, float]:
+def model_flops_per_image(
+    config: Any, num_classes: int, platform: str | None = None
+) -> dict[str, float]:
     """{"forward", "train"} FLOPs per image of the configured CSCE-Net (see the convention)."""
-    model = nnx.eval_shape(lambda: builders.create_model(config, num_classes))
+    model = nnx.eval_shape(lambda: builders.create_model(config, num_classes, platform=platform))
     crop = config.data.crop
     images = jax.ShapeDtypeStruct((1, crop, crop, 3), jax.numpy.uint8)
     forward = float(count_flops(lambda m, x: m(x).logits, model, images))
@@ -96,12 +88,9 @@ def model_flops_per_image(config: Any, num_classes: int) -> dict[str, float]:
 
 
 def peak_flops(device: jax.Device, dtype: str) -> float | None:
-    """The device's dense peak FLOP/s for ``dtype`` (bfloat16, else float32/TF32), if known."""
-    kind = getattr(device, "device_kind", "") or ""
-    for fragment, (bf16, fp32) in PEAK_FLOPS.items():
-        if fragment.lower() in kind.lower():
-            return bf16 if dtype == "bfloat16" else fp32
-    return None
+    """The device's dense peak FLOP/s for ``dtype`` (:mod:`csce_jax.hardware`), if known."""
+    chip = hardware.chip_of(getattr(device, "device_kind", "") or "")
+    return hardware.peak(chip, dtype) if chip is not None else None
 
 
 def mfu(flops_per_image: float, images_per_sec: float, devices: int, peak: float | None):

@@ -39,6 +39,11 @@ def accelerator_present() -> bool:
     return any(os.path.exists(node) for node in ACCELERATOR_NODES)
 
 
+def gpu_present() -> bool:
+    """Whether an NVIDIA GPU's device node exists (the XLA:GPU flags apply only there)."""
+    return os.path.exists(ACCELERATOR_NODES[0])
+
+
 def keep_freed_memory(setting: str | None = None) -> bool:
     """Set glibc to one arena, no mmap, no trimming; True if the settings took effect.
 

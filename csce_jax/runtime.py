@@ -12,7 +12,7 @@ from absl import logging
 from jax._src import xla_bridge
 
 from csce_jax.errors import ConfigError
-from csce_jax.hostmem import accelerator_present
+from csce_jax.hostmem import accelerator_present, gpu_present
 from csce_jax.pretrained import cache_dir
 
 # The CPU-tuned layers (model.kernels="cpu") give XLA:GPU dots that its Triton GEMM fusion
@@ -21,13 +21,13 @@ from csce_jax.pretrained import cache_dir
 TRITON_GEMM_OFF = "--xla_gpu_enable_triton_gemm=false"
 
 
-def xla_flags_for(kernels: str, accelerator: bool, flags: str) -> str | None:
+def xla_flags_for(kernels: str, gpu: bool, flags: str) -> str | None:
     """The ``XLA_FLAGS`` value ``kernels`` needs on this host, or None when ``flags`` will do.
 
-    Only the CPU-tuned layers on an accelerator host need a flag; a Triton GEMM setting the
-    user gave stands.
+    Only the CPU-tuned layers on a GPU host need a flag (an XLA:GPU one: a TPU or CPU host
+    gets none); a Triton GEMM setting the user gave stands.
     """
-    if kernels != "cpu" or not accelerator or "xla_gpu_enable_triton_gemm" in flags:
+    if kernels != "cpu" or not gpu or "xla_gpu_enable_triton_gemm" in flags:
         return None
     return f"{flags} {TRITON_GEMM_OFF}".strip()
 
@@ -36,7 +36,7 @@ def set_xla_flags(config: ml_collections.ConfigDict) -> None:
     """Set the XLA flags ``config.model.kernels`` needs before JAX starts its backends, and log
     them; refuse when a GPU backend already started without them."""
     flags = os.environ.get("XLA_FLAGS", "")
-    wanted = xla_flags_for(config.model.kernels, accelerator_present(), flags)
+    wanted = xla_flags_for(config.model.kernels, gpu_present(), flags)
     if wanted is None:
         return
     if xla_bridge.backends_are_initialized():
@@ -48,7 +48,7 @@ def set_xla_flags(config: ml_collections.ConfigDict) -> None:
             )
         return
     os.environ["XLA_FLAGS"] = wanted
-    logging.info("model.kernels=cpu on an accelerator host: XLA_FLAGS=%r", wanted)
+    logging.info("model.kernels=cpu on a GPU host: XLA_FLAGS=%r", wanted)
 
 
 def prepare_jax(config: ml_collections.ConfigDict) -> None:

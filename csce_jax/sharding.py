@@ -8,6 +8,7 @@ an output sharding.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -16,12 +17,18 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 
-def make_mesh(*, local: bool = False) -> Mesh:
+def make_mesh(*, local: bool = False, devices: Sequence[Any] | None = None) -> Mesh:
     """A 1-D ('data',) mesh over all devices of all processes (``local``: of this one only,
-    for work each host does on its own, such as encoding its shards of a collection)."""
+    for work each host does on its own, such as encoding its shards of a collection).
+
+    ``devices``: the devices of another target (a TPU slice described on this host, for
+    compiling ahead of time), laid out as ``jax.make_mesh`` lays out a real job's.
+    """
     auto = (jax.sharding.AxisType.Auto,)
     if local:
         return Mesh(np.asarray(jax.local_devices()), ("data",), axis_types=auto)
+    if devices is not None:
+        return jax.make_mesh((len(devices),), ("data",), devices=devices, axis_types=auto)
     return jax.make_mesh((jax.device_count(),), ("data",), axis_types=auto)
 
 
@@ -41,6 +48,8 @@ def global_batch(mesh: Mesh, host_batch: dict[str, np.ndarray]) -> dict[str, Any
 
 def gather(x: jax.Array) -> np.ndarray:
     """A (possibly multi-host) global array as one numpy array on every host."""
+    if x.is_fully_replicated:  # every device holds all of it (the encode step's outputs)
+        return np.asarray(x.addressable_data(0))
     if jax.process_count() == 1 or x.is_fully_addressable:
         return np.asarray(x)
     from jax.experimental import multihost_utils

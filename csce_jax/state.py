@@ -74,10 +74,20 @@ def create_train_state(
 
 
 def abstract_train_state(
-    config: ml_collections.ConfigDict, num_classes: int, sharding: jax.sharding.Sharding
+    config: ml_collections.ConfigDict,
+    num_classes: int,
+    sharding: jax.sharding.Sharding,
+    *,
+    platform: str | None = None,
 ) -> TrainSetup:
-    """Like :func:`create_train_state` but every array is a ``ShapeDtypeStruct`` on ``sharding``."""
-    model = nnx.eval_shape(lambda: builders.create_model(config, num_classes))
+    """Like :func:`create_train_state` but every array is a ``ShapeDtypeStruct`` on ``sharding``.
+
+    ``platform`` (where the step will run, see :func:`csce_jax.builders.create_model`)
+    defaults to that of ``sharding``'s devices: a state laid on a TPU slice described on a CPU
+    host (to compile ahead of time) gets the TPU's layers.
+    """
+    platform = platform or next(iter(sharding.device_set)).platform
+    model = nnx.eval_shape(lambda: builders.create_model(config, num_classes, platform=platform))
     graphdef, eval_graphdef, params, rest = _split(model)
     tx, schedule = builders.create_optimizer(config)
     state = {

@@ -166,14 +166,21 @@ def test_auto_kernels_follow_the_default_backend(monkeypatch):
         resolve_kernels("triton")
 
 
-def test_the_cpu_kernels_get_their_xla_flag_only_on_accelerator_hosts():
+def test_auto_kernels_follow_the_platform_a_program_is_compiled_for():
+    assert resolve_kernels("auto", "tpu") == "xla"  # ahead of time for a TPU, on a CPU host
+    assert resolve_kernels("auto", "gpu") == "xla"
+    assert resolve_kernels("auto", "cpu") == "cpu"
+    assert resolve_kernels("cpu", "tpu") == "cpu"  # asked for by name: kept
+
+
+def test_the_cpu_kernels_get_their_xla_flag_only_on_gpu_hosts():
     off = runtime.TRITON_GEMM_OFF
     assert runtime.xla_flags_for("cpu", True, "") == off
     assert (
         runtime.xla_flags_for("cpu", True, "--xla_dump_to=/tmp/x") == f"--xla_dump_to=/tmp/x {off}"
     )
     assert runtime.xla_flags_for("cpu", True, "--xla_gpu_enable_triton_gemm=true") is None
-    assert runtime.xla_flags_for("cpu", False, "") is None  # a CPU host needs nothing
+    assert runtime.xla_flags_for("cpu", False, "") is None  # a CPU or TPU host needs nothing
     assert runtime.xla_flags_for("xla", True, "") is None
     assert runtime.xla_flags_for("auto", True, "") is None
 
@@ -183,7 +190,7 @@ def test_the_flag_is_set_before_jax_starts_and_jax_runs_with_it():
         "import os\n"
         "from csce_jax import runtime\n"
         "from csce_jax.presets.default import get_config\n"
-        "runtime.accelerator_present = lambda: True  # as on a GPU host\n"
+        "runtime.gpu_present = lambda: True  # as on a GPU host\n"
         "c = get_config()\n"
         "c.model.kernels = 'cpu'\n"
         "runtime.set_xla_flags(c)\n"
@@ -202,10 +209,22 @@ def test_a_gpu_backend_started_without_the_flag_is_refused(monkeypatch):
     c.model.kernels = "cpu"
     jax.devices()  # the backends have started
     monkeypatch.setenv("XLA_FLAGS", "")
-    monkeypatch.setattr(runtime, "accelerator_present", lambda: True)
+    monkeypatch.setattr(runtime, "gpu_present", lambda: True)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # backends already started
     with pytest.raises(ConfigError, match="xla_gpu_enable_triton_gemm=false"):
         runtime.set_xla_flags(c)
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     runtime.set_xla_flags(c)  # on a CPU backend nothing is needed
+    assert os.environ["XLA_FLAGS"] == ""
+
+
+def test_a_tpu_host_gets_no_gpu_flag(monkeypatch):
+    from csce_jax.presets.default import get_config
+
+    c = get_config()
+    c.model.kernels = "cpu"
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setattr(runtime, "accelerator_present", lambda: True)  # /dev/accel0 or vfio
+    monkeypatch.setattr(runtime, "gpu_present", lambda: False)
+    runtime.set_xla_flags(c)
     assert os.environ["XLA_FLAGS"] == ""

@@ -7,7 +7,7 @@ both, which drifts from PyTorch by a factor n / (n - 1) per update.
 
 Each layer takes ``kernels``: ``"xla"`` is plain lax (convolutions, autodiff batch norm, a
 ``reduce_window`` max-pool); ``"cpu"`` uses the CPU-tuned gradients of ``cpu_kernels``;
-:func:`resolve_kernels` turns ``"auto"`` into one of them by JAX's default backend.
+:func:`resolve_kernels` turns ``"auto"`` into one of them by the platform the model runs on.
 """
 
 from __future__ import annotations
@@ -43,12 +43,17 @@ conv_fan_out_normal = nnx.initializers.variance_scaling(2.0, "fan_out", "normal"
 KERNELS = choices("model.kernels")
 
 
-def resolve_kernels(kernels: str) -> str:
-    """``"auto"`` -> ``"cpu"`` where JAX's default backend is the CPU, else ``"xla"``."""
+def resolve_kernels(kernels: str, platform: str | None = None) -> str:
+    """``"auto"`` -> ``"cpu"`` where the model will run on a CPU, else ``"xla"``.
+
+    ``platform`` is where the model's programs will run ("cpu", "tpu", "gpu"); by default JAX's
+    default backend. A program compiled ahead of time for a TPU on a CPU host passes "tpu", so
+    that the CPU-tuned layers never reach a TPU or GPU program through "auto".
+    """
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
     if kernels == "auto":
-        return "cpu" if jax.default_backend() == "cpu" else "xla"
+        return "cpu" if (platform or jax.default_backend()) == "cpu" else "xla"
     return kernels
 
 
