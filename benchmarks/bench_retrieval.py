@@ -5,13 +5,15 @@
 2. mAP@1000 over a 1M-code database, 1,000 queries, each in a fresh process (peak RSS is the
    process's own): ours against the full ranking it replaced (a stable argsort of every row, in
    chunks of 2^26 entries).
-3. Search over 1M codes: our scan, faiss flat, IVF and HNSW: build seconds, index bytes, query
+3. Search over 1M codes: our scan, faiss flat, IVF and HNSW, and Milvus Lite (BIN_FLAT; the
+   codes inserted as ``search index`` inserts them): build (insert) seconds, index bytes, query
    milliseconds (a batch of queries, and one query at a time), recall@100 against the exact
    scan (the share of its top 100, ties in index order, that the engine returns) and the share
    of returned hits within the exact 100th distance.
 
   python benchmarks/bench_retrieval.py [--db 50000 --queries 50000 --loop_queries 500]
                                        [--million 1000000] [--skip_engines]
+                                       [--engines scan,faiss-flat,milvus]
 
 Last line: JSON of the figures; ``*_ratio_*`` keys are our speed over the other's.
 """
@@ -132,17 +134,42 @@ def metric_at_scale(fig, rng, centers, n):
     return db, q
 
 
-def engines_at_scale(fig, db, q, batch=1000, singles=50):
+def milvus_lite_engine(db: np.ndarray, folder: Path) -> tuple[engines.Engine, dict]:
+    """The codes in a Milvus Lite collection as ``search index`` puts them (item numbers,
+    batches of ``milvus.BATCH``, BIN_FLAT), as a searchable engine."""
+    from csce_jax.search import milvus
+
+    record = milvus.settings(folder)
+    store = milvus.Store(record, folder)
+    rows = np.arange(len(db), dtype=np.int64)
+    shard = {
+        "rows": rows,
+        "codes": db,
+        "labels": np.full(len(db), "", dtype=str),
+        "paths": np.full(len(db), "", dtype=str),
+    }
+    store.ensure({"bits": 64}, "bench", 64)
+    store.insert_shard(shard, folder / "bench.milvus.json", "bench")
+    store.check_index("bench", len(db))
+    record["file"] = milvus.LITE_FILE
+    return engines.MilvusEngine(db, 64, record, store, rows), record
+
+
+def engines_at_scale(fig, db, q, names, batch=1000, singles=50):
     """Each engine over ``db``: build, size, batch and single-query time, recall@100."""
-    import faiss  # noqa: F401  (loaded before any build is timed)
+    if any(n.startswith("faiss") for n in names):
+        import faiss  # noqa: F401  (loaded before any build is timed)
 
     exact = engines.load({"name": "scan"}, db, 64, Path("."))
     exact_idx, exact_dist = exact.search(q[:batch], 100)
     with tempfile.TemporaryDirectory() as tmp:
-        for name in engines.ENGINES:
+        for name in names:
             start = time.perf_counter()
-            record = engines.build(name, db, 64, {}, Path(tmp))  # defaults
-            engine = engines.load(record, db, 64, Path(tmp))
+            if name == "milvus":
+                engine, record = milvus_lite_engine(db, Path(tmp))
+            else:
+                record = engines.build(name, db, 64, {}, Path(tmp))  # defaults
+                engine = engines.load(record, db, 64, Path(tmp))
             built = time.perf_counter() - start
             t_batch = median_time(lambda e=engine: e.search(q[:batch], 100), repeats=3)
             t_one = median_time(
@@ -166,13 +193,17 @@ def engines_at_scale(fig, db, q, batch=1000, singles=50):
                     f"{key}_within_exact_100th_distance": round(float(within), 4),
                 }
             )
+            engine.close()
             print(f"{name}: built in {built:.1f} s", file=sys.stderr, flush=True)
-    fig["scan_batch_ratio_vs_faiss_flat"] = round(
-        fig[f"faiss_flat_ms_per_query_batch{batch}"] / fig[f"scan_ms_per_query_batch{batch}"], 3
-    )
-    fig["scan_one_query_ratio_vs_faiss_flat"] = round(
-        fig["faiss_flat_ms_one_query"] / fig["scan_ms_one_query"], 3
-    )
+    for other in ("faiss_flat", "milvus"):
+        if f"{other}_ms_one_query" in fig and "scan_ms_one_query" in fig:
+            fig[f"scan_batch_ratio_vs_{other}"] = round(
+                fig[f"{other}_ms_per_query_batch{batch}"] / fig[f"scan_ms_per_query_batch{batch}"],
+                3,
+            )
+            fig[f"scan_one_query_ratio_vs_{other}"] = round(
+                fig[f"{other}_ms_one_query"] / fig["scan_ms_one_query"], 3
+            )
 
 
 def main() -> None:
@@ -184,6 +215,8 @@ def main() -> None:
     p.add_argument("--loop_queries", type=int, default=500)
     p.add_argument("--million", type=int, default=1_000_000, help="codes at scale (0: skip)")
     p.add_argument("--skip_engines", action="store_true", help="the metric only")
+    p.add_argument("--engines", default=",".join(engines.ENGINES), help="engines to measure")
+    p.add_argument("--skip_metric", action="store_true", help="the engines only")
     args = p.parse_args()
     rng = np.random.default_rng(0)
     centers = np.where(rng.random((100, 64)) < 0.5, -1, 1).astype(np.int8)
@@ -191,6 +224,12 @@ def main() -> None:
     q, ql = make_codes(rng, centers, args.queries)
     fig: dict[str, object] = {"bits": 64, "database": args.db, "queries": args.queries}
 
+    if args.skip_metric:
+        big, _ = make_codes(rng, centers, args.million)
+        big_q, _ = make_codes(rng, centers, 1000)
+        fig["million_codes"] = args.million
+        engines_at_scale(fig, big, big_q, args.engines.split(","))
+        return report(fig)
     sub, subl = q[: args.loop_queries], ql[: args.loop_queries]
     sub_codes, db_codes = metrics.unpack_codes(sub, 64), metrics.unpack_codes(db, 64)
     t_ours = median_time(lambda: metrics.mean_average_precision(sub, db, subl, dl, bits=64))
@@ -214,7 +253,7 @@ def main() -> None:
         fig["million_codes"] = args.million
         big, big_q = metric_at_scale(fig, rng, centers, args.million)
         if not args.skip_engines:
-            engines_at_scale(fig, big, big_q)
+            engines_at_scale(fig, big, big_q, args.engines.split(","))
     report(fig)
 
 

@@ -18,6 +18,7 @@ from csce_jax.errors import ConfigError, CsceError
 T = TypeVar("T")
 
 
+HELP_FLAGS = {"--help", "--helpshort", "--helpfull", "-h", "-?"}
 CONFIG_HELP = "a preset (cub200, default, ...) or a config file, with :args (e.g. cub200:bits=32)"
 
 
@@ -57,12 +58,15 @@ def flags_parser(
                 "config", config, CONFIG_HELP, lock_config=True, sys_argv=rest
             )
         _show_in_help(__name__, module)
-        if spec is None and config_required and not {"--help", "--helpshort", "-h"} & set(rest):
+        asked_help = bool(HELP_FLAGS & set(rest))
+        if spec is None and config_required and not asked_help:
             _usage_error("--config is required (" + CONFIG_HELP + ")")
         try:
             return flags.FLAGS(rest)
         except flags.Error as e:
             _usage_error(str(e))
+        except SystemExit as e:  # absl ends its --help with status 1: help asked is success
+            raise SystemExit(0 if asked_help and e.code == 1 else e.code) from None
         raise AssertionError("unreachable")
 
     return parse

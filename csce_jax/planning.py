@@ -189,15 +189,41 @@ def step_bound(
     return {"bound_s": max(compute, memory), "compute_bound_s": compute, "memory_bound_s": memory}
 
 
+class DoesNotFit(Exception):
+    """The compiler refused the program: it needs more memory than the device has."""
+
+    def __init__(self, message: str, required: int | None, seconds: float):
+        super().__init__(message)
+        self.required, self.seconds = required, seconds
+
+
+_REQUIRED = re.compile(r"\(([\d.]+)([KMGT])\) exceeds available")
+
+
 def _compile(fn: Any, *args: Any) -> tuple[Any, float]:
     """Lower and compile; JAX's persistent cache is left out: a program for devices this host
-    does not have can be written to it but not read back (each later read warns)."""
+    does not have can be written to it but not read back (each later read warns). A program
+    too large for the device raises :class:`DoesNotFit` (XLA:TPU refuses to compile it)."""
     from jax._src.config import enable_compilation_cache
 
     start = time.perf_counter()
-    with enable_compilation_cache(False):
-        compiled = fn.lower(*args).compile()
+    try:
+        with enable_compilation_cache(False):
+            compiled = fn.lower(*args).compile()
+    except jax.errors.JaxRuntimeError as e:
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "RESOURCE_EXHAUSTED" not in message:
+            raise
+        m = _REQUIRED.search(message)
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+        required = int(float(m[1]) * scale[m[2]]) if m else None
+        raise DoesNotFit(message, required, time.perf_counter() - start) from None
     return compiled, time.perf_counter() - start
+
+
+def _refused(e: DoesNotFit) -> dict[str, Any]:
+    """A step the compiler would not fit in the device's memory."""
+    return {"compile_error": str(e), "total_bytes": e.required, "compile_s": e.seconds}
 
 
 def _same_layout(shardings: Any, expected: Any) -> bool:
@@ -218,7 +244,10 @@ def compile_train(
     step = train_lib.make_train_step(
         setup.graphdef, setup.tx, setup.schedule, config, request.multilabel, mesh
     )
-    compiled, seconds = _compile(step, setup.state, abstract_batch(mesh, config, request))
+    try:
+        compiled, seconds = _compile(step, setup.state, abstract_batch(mesh, config, request))
+    except DoesNotFit as e:
+        return _refused(e)
     figures = program_figures(compiled, target.chip, config.model.dtype)
     state_in = compiled.input_shardings[0][0]
     state_out = compiled.output_shardings[0]
@@ -250,7 +279,10 @@ def compile_encode(
     weights = (setup.state["params"], setup.state["rest"])
     images = jax.ShapeDtypeStruct((b, crop, crop, 3), jnp.uint8, sharding=spec)
     index = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=spec)
-    compiled, seconds = _compile(step, weights, images, index)
+    try:
+        compiled, seconds = _compile(step, weights, images, index)
+    except DoesNotFit as e:
+        return _refused(e)
     figures = program_figures(compiled, target.chip, config.model.dtype)
     figures["compile_s"] = seconds
     return figures
@@ -277,7 +309,7 @@ def plan_target(
         "memory_per_device_bytes": capacity,
         "margin": request.margin,
         "train": train,
-        "fits": usable is None or train["total_bytes"] <= usable,
+        "fits": _fits(train, usable),
     }
     if encode:
         enc = compile_encode(c, target, request)
@@ -285,8 +317,14 @@ def plan_target(
             enc, per_image["forward"] * request.per_device_eval_batch, request.per_device_eval_batch
         )
         report["encode"] = enc
-        report["fits"] = report["fits"] and (usable is None or enc["total_bytes"] <= usable)
+        report["fits"] = report["fits"] and _fits(enc, usable)
     return report
+
+
+def _fits(figures: dict[str, Any], usable: float | None) -> bool:
+    if "compile_error" in figures:
+        return False
+    return usable is None or figures["total_bytes"] <= usable
 
 
 def describe(target: Target) -> dict[str, Any]:
@@ -308,6 +346,8 @@ def describe(target: Target) -> dict[str, Any]:
 def _add_derived(figures: dict[str, Any], analytic: float, batch: int) -> None:
     """Our analytic FLOPs beside XLA's, and the best images/s per device the bound allows."""
     figures["flops_analytic"] = analytic
+    if "compile_error" in figures:
+        return
     xla = figures["flops_xla"]
     figures["flops_xla_over_analytic"] = xla / analytic if xla and analytic else None
     bound = figures["bound_s"]
@@ -321,39 +361,47 @@ def fit_batch(
     *,
     limit: int = 4096,
     log: Any = None,
+    known: dict[int, float] | None = None,
 ) -> dict[str, Any]:
     """The largest per-device training batch whose compiled step fits the device's memory
     (less the margin), found by compiling: a bracket [fits, does not fit] narrowed by
     interpolating the measured memory, which grows almost linearly with the batch, so a few
-    compiles suffice. Returns {"largest_per_device_batch", "total_bytes", "compiles"}."""
+    compiles suffice (``known``: memory already measured, by batch). Near the limit XLA:TPU
+    trades speed for memory, so the memory flattens there and a batch past it is refused by
+    the compiler: the search then bisects. Returns {"largest_per_device_batch",
+    "total_bytes", "usable_bytes", "compiles", "measured"}."""
     capacity = target.memory_bytes()
     if not capacity:
         raise ConfigError(f"--target {target.name}: its memory is unknown, nothing to fit to")
     usable = capacity * (1 - request.margin)
-    measured: dict[int, int] = {}
+    measured: dict[int, float] = dict(known or {})
+    compiled = [0]
 
-    def total(batch: int) -> int:
+    def total(batch: int) -> float:
+        """The batch's memory; one the compiler refused counts as its stated need (or as
+        too much, where it states none)."""
         if batch not in measured:
             r = dataclasses.replace(request, per_device_batch=batch)
-            measured[batch] = compile_train(planned_config(config, target, r), target, r)[
-                "total_bytes"
-            ]
+            got = compile_train(planned_config(config, target, r), target, r)
+            need = got["total_bytes"]
+            if "compile_error" in got:
+                need = max(need or 0, capacity + 1)
+            measured[batch] = need
+            compiled[0] += 1
             if log is not None:
                 log(batch, measured[batch], usable)
         return measured[batch]
 
     lo, hi = 0, None  # lo fits (0: nothing known to fit), hi does not
     b = request.per_device_batch
-    while hi is None:
+    while hi is None and b <= limit:
         if total(b) <= usable:
             lo = b
-            b = min(limit, _next_guess(measured, lo, None, usable, b * 2))
-            if lo >= limit:
-                break
+            b = _grow(measured, lo, usable, limit)
         else:
             hi = b
     while hi is not None and hi - lo > 1:
-        b = _next_guess(measured, lo, hi, usable, (lo + hi) // 2)
+        b = _narrow(measured, lo, hi, usable)
         if total(b) <= usable:
             lo = b
         else:
@@ -362,24 +410,36 @@ def fit_batch(
         "largest_per_device_batch": lo,
         "total_bytes": measured.get(lo),
         "usable_bytes": int(usable),
-        "compiles": len(measured),
+        "compiles": compiled[0],
         "measured": {str(k): v for k, v in sorted(measured.items())},
     }
 
 
-def _next_guess(
-    measured: dict[int, int], lo: int, hi: int | None, usable: float, fallback: int
-) -> int:
-    """The batch where the line through the two nearest measurements reaches ``usable``,
-    kept strictly inside the bracket (``fallback`` when there is no line yet)."""
-    points = sorted(measured.items())
-    if len(points) < 2:
-        return fallback
-    near = sorted(points, key=lambda p: abs(p[1] - usable))[:2]
-    (b1, m1), (b2, m2) = sorted(near)
-    if m2 == m1 or b2 == b1:
-        return fallback
-    guess = int(b1 + (usable - m1) * (b2 - b1) / (m2 - m1))
-    if hi is None:
-        return max(guess, lo + 1)
-    return min(max(guess, lo + 1), hi - 1)
+def _line(measured: dict[int, float], usable: float) -> float | None:
+    """The batch where the line through the two measurements nearest ``usable`` reaches it."""
+    near = sorted(sorted(measured.items(), key=lambda p: abs(p[1] - usable))[:2])
+    if len(near) < 2:
+        return None
+    (b1, m1), (b2, m2) = near
+    if m2 <= m1:
+        return None  # flat (the compiler trades speed for memory near the limit)
+    return b1 + (usable - m1) * (b2 - b1) / (m2 - m1)
+
+
+def _grow(measured: dict[int, float], lo: int, usable: float, limit: int) -> int:
+    """The next batch to try above ``lo`` (which fits): a little past the line's estimate,
+    at most double."""
+    guess = _line(measured, usable)
+    step = 2 * lo if guess is None else int(guess * 1.05) + 1
+    return min(max(step, lo + 1), 2 * lo, limit + 1)
+
+
+def _narrow(measured: dict[int, float], lo: int, hi: int, usable: float) -> int:
+    """The next batch inside (lo, hi): the line's estimate, kept in the middle half of the
+    bracket so that it shrinks by a quarter at least."""
+    guess = _line(measured, usable)
+    quarter = (hi - lo) // 4
+    low, high = lo + max(1, quarter), hi - max(1, quarter)
+    if guess is None or low > high:
+        return (lo + hi) // 2
+    return min(max(int(guess), low), high)

@@ -101,7 +101,7 @@ def test_the_docs_hold_the_schemas_table():
 
 def test_every_console_command_names_a_function():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    names = {"train", "eval", "search", "convert", "compare", "verify", "splits", "prepare"}
+    names = {"train", "eval", "search", "convert", "compare", "verify", "splits", "prepare", "plan"}
     assert set(scripts) == {f"csce-{n}" for n in names}
     for target in scripts.values():
         module, _, function = target.partition(":")

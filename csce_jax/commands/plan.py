@@ -67,7 +67,11 @@ def plan_all(config, names: list[str]) -> list[dict[str, Any]]:
         logging.info("%s: %d %s device(s), compiling", name, devices, target.device_kind)
         report = planning.plan_target(config, target, request, encode=FLAGS.encode)
         if FLAGS.fit:
-            report["fit"] = planning.fit_batch(config, target, request, log=_log_fit)
+            train = report["train"]
+            known = (
+                {} if "compile_error" in train else {request.per_device_batch: train["total_bytes"]}
+            )
+            report["fit"] = planning.fit_batch(config, target, request, log=_log_fit, known=known)
         reports.append(report)
         print(format_report(report), flush=True)
     return reports
@@ -75,7 +79,7 @@ def plan_all(config, names: list[str]) -> list[dict[str, Any]]:
 
 def _log_fit(batch: int, total: int, usable: float) -> None:
     verdict = "fits" if total <= usable else "does not fit"
-    logging.info("--fit: %d per device: %.2f GiB, %s", batch, total / 2**30, verdict)
+    logging.info("--fit: %d per device: %.2f GiB needed, %s", batch, total / 2**30, verdict)
 
 
 def _gib(n: float | None) -> str:
@@ -100,6 +104,9 @@ def format_report(r: dict[str, Any]) -> str:
         if step not in r:
             continue
         s = r[step]
+        if "compile_error" in s:
+            lines.append(f"   {step:6} refused by the compiler: {s['compile_error']}")
+            continue
         coll = ", ".join(
             f"{k} x{v['count']} ({_gib(v['bytes'])})" for k, v in s["collectives"].items()
         )

@@ -12,7 +12,7 @@ from csce_jax.errors import CodesError
 from csce_jax.search import __doc__ as DOC
 from csce_jax.search.engines import ENGINES
 
-ENGINE_PARAMS = ("nlist", "nprobe", "M", "ef_construction", "ef_search")
+ENGINE_PARAMS = ("nlist", "nprobe", "M", "ef_construction", "ef_search")  # and --milvus_*
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,12 +36,25 @@ def _parser() -> argparse.ArgumentParser:
     for name in ENGINE_PARAMS:
         p.add_argument(f"--{name}", type=int, help="engine parameter (default: see docs)")
     p.add_argument("--shard_size", type=int, help="images per shard (default 50,000)")
+    p.add_argument(
+        "--milvus_uri",
+        help="--engine milvus: a Milvus Lite file (default: milvus.db in the index folder) or "
+        "a server, http://host:19530",
+    )
+    p.add_argument("--milvus_collection", help="--engine milvus: the collection's name")
+    p.add_argument("--milvus_index", choices=("bin_flat", "bin_ivf_flat"), help="default bin_flat")
+    p.add_argument(
+        "--milvus_token_env",
+        help="--engine milvus: the environment variable holding the server's token "
+        "(default MILVUS_TOKEN; the token is never written down)",
+    )
     q = sub.add_parser("query", help="search an index with one or many images")
     q.add_argument("--index", required=True)
     q.add_argument("image", nargs="*", help="query image file(s)")
     q.add_argument("--images", help="a folder of query images")
     q.add_argument("--list", dest="list_file", help="a file of query image paths, one a line")
     q.add_argument("-k", type=int, default=10, help="hits per query")
+    q.add_argument("--label", help="only hits with this label (or among their classes)")
     q.add_argument("--out", help="write every query's hits to this .json or .csv")
     q.add_argument("--picture", help="one query: write it and its hits as a PNG")
     s = sub.add_parser("serve", help="a local search page over an index")
@@ -68,6 +81,11 @@ def _index(args: argparse.Namespace, overrides: list[str]) -> dict:
     config = run_config(args.workdir, given)
     apply_overrides(config, overrides)
     params = {n: getattr(args, n) for n in ENGINE_PARAMS if getattr(args, n) is not None}
+    given = {
+        key: getattr(args, f"milvus_{key}")
+        for key in ("uri", "collection", "index", "token_env")
+        if getattr(args, f"milvus_{key}") is not None
+    }
     return build_index(
         args.workdir,
         args.out,
@@ -80,6 +98,7 @@ def _index(args: argparse.Namespace, overrides: list[str]) -> dict:
         config=config,
         engine=args.engine,
         engine_params=params,
+        milvus_settings=given or None,
         **({"shard_size": args.shard_size} if args.shard_size is not None else {}),
     )
 
@@ -100,8 +119,8 @@ def _query(args: argparse.Namespace) -> None:
     paths = collection.query_paths(args.image, args.images, args.list_file)
     if args.picture and len(paths) != 1:
         raise CodesError("--picture draws one query: give a single image")
-    searcher = queries.Searcher(args.index, workdir=args.workdir, config=config)
-    result = searcher.query_files(paths, args.k)
+    with queries.Searcher(args.index, workdir=args.workdir, config=config) as searcher:
+        result = searcher.query_files(paths, args.k, label=args.label)
     for name in result["skipped"]:
         print(f"skipped unreadable query image: {name}", file=sys.stderr)
     if not result["queries"]:
@@ -120,8 +139,8 @@ def _serve(args: argparse.Namespace) -> None:
     from csce_jax.search import queries, server
 
     config = load_config_file(args.config) if args.config else None
-    searcher = queries.Searcher(args.index, workdir=args.workdir, config=config)
-    server.serve(searcher, args.host, args.port)
+    with queries.Searcher(args.index, workdir=args.workdir, config=config) as searcher:
+        server.serve(searcher, args.host, args.port)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,8 +10,13 @@ import ml_collections
 
 from csce_jax.errors import CodesError
 from csce_jax.run_reader import run_config
-from csce_jax.search import collection, engines
-from csce_jax.search.index import DEFAULT_SHARD_SIZE, encode_shards, finish_index
+from csce_jax.search import collection, engines, milvus
+from csce_jax.search.index import (
+    DEFAULT_SHARD_SIZE,
+    encode_shards,
+    finish_index,
+    insert_into_milvus,
+)
 from csce_jax.search.model import RunEncoder
 
 
@@ -53,27 +58,43 @@ def build_index(
     engine: str = "scan",
     engine_params: dict[str, int] | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
+    milvus_settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Encode a collection with ``workdir``'s best (or ``step``) checkpoint into the index
-    folder ``out``, resuming an interrupted build; returns a summary (process 0's is whole)."""
-    engines.check_engine(engine, engine_params or {})
-    config = run_config(workdir, config)
-    coll = choose_collection(
-        config,
-        images=images,
-        list_file=list_file,
-        image_root=image_root,
-        prepared=prepared,
-        split=split,
-    )
-    enc = RunEncoder(workdir, step, config, local=True)
+    folder ``out``, resuming an interrupted build; returns a summary (process 0's is whole).
+
+    ``milvus_settings`` (engine ``milvus``): the keyword arguments of
+    :func:`csce_jax.search.milvus.settings` (uri, collection, index, token_env)."""
+    engine_params = dict(engine_params or {})
     folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    plan_id = encode_shards(enc, coll, folder, shard_size)
-    summary: dict[str, Any] = {**enc.meta, "out": str(folder.absolute())}
-    if jax.process_index() != 0:
-        return {**summary, "process": jax.process_index()}
-    manifest = finish_index(folder, plan_id, engine, engine_params or {})
+    record = _milvus_record(engine, engine_params, milvus_settings, folder)
+    # A server is reached before anything is written (unreachable: one line, nothing made).
+    store = milvus.Store(record, folder) if record and milvus.is_server(record["uri"]) else None
+    try:
+        config = run_config(workdir, config)
+        coll = choose_collection(
+            config,
+            images=images,
+            list_file=list_file,
+            image_root=image_root,
+            prepared=prepared,
+            split=split,
+        )
+        enc = RunEncoder(workdir, step, config, local=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        plan_id = encode_shards(enc, coll, folder, shard_size)
+        if record is not None:
+            if store is None and (jax.process_index() == 0):
+                store = milvus.Store(record, folder)  # Milvus Lite: a file in the index folder
+            if store is not None:
+                insert_into_milvus(store, folder, plan_id)
+        summary: dict[str, Any] = {**enc.meta, "out": str(folder.absolute())}
+        if jax.process_index() != 0:
+            return {**summary, "process": jax.process_index()}
+        manifest = finish_index(folder, plan_id, engine, engine_params, store)
+    finally:
+        if store is not None:
+            store.close()
     return {
         **summary,
         "indexed": manifest["count"],
@@ -81,3 +102,23 @@ def build_index(
         "shards": len(manifest["shards"]),
         "engine": manifest["engine"],
     }
+
+
+def _milvus_record(
+    engine: str,
+    params: dict[str, int],
+    given: dict[str, Any] | None,
+    folder: Path,
+) -> dict[str, Any] | None:
+    """The milvus engine's record (None for another engine), checked before any work."""
+    engines.check_engine(engine, {} if engine == "milvus" else params)
+    if engine != "milvus":
+        if given:
+            raise CodesError("the --milvus_* options go with --engine milvus")
+        return None
+    extra = sorted(set(params) - {"nlist", "nprobe"})
+    if extra:
+        raise CodesError(f"--engine milvus takes no --{', --'.join(extra)}")
+    return milvus.settings(
+        folder, nlist=params.get("nlist"), nprobe=params.get("nprobe"), **(given or {})
+    )

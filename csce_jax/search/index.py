@@ -4,6 +4,8 @@
   <index>/shards/NNNNN.npz packed codes, paths, labels and unreadable images of one shard
   <index>/index.json       the manifest, written last: the index is complete when it exists
   <index>/<engine>.faiss   an approximate engine's own index (faiss-ivf, faiss-hnsw)
+  <index>/milvus.db        the milvus engine's Milvus Lite file (or a collection on a server),
+                           with shards/NNNNN.milvus.json marking each shard inserted
 
 The collection is cut into shards of ``shard_size`` images in index order; with several
 processes (``--config.distributed=True``), shard j is encoded by process j mod P on its own
@@ -29,7 +31,7 @@ import numpy as np
 from csce_jax.atomic import write_file_atomically, write_json_atomically
 from csce_jax.errors import CodesError
 from csce_jax.metrics import pack_codes
-from csce_jax.search import engines
+from csce_jax.search import engines, milvus
 from csce_jax.search.collection import Collection
 from csce_jax.search.model import RunEncoder
 
@@ -47,8 +49,8 @@ def _log(message: str) -> None:
 class Progress:
     """A progress line (images/s, ETA) at most every ``every`` seconds, and at each shard."""
 
-    def __init__(self, total: int, every: float = 10.0):
-        self.total, self.every = total, every
+    def __init__(self, total: int, every: float = 10.0, what: str = "index"):
+        self.total, self.every, self.what = total, every, what
         self.shown, self.start, self.last = -1, time.perf_counter(), 0.0
 
     def line(self, done: int, force: bool = False) -> None:
@@ -59,7 +61,7 @@ class Progress:
         rate = done / max(now - self.start, 1e-9)
         eta = (self.total - done) / rate if rate > 0 else float("inf")
         _log(
-            f"index: {done:,}/{self.total:,} images of this process, {rate:.1f} images/s, "
+            f"{self.what}: {done:,}/{self.total:,} images of this process, {rate:.1f} images/s, "
             f"ETA {eta:.0f} s"
         )
 
@@ -75,7 +77,9 @@ def _read_shard(path: Path, plan_id: str) -> dict[str, Any] | None:
         with np.load(path, allow_pickle=False) as z:
             if str(z["plan"]) != plan_id:
                 return None
-            return {k: z[k] for k in ("codes", "paths", "labels", "skipped")}
+            shard = {k: z[k] for k in ("codes", "paths", "labels", "skipped")}
+            shard["rows"] = z["rows"] if "rows" in z.files else None
+            return shard
     except FileNotFoundError:
         return None
     except Exception as e:
@@ -100,6 +104,7 @@ def _encode_shard(
         "paths": np.asarray([coll.paths[i] for i in kept], dtype=str),
         "labels": np.asarray([coll.labels[i] for i in kept], dtype=str),
         "skipped": np.asarray(sorted(out.get("skipped", [])), dtype=str),
+        "rows": np.asarray(kept, np.int64),  # each code's image row (Milvus's primary key)
         "plan": np.asarray(plan_id),
     }
     write_file_atomically(path, lambda f: np.savez(f, **arrays))  # unreadable ones: logged
@@ -161,7 +166,67 @@ def encode_shards(enc: RunEncoder, coll: Collection, folder: Path, shard_size: i
     return plan_id
 
 
-def finish_index(folder: Path, plan_id: str, engine: str, params: dict[str, int]) -> dict:
+def insert_into_milvus(store: milvus.Store, folder: Path, plan_id: str) -> None:
+    """Put the shards in the index's Milvus collection: every process its own shards on a
+    server; process 0 all of them in a Milvus Lite file (one process opens it at a time).
+    Shards already marked as inserted are skipped."""
+    plan = json.loads((folder / "plan.json").read_text())
+    if jax.process_index() == 0:
+        store.ensure(plan, plan_id, plan["bits"])
+    _barrier("csce_jax.search.milvus.collection")
+    n = -(-plan["count"] // plan["shard_size"])
+    if milvus.is_server(store.record["uri"]):
+        mine = [j for j in range(n) if j % jax.process_count() == jax.process_index()]
+    else:
+        mine = list(range(n)) if jax.process_index() == 0 else []
+    todo = [
+        j
+        for j in mine
+        if milvus.read_marker(milvus.marker_path(_shard_path(folder, j)), plan_id, store.collection)
+        is None
+    ]
+    if len(todo) < len(mine):
+        _log(
+            f"milvus: {len(mine) - len(todo)} of this process's {len(mine)} shards inserted earlier"
+        )
+    shards = {j: _read_shard(_shard_path(folder, j), plan_id) for j in todo}
+    progress = Progress(sum(len(x["codes"]) for x in shards.values() if x), what="milvus")
+    done = 0
+    for j, shard in shards.items():
+        if shard is None or shard["rows"] is None:
+            raise CodesError(f"{_shard_path(folder, j)} is missing: run the same command again")
+        marker = milvus.marker_path(_shard_path(folder, j))
+        done += store.insert_shard(
+            shard, marker, plan_id, progress=lambda m, d=done: progress.line(d + m)
+        )
+        progress.line(done, force=True)
+    _barrier("csce_jax.search.milvus.inserted")
+
+
+def _milvus_record(store: milvus.Store, folder: Path, plan_id: str, count: int, n: int) -> dict:
+    """The manifest's engine record: the collection, and which shards are in it (all)."""
+    inserted = []
+    for j in range(n):
+        marker = milvus.marker_path(_shard_path(folder, j))
+        if milvus.read_marker(marker, plan_id, store.collection) is None:
+            raise CodesError(f"{marker} is missing: run the same command again")
+        inserted.append(marker.name)
+    got = store.count()
+    if got != count:
+        raise CodesError(
+            f"Milvus at {store.where}: collection {store.collection} holds {got} codes but the "
+            f"shards {count}: run the same command again"
+        )
+    return {**store.record, "shards_in_collection": inserted}
+
+
+def finish_index(
+    folder: Path,
+    plan_id: str,
+    engine: str,
+    params: dict[str, int],
+    store: milvus.Store | None = None,
+) -> dict:
     """Gather the shards into the manifest and build the engine (process 0)."""
     plan = json.loads((folder / "plan.json").read_text())
     n = -(-plan["count"] // plan["shard_size"])
@@ -174,7 +239,10 @@ def finish_index(folder: Path, plan_id: str, engine: str, params: dict[str, int]
     codes = np.concatenate([p["codes"] for p in parts])
     if not len(codes):
         raise CodesError(f"{folder}: no image of the collection could be read")
-    record = engines.build(engine, codes, plan["bits"], params, folder)
+    if store is not None:
+        record = _milvus_record(store, folder, plan_id, len(codes), n)
+    else:
+        record = engines.build(engine, codes, plan["bits"], params, folder)
     manifest = {
         "version": INDEX_VERSION,
         **{k: plan[k] for k in ("bits", "centers", "workdir", "step", "shard_size")},
@@ -202,9 +270,17 @@ class Index:
     labels: list[str]
     meta: dict[str, Any]
     folder: Path
+    rows: np.ndarray | None = None  # each code's image row (None: an index made before rows)
 
     def engine(self) -> engines.Engine:
-        return engines.load(self.meta["engine"], self.codes, self.meta["bits"], self.folder)
+        return engines.load(
+            self.meta["engine"],
+            self.codes,
+            self.meta["bits"],
+            self.folder,
+            rows=self.rows,
+            plan=self.meta.get("plan", ""),
+        )
 
 
 def _check_codes(where: Path, codes: np.ndarray, bits: Any, count: int) -> None:
@@ -258,7 +334,10 @@ def load_index(path: str | os.PathLike) -> Index:
     codes = np.concatenate([p["codes"] for p in parts])
     paths = [str(x) for p in parts for x in p["paths"]]
     labels = [str(x) for p in parts for x in p["labels"]]
+    rows = None
+    if all(p["rows"] is not None for p in parts):
+        rows = np.concatenate([p["rows"] for p in parts]).astype(np.int64)
     _check_codes(path, codes, meta.get("bits"), len(paths))
     if len(codes) != meta["count"]:
         raise CodesError(f"{manifest}: records {meta['count']} codes, its shards {len(codes)}")
-    return Index(codes, paths, labels, meta, path)
+    return Index(codes, paths, labels, meta, path, rows)

@@ -37,14 +37,39 @@ class Searcher:
         self.index: Index = load_index(index)
         meta = self.index.meta
         self.engine = self.index.engine()
-        self.encoder = RunEncoder(workdir or meta["workdir"], meta["step"], config)
-        self.encoder.check_index(meta, self.where)
+        try:
+            self.encoder = RunEncoder(workdir or meta["workdir"], meta["step"], config)
+            self.encoder.check_index(meta, self.where)
+        except BaseException:
+            self.engine.close()
+            raise
 
-    def hits(self, codes: np.ndarray, k: int) -> list[list[dict[str, Any]]]:
-        """Ranked hits of each {-1,+1} code: rank, distance, index, label, path."""
+    def __enter__(self) -> Searcher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Let go of the engine's connection (a Milvus engine's)."""
+        self.engine.close()
+
+    def hits(
+        self, codes: np.ndarray, k: int, label: str | None = None
+    ) -> list[list[dict[str, Any]]]:
+        """Ranked hits of each {-1,+1} code: rank, distance, index, label, path; ``label``:
+        only items whose label is it or lists it among its classes (Milvus filters in the
+        database; the other engines scan the matching items exactly)."""
         if k < 1:
             raise CodesError(f"-k {k}: the number of hits must be at least 1")
-        idx, dist = self.engine.search(pack_codes(codes), k)
+        packed = pack_codes(codes)
+        if label and self.engine.name == "milvus":
+            idx, dist = self.engine.search(packed, k, label=label)
+        elif label:
+            among = np.flatnonzero([label_matches(t, label) for t in self.index.labels])
+            idx, dist = self.engine.search(packed, k, among=among)
+        else:
+            idx, dist = self.engine.search(packed, k)
         return [self._ranked(i, d) for i, d in zip(idx, dist, strict=True)]
 
     def _ranked(self, idx: np.ndarray, dist: np.ndarray) -> list[dict[str, Any]]:
@@ -60,17 +85,22 @@ class Searcher:
             for rank, (i, d) in enumerate(zip(idx[keep], dist[keep], strict=True), 1)
         ]
 
-    def query_files(self, paths: list[str], k: int) -> dict[str, Any]:
+    def query_files(self, paths: list[str], k: int, label: str | None = None) -> dict[str, Any]:
         """{"queries": [{"query": path, "hits": [...]}], "skipped": [unreadable queries]}."""
         coll = collection.from_paths(paths, name="queries")
         out = self.encoder.encode(coll.source)
-        found = self.hits(out["codes"], k) if len(out["index"]) else []
+        found = self.hits(out["codes"], k, label) if len(out["index"]) else []
         return {
             "queries": [
                 {"query": paths[q], "hits": h} for q, h in zip(out["index"], found, strict=True)
             ],
             "skipped": sorted(out.get("skipped", [])),
         }
+
+
+def label_matches(text: str, label: str) -> bool:
+    """Whether an item's label text is ``label`` or lists it among its classes ("3,17")."""
+    return text == label or label in text.split(",")
 
 
 def write_hits(result: dict[str, Any], out: str) -> None:
@@ -112,8 +142,8 @@ def search(
     ``picture``: also write the query and its hits, with their distances, as a PNG."""
     if k < 1:
         raise CodesError(f"-k {k}: the number of hits must be at least 1")
-    searcher = Searcher(index, workdir=workdir, config=config)
-    got = searcher.query_files([str(Path(image).absolute())], k)
+    with Searcher(index, workdir=workdir, config=config) as searcher:
+        got = searcher.query_files([str(Path(image).absolute())], k)
     if got["skipped"]:
         raise CodesError(f"cannot read the query image {image}")
     hits = got["queries"][0]["hits"]

@@ -112,22 +112,22 @@ class SearchServer(ThreadingHTTPServer):
         except (CsceError, OSError):
             return None
 
-    def hits_of_item(self, item: int, k: int) -> dict[str, Any]:
+    def hits_of_item(self, item: int, k: int, label: str | None = None) -> dict[str, Any]:
         index = self.searcher.index
         code = unpack_codes(index.codes[item : item + 1], index.meta["bits"])
         return {
             "query": {"item": item, "path": index.paths[item]},
-            "hits": self.searcher.hits(code, k)[0],
+            "hits": self.searcher.hits(code, k, label)[0],
         }
 
-    def hits_of_upload(self, data: bytes, k: int) -> dict[str, Any]:
+    def hits_of_upload(self, data: bytes, k: int, label: str | None = None) -> dict[str, Any]:
         image = check_upload(data, self.searcher.encoder.config.data.resize)
         with self.encode_lock:
             code = self.searcher.encoder.encode_one(data, "the upload")
         thumb = base64.b64encode(_thumb_bytes(image)).decode()
         return {
             "query": {"thumb": f"data:image/jpeg;base64,{thumb}"},
-            "hits": self.searcher.hits(code, k)[0],
+            "hits": self.searcher.hits(code, k, label)[0],
         }
 
 
@@ -157,6 +157,12 @@ class _Handler(BaseHTTPRequestHandler):
             raise UploadError(f"k={raw!r}: expected a whole number from 1 to {MAX_K}")
         return int(raw)
 
+    def _label(self, query: dict[str, list[str]]) -> str | None:
+        raw = query.get("label", [""])[0].strip()
+        if len(raw) > 200:
+            raise UploadError("label: at most 200 characters")
+        return raw or None
+
     def _item(self, raw: str) -> int:
         count = len(self.server.searcher.index.paths)
         if not raw.isdigit() or int(raw) >= count:
@@ -173,7 +179,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._json(self.server.info())
             elif url.path == "/api/search":
                 item = self._item(query.get("item", [""])[0])
-                self._json(self.server.hits_of_item(item, self._k(query)))
+                self._json(self.server.hits_of_item(item, self._k(query), self._label(query)))
             elif url.path.startswith("/thumb/"):
                 thumb = self.server.thumb(self._item(url.path[len("/thumb/") :]))
                 if thumb is None:
@@ -183,13 +189,16 @@ class _Handler(BaseHTTPRequestHandler):
                 self._error(HTTPStatus.NOT_FOUND, f"no page {url.path}")
         except UploadError as e:
             self._error(e.status, str(e))
+        except CodesError as e:  # the engine failed (a Milvus server gone): said, not raised
+            self._error(HTTPStatus.SERVICE_UNAVAILABLE, str(e))
 
     def do_POST(self) -> None:
         url = urlparse(self.path)
         try:
             if url.path != "/api/search":
                 raise UploadError(f"no page {url.path}", HTTPStatus.NOT_FOUND)
-            k = self._k(parse_qs(url.query))
+            query = parse_qs(url.query)
+            k, label = self._k(query), self._label(query)
             length = self.headers.get("Content-Length")
             if length is None or not length.isdigit():
                 raise UploadError("the upload has no length", HTTPStatus.LENGTH_REQUIRED)
@@ -200,7 +209,7 @@ class _Handler(BaseHTTPRequestHandler):
                     f"{MAX_UPLOAD_BYTES // 2**20} MiB",
                     HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                 )
-            self._json(self.server.hits_of_upload(self.rfile.read(int(length)), k))
+            self._json(self.server.hits_of_upload(self.rfile.read(int(length)), k, label))
         except UploadError as e:
             self._error(e.status, str(e))
         except CodesError as e:

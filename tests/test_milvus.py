@@ -1,0 +1,178 @@
+"""The milvus engine over Milvus Lite: BIN_FLAT against our exact scan, an index built, resumed
+and filtered by label, and the bad states each refused in one line."""
+
+import json
+import shutil
+import socket
+import sys
+
+import numpy as np
+import pytest
+from test_search import _clustered_codes, _photos
+
+from csce_jax import metrics
+from csce_jax.errors import CodesError
+from csce_jax.search import build_index, engines, load_index, milvus, queries
+
+pytest.importorskip("pymilvus")
+pytest.importorskip("milvus_lite")
+
+
+def _milvus_engine(folder, packed, bits, labels=None):
+    """Packed codes in a Milvus Lite collection (one shard, items 0..N-1), as an engine."""
+    record = milvus.settings(folder)
+    store = milvus.Store(record, folder)
+    n = len(packed)
+    shard = {
+        "rows": np.arange(n, dtype=np.int64),
+        "codes": packed,
+        "labels": np.asarray(labels or [""] * n, dtype=str),
+        "paths": np.asarray([f"/img/{i}.jpg" for i in range(n)], dtype=str),
+    }
+    store.ensure({"bits": bits}, "plan-a", bits)
+    store.insert_shard(shard, folder / "00000.milvus.json", "plan-a")
+    store.check_index("plan-a", n)
+    return engines.MilvusEngine(packed, bits, record, store, shard["rows"])
+
+
+@pytest.mark.parametrize("bits", [12, 32, 48, 64])
+def test_bin_flat_returns_the_exact_scan_hits_and_distances(bits, tmp_path):
+    """Same distances; the same hits in the same order wherever the distance is below the
+    k-th (ties sorted by index as ours are); at the k-th distance Milvus may pick other items
+    of that distance than the lowest-numbered ones, so there only the count is equal."""
+    rng = np.random.default_rng(bits)
+    db = metrics.pack_codes(_clustered_codes(rng, 3000, bits))
+    q = metrics.pack_codes(_clustered_codes(rng, 40, bits))
+    scan = engines.load({"name": "scan"}, db, bits, tmp_path)
+    mil = _milvus_engine(tmp_path, db, bits)
+    try:
+        i_scan, d_scan = scan.search(q, 50)
+        i_mil, d_mil = mil.search(q, 50)
+    finally:
+        mil.close()
+    assert (d_scan[:, :-1] == d_scan[:, 1:]).any()  # ties are there
+    np.testing.assert_array_equal(d_mil, d_scan)
+    real = metrics.hamming_distances(q, db, bits=bits)
+    np.testing.assert_array_equal(np.take_along_axis(real, i_mil, axis=1), d_mil)  # true
+    for row in range(len(q)):
+        inside = d_scan[row] < d_scan[row, -1]
+        np.testing.assert_array_equal(i_mil[row][inside], i_scan[row][inside])
+        assert len(set(i_mil[row])) == 50  # no item twice
+
+
+@pytest.fixture(scope="module")
+def milvus_index(trained_run, tmp_path_factory):
+    """14 digit photographs indexed twice, with the scan and with Milvus Lite (4 shards)."""
+    root = tmp_path_factory.mktemp("milvus_index")
+    photos = _photos(root / "photos")
+    build_index(str(trained_run), str(root / "scan"), images=str(photos), shard_size=4)
+    summary = build_index(
+        str(trained_run), str(root / "mil"), images=str(photos), shard_size=4, engine="milvus"
+    )
+    assert summary["indexed"] == 14 and summary["engine"]["name"] == "milvus"
+    return root, photos
+
+
+def test_a_milvus_index_answers_as_the_scan_does_and_filters_labels(milvus_index):
+    root, photos = milvus_index
+    manifest = json.loads((root / "mil" / "index.json").read_text())
+    assert manifest["engine"]["uri"] == milvus.LITE_FILE  # relative: the folder can move
+    assert manifest["engine"]["shards_in_collection"] == [f"0000{j}.milvus.json" for j in range(4)]
+    assert "token" not in manifest["engine"]  # only the variable's name, never a token
+    files = sorted(str(p) for p in photos.rglob("*.png"))[:4]
+    with queries.Searcher(root / "scan") as scan, queries.Searcher(root / "mil") as mil:
+        want = scan.query_files(files, 14)
+        got = mil.query_files(files, 14)
+        for w, g in zip(want["queries"], got["queries"], strict=True):
+            assert [h["distance"] for h in g["hits"]] == [h["distance"] for h in w["hits"]]
+            assert {h["path"] for h in g["hits"]} == {h["path"] for h in w["hits"]}
+            assert g["hits"][0]["path"] == g["query"]  # itself first
+        label = mil.index.labels[0]
+        filtered = mil.query_files(files[:1], 10, label=label)["queries"][0]["hits"]
+        expected = scan.query_files(files[:1], 10, label=label)["queries"][0]["hits"]
+        assert filtered and {h["label"] for h in filtered} == {label}
+        assert [h["path"] for h in filtered] == [h["path"] for h in expected]
+
+
+def test_an_interrupted_insert_resumes_without_duplicates(milvus_index, trained_run, tmp_path):
+    root, photos = milvus_index
+    partial = tmp_path / "mil"
+    shutil.copytree(root / "mil", partial)
+    (partial / "index.json").unlink()  # stopped after shard 1 went in, before its marker
+    for j in (1, 2, 3):
+        (partial / "shards" / f"0000{j}.milvus.json").unlink()
+    build_index(str(trained_run), str(partial), images=str(photos), shard_size=4, engine="milvus")
+    index = load_index(partial)
+    store = milvus.Store(index.meta["engine"], partial)
+    try:
+        assert store.count() == 14  # shard 1 again, not twice
+    finally:
+        store.close()
+    with queries.Searcher(partial) as mil:
+        assert len(mil.hits(metrics.unpack_codes(index.codes[:1], index.meta["bits"]), 14)[0]) == 14
+
+
+def test_a_collection_of_another_plan_is_refused_naming_what_differs(
+    milvus_index, trained_run, tmp_path
+):
+    root, _ = milvus_index
+    shared = {"uri": str(root / "mil" / milvus.LITE_FILE), "collection": "csce_mil"}
+    other = _photos(tmp_path / "other", n=5)
+    with pytest.raises(CodesError, match=r"holds another index \(.*collection.*differ"):
+        build_index(
+            str(trained_run),
+            str(tmp_path / "idx"),
+            images=str(other),
+            engine="milvus",
+            milvus_settings=shared,
+        )
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_bad_states_are_one_line_each(milvus_index, trained_run, tmp_path, monkeypatch):
+    root, photos = milvus_index
+    # A server that is not there: named, and nothing written.
+    uri = f"http://127.0.0.1:{_free_port()}"
+    with pytest.raises(CodesError, match=f"cannot reach Milvus at {uri}") as unreachable:
+        build_index(
+            str(trained_run),
+            str(tmp_path / "srv"),
+            images=str(photos),
+            engine="milvus",
+            milvus_settings={"uri": uri},
+        )
+    assert "\n" not in str(unreachable.value) and not (tmp_path / "srv").exists()
+    # Milvus Lite has no BIN_IVF_FLAT: refused before any work.
+    with pytest.raises(CodesError, match="Milvus Lite .* searches BIN_FLAT only"):
+        milvus.settings(tmp_path, index="bin_ivf_flat")
+    # The collection dropped (or changed) outside us.
+    copy = tmp_path / "dropped"
+    shutil.copytree(root / "mil", copy)
+    store = milvus.Store(load_index(copy).meta["engine"], copy)
+    store.client.drop_collection(store.collection)
+    store.close()
+    with pytest.raises(CodesError, match="is gone .dropped outside csce_jax."):
+        queries.Searcher(copy)
+    # A damaged Milvus Lite file.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(root / "mil", damaged)
+    with open(damaged / milvus.LITE_FILE, "r+b") as f:
+        f.write(b"\0" * 64)
+    with pytest.raises(CodesError, match="is not a Milvus Lite file"):
+        queries.Searcher(damaged)
+    # pymilvus not installed: the pip command.
+    monkeypatch.setitem(sys.modules, "pymilvus", None)
+    with pytest.raises(CodesError, match=r"pip install pymilvus==2\.6\.17 milvus-lite==2\.5\.1"):
+        engines.check_engine("milvus", {})
+
+
+def test_label_filters_are_exact_matches_of_a_label_or_one_of_its_classes():
+    assert queries.label_matches("3,17", "17") and queries.label_matches("class3", "class3")
+    assert not queries.label_matches("3,17", "1") and not queries.label_matches("13", "3")
+    text = milvus.label_filter('a"b')
+    assert text.startswith('label == "a\\"b"') and "like" in text
