@@ -39,6 +39,21 @@ def accelerator_present() -> bool:
     return any(os.path.exists(node) for node in ACCELERATOR_NODES)
 
 
+def skip_absent_tpu() -> bool:
+    """Where libtpu is installed (for ``csce-plan``) but this host has no accelerator, and
+    JAX_PLATFORMS is unset, set it to ``cpu`` before JAX starts: JAX would otherwise load
+    libtpu to look for a TPU, which prints a page of warnings into every command's output.
+    Compiling for a TPU slice (``csce-plan``) is unaffected. Returns whether it was set."""
+    import importlib.util
+
+    if "JAX_PLATFORMS" in os.environ or accelerator_present():
+        return False
+    if importlib.util.find_spec("libtpu") is None:
+        return False
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    return True
+
+
 def gpu_present() -> bool:
     """Whether an NVIDIA GPU's device node exists (the XLA:GPU flags apply only there)."""
     return os.path.exists(ACCELERATOR_NODES[0])

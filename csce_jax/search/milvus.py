@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -297,6 +298,14 @@ def _connect(where: str, token: str | None):
                 f"{path} is not a Milvus Lite file (damaged, or something else): remove it and "
                 "run the same `search index` command again"
             )
+        with warnings.catch_warnings():  # milvus-lite 2.5.1 imports the deprecated pkg_resources
+            warnings.simplefilter("ignore")
+            try:
+                import milvus_lite  # noqa: F401
+            except ImportError:
+                raise CodesError(
+                    f"the milvus engine needs Milvus Lite for a file URI: {INSTALL}"
+                ) from None
     kwargs: dict[str, Any] = {"timeout": CONNECT_TIMEOUT_S}
     if token:
         kwargs["token"] = token
