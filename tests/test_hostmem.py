@@ -71,3 +71,17 @@ def test_auto_leaves_accelerator_hosts_alone(monkeypatch):
     monkeypatch.setattr(hostmem, "accelerator_present", lambda: True)
     assert hostmem.keep_freed_memory("auto") is False
     assert hostmem.keep_freed_memory("default") is False
+
+
+def test_an_absent_tpu_is_not_probed_where_libtpu_is_installed(monkeypatch):
+    import importlib.util
+
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    monkeypatch.setattr(hostmem, "accelerator_present", lambda: False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    assert hostmem.skip_absent_tpu() and os.environ["JAX_PLATFORMS"] == "cpu"
+    monkeypatch.setenv("JAX_PLATFORMS", "tpu")  # the user's choice stands
+    assert not hostmem.skip_absent_tpu() and os.environ["JAX_PLATFORMS"] == "tpu"
+    monkeypatch.delenv("JAX_PLATFORMS")
+    monkeypatch.setattr(hostmem, "accelerator_present", lambda: True)  # a TPU VM
+    assert not hostmem.skip_absent_tpu() and "JAX_PLATFORMS" not in os.environ

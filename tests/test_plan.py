@@ -172,11 +172,11 @@ def test_the_demo_compiles_for_a_multi_host_topology():
     """v5e:4x4 is 16 chips on 4 hosts of 4: each host feeds a quarter of the global batch, and
     a device does the same work as on one host (data parallel)."""
     c = tiny_config()
-    request = _request(c, per_device=4, per_device_eval=4)
+    request = _request(c, per_device=16, per_device_eval=4)
     target = targets.resolve("v5e:4x4")
     assert (target.hosts, target.devices_per_host) == (4, 4)
     report = planning.plan_target(c, target, request)
-    assert report["global_batch"] == 64 and report["host_batch"] == 16
+    assert report["global_batch"] == 256 and report["host_batch"] == 64
     assert report["train"]["flops_xla_over_analytic"] == pytest.approx(1.0, abs=0.1)
     assert "all-gather" in report["encode"]["collectives"]
     grads = report["train"]["collectives"]["all-reduce"]["bytes"]

@@ -13,6 +13,7 @@ TPU targets need libtpu (``pip install "jax[tpu]==<jax version>"``); docs/traini
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -144,10 +145,10 @@ def main(argv: list[str]) -> None:
     targets.libtpu_without_a_tpu(FLAGS.target)
 
     cpus = targets.cpu_devices_needed(FLAGS.target)
-    if cpus:
+    if cpus and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         import jax
 
-        jax.config.update("jax_num_cpu_devices", cpus)
+        jax.config.update("jax_num_cpu_devices", cpus)  # before the CPU backend starts
     reports = cli.error_boundary(plan_all, FLAGS.config, FLAGS.target)
     summary = {"config": _config_name(), "targets": reports}
     if FLAGS.out:
