@@ -2,12 +2,14 @@
 and filtered by label, and the bad states each refused in one line."""
 
 import json
+import os
 import shutil
 import socket
 import sys
 
 import numpy as np
 import pytest
+from conftest import run_job
 from test_search import _clustered_codes, _photos
 
 from csce_jax import metrics
@@ -176,3 +178,48 @@ def test_label_filters_are_exact_matches_of_a_label_or_one_of_its_classes():
     assert not queries.label_matches("3,17", "1") and not queries.label_matches("13", "3")
     text = milvus.label_filter('a"b')
     assert text.startswith('label == "a\\"b"') and "like" in text
+
+
+@pytest.mark.slow
+def test_two_processes_fill_one_milvus_lite_collection(milvus_index, trained_run, tmp_path):
+    """Two processes encode their shards; process 0, the one that may open a Milvus Lite
+    file, inserts them all: the same codes and hits as one process."""
+    root, photos = milvus_index
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    cmd = [sys.executable, "-m", "csce_jax.search", "index", "--workdir", str(trained_run)]
+    cmd += ["--images", str(photos), "--out", str(tmp_path / "two"), "--shard_size", "4"]
+    cmd += ["--engine", "milvus", f"--config.coordinator_address=127.0.0.1:{_free_port()}"]
+    cmd += ["--config.num_processes=2"]
+    outs = run_job([[*cmd, f"--config.process_id={i}"] for i in range(2)], env=env)
+    for out, code in outs:
+        assert code == 0, out[-3000:]
+    assert "milvus: 14/14 images" in outs[0][0]  # process 0 inserted all four shards
+    one, two = load_index(root / "mil"), load_index(tmp_path / "two")
+    np.testing.assert_array_equal(one.codes, two.codes)
+    with queries.Searcher(tmp_path / "two") as searcher:
+        assert searcher.engine.name == "milvus"
+        hits = searcher.hits(metrics.unpack_codes(two.codes[:1], two.meta["bits"]), 14)[0]
+        assert len(hits) == 14 and hits[0]["distance"] == 0
+
+
+def test_the_page_api_passes_its_label_filter_to_milvus(milvus_index):
+    import threading
+    import urllib.request
+
+    from csce_jax.search import server
+
+    root, _ = milvus_index
+    with queries.Searcher(root / "mil") as searcher:
+        page = server.SearchServer(searcher, "127.0.0.1", 0)
+        thread = threading.Thread(target=page.serve_forever, daemon=True)
+        thread.start()
+        try:
+            label = searcher.index.labels[5]
+            url = f"{page.url}api/search?item=0&k=5&label={label}"
+            with urllib.request.urlopen(url, timeout=60) as answer:
+                hits = json.loads(answer.read())["hits"]
+        finally:
+            page.shutdown()
+            page.server_close()
+    assert hits and {h["label"] for h in hits} == {label}
+    assert [h["rank"] for h in hits] == list(range(1, len(hits) + 1))

@@ -171,11 +171,13 @@ def insert_into_milvus(store: milvus.Store, folder: Path, plan_id: str) -> None:
     server; process 0 all of them in a Milvus Lite file (one process opens it at a time).
     Shards already marked as inserted are skipped."""
     plan = json.loads((folder / "plan.json").read_text())
+    server = milvus.is_server(store.record["uri"])  # else only process 0 gets here
     if jax.process_index() == 0:
         store.ensure(plan, plan_id, plan["bits"])
-    _barrier("csce_jax.search.milvus.collection")
+    if server:
+        _barrier("csce_jax.search.milvus.collection")
     n = -(-plan["count"] // plan["shard_size"])
-    if milvus.is_server(store.record["uri"]):
+    if server:
         mine = [j for j in range(n) if j % jax.process_count() == jax.process_index()]
     else:
         mine = list(range(n)) if jax.process_index() == 0 else []
@@ -200,7 +202,8 @@ def insert_into_milvus(store: milvus.Store, folder: Path, plan_id: str) -> None:
             shard, marker, plan_id, progress=lambda m, d=done: progress.line(d + m)
         )
         progress.line(done, force=True)
-    _barrier("csce_jax.search.milvus.inserted")
+    if server:
+        _barrier("csce_jax.search.milvus.inserted")
 
 
 def _milvus_record(store: milvus.Store, folder: Path, plan_id: str, count: int, n: int) -> dict:
