@@ -415,29 +415,31 @@ def fit_batch(
     }
 
 
-def _line(measured: dict[int, float], usable: float) -> float | None:
-    """The batch where the line through the two measurements nearest ``usable`` reaches it."""
-    near = sorted(sorted(measured.items(), key=lambda p: abs(p[1] - usable))[:2])
-    if len(near) < 2:
+def _line(measured: dict[int, float], usable: float, upto: int | None = None) -> float | None:
+    """The batch where the line through the two largest measured batches (at most ``upto``)
+    reaches ``usable``; None where the memory did not grow between them."""
+    points = sorted((b, m) for b, m in measured.items() if upto is None or b <= upto)[-2:]
+    if len(points) < 2:
         return None
-    (b1, m1), (b2, m2) = near
+    (b1, m1), (b2, m2) = points
     if m2 <= m1:
-        return None  # flat (the compiler trades speed for memory near the limit)
+        return None  # flat: near the limit XLA:TPU trades speed for memory
     return b1 + (usable - m1) * (b2 - b1) / (m2 - m1)
 
 
 def _grow(measured: dict[int, float], lo: int, usable: float, limit: int) -> int:
     """The next batch to try above ``lo`` (which fits): a little past the line's estimate,
-    at most double."""
-    guess = _line(measured, usable)
-    step = 2 * lo if guess is None else int(guess * 1.05) + 1
+    and at least a quarter more than ``lo`` (memory can stay flat for a while), at most
+    double."""
+    guess = _line(measured, usable, upto=lo)
+    step = 2 * lo if guess is None else max(int(guess * 1.05) + 1, int(lo * 1.25))
     return min(max(step, lo + 1), 2 * lo, limit + 1)
 
 
 def _narrow(measured: dict[int, float], lo: int, hi: int, usable: float) -> int:
     """The next batch inside (lo, hi): the line's estimate, kept in the middle half of the
     bracket so that it shrinks by a quarter at least."""
-    guess = _line(measured, usable)
+    guess = _line({b: measured[b] for b in (lo, hi) if b in measured}, usable)
     quarter = (hi - lo) // 4
     low, high = lo + max(1, quarter), hi - max(1, quarter)
     if guess is None or low > high:
