@@ -22,7 +22,7 @@ HELP_FLAGS = {"--help", "--helpshort", "--helpfull", "-h", "-?"}
 CONFIG_HELP = "a preset (cub200, default, ...) or a config file, with :args (e.g. cub200:bits=32)"
 
 
-def _config_spec(argv: list[str]) -> tuple[str | None, list[str]]:
+def config_spec(argv: list[str]) -> tuple[str | None, list[str]]:
     """(the ``--config`` value, argv without it)."""
     for i, a in enumerate(argv):
         if a.startswith("--config="):
@@ -41,7 +41,7 @@ def flags_parser(
     of ``module`` (the command's) are listed by ``--help`` whatever script started it."""
 
     def parse(argv: list[str]) -> list[str]:
-        spec, rest = _config_spec(argv)
+        spec, rest = config_spec(argv)
         try:
             for a in rest:
                 if a.startswith("--config."):

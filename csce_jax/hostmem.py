@@ -39,16 +39,19 @@ def accelerator_present() -> bool:
     return any(os.path.exists(node) for node in ACCELERATOR_NODES)
 
 
+def libtpu_installed() -> bool:
+    """Whether libtpu (TPU support for JAX) is installed, without loading it."""
+    import importlib.util
+
+    return importlib.util.find_spec("libtpu") is not None
+
+
 def skip_absent_tpu() -> bool:
     """Where libtpu is installed (for ``csce-plan``) but this host has no accelerator, and
     JAX_PLATFORMS is unset, set it to ``cpu`` before JAX starts: JAX would otherwise load
     libtpu to look for a TPU, which prints a page of warnings into every command's output.
     Compiling for a TPU slice (``csce-plan``) is unaffected. Returns whether it was set."""
-    import importlib.util
-
-    if "JAX_PLATFORMS" in os.environ or accelerator_present():
-        return False
-    if importlib.util.find_spec("libtpu") is None:
+    if "JAX_PLATFORMS" in os.environ or accelerator_present() or not libtpu_installed():
         return False
     os.environ["JAX_PLATFORMS"] = "cpu"
     return True

@@ -231,16 +231,29 @@ def _same_layout(shardings: Any, expected: Any) -> bool:
     return all(s.is_equivalent_to(e.sharding, len(e.shape)) for s, e in pairs)
 
 
-def compile_train(
+def abstract_run(
     config: ml_collections.ConfigDict, target: Target, request: Request
-) -> dict[str, Any]:
-    """The training step compiled for ``target``: its figures, compile time, and whether the
-    checkpoint's layout (the state restored into replicated abstract targets) is the step's
-    own input and output layout, so a restored state needs no reshard."""
+) -> tuple[jax.sharding.Mesh, state.TrainSetup]:
+    """The trainer's mesh over ``target``'s devices and the training state laid on it,
+    abstract (shapes and shardings only), with the layers of the target's platform."""
     mesh = sharding.make_mesh(devices=target.devices)
     setup = state.abstract_train_state(
         config, request.num_classes, sharding.replicated(mesh), platform=target.platform
     )
+    return mesh, setup
+
+
+def compile_train(
+    config: ml_collections.ConfigDict,
+    target: Target,
+    request: Request,
+    run: tuple[jax.sharding.Mesh, state.TrainSetup] | None = None,
+) -> dict[str, Any]:
+    """The training step compiled for ``target``: its figures, compile time, and whether the
+    checkpoint's layout (the state restored into replicated abstract targets) is the step's
+    own input and output layout, so a restored state needs no reshard. ``run``: the
+    :func:`abstract_run` already made for this config and target."""
+    mesh, setup = run or abstract_run(config, target, request)
     step = train_lib.make_train_step(
         setup.graphdef, setup.tx, setup.schedule, config, request.multilabel, mesh
     )
@@ -261,14 +274,14 @@ def compile_train(
 
 
 def compile_encode(
-    config: ml_collections.ConfigDict, target: Target, request: Request
+    config: ml_collections.ConfigDict,
+    target: Target,
+    request: Request,
+    run: tuple[jax.sharding.Mesh, state.TrainSetup] | None = None,
 ) -> dict[str, Any]:
     """The encoding step (forward, DSF, and the all-gather of codes and indices every host
-    reads) compiled for ``target``."""
-    mesh = sharding.make_mesh(devices=target.devices)
-    setup = state.abstract_train_state(
-        config, request.num_classes, sharding.replicated(mesh), platform=target.platform
-    )
+    reads) compiled for ``target`` (``run``: as for :func:`compile_train`)."""
+    mesh, setup = run or abstract_run(config, target, request)
     step = make_encode_step(
         setup.eval_graphdef,
         mesh,
@@ -296,7 +309,8 @@ def plan_target(
     capacity = target.memory_bytes()
     usable = capacity * (1 - request.margin) if capacity else None
     per_image = flops.model_flops_per_image(c, request.num_classes, platform=target.platform)
-    train = compile_train(c, target, request)
+    run = abstract_run(c, target, request)  # one abstract state for both steps
+    train = compile_train(c, target, request, run)
     _add_derived(train, per_image["train"] * request.per_device_batch, request.per_device_batch)
     report: dict[str, Any] = {
         **describe(target),
@@ -312,7 +326,7 @@ def plan_target(
         "fits": _fits(train, usable),
     }
     if encode:
-        enc = compile_encode(c, target, request)
+        enc = compile_encode(c, target, request, run)
         _add_derived(
             enc, per_image["forward"] * request.per_device_eval_batch, request.per_device_eval_batch
         )

@@ -145,9 +145,7 @@ def libtpu_without_a_tpu(names: list[str]) -> None:
 
 def libtpu_present() -> bool:
     """Whether TPU slices can be described here (libtpu is installed)."""
-    import importlib.util
-
-    return importlib.util.find_spec("libtpu") is not None
+    return hostmem.libtpu_installed()
 
 
 def _cpu(name: str, count: int) -> Target:

@@ -150,21 +150,12 @@ def main(argv: list[str]) -> None:
 
         jax.config.update("jax_num_cpu_devices", cpus)  # before the CPU backend starts
     reports = cli.error_boundary(plan_all, FLAGS.config, FLAGS.target)
-    summary = {"config": _config_name(), "targets": reports}
+    summary = {"config": cli.config_spec(sys.argv[1:])[0], "targets": reports}
     if FLAGS.out:
         from csce_jax.atomic import write_json_atomically
 
         cli.error_boundary(write_json_atomically, FLAGS.out, summary)
     print(json.dumps(summary, sort_keys=True))
-
-
-def _config_name() -> str:
-    for i, a in enumerate(sys.argv):
-        if a.startswith("--config="):
-            return a.split("=", 1)[1]
-        if a == "--config" and i + 1 < len(sys.argv):
-            return sys.argv[i + 1]
-    return ""
 
 
 def run() -> None:

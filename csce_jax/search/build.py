@@ -67,7 +67,7 @@ def build_index(
     :func:`csce_jax.search.milvus.settings` (uri, collection, index, token_env)."""
     engine_params = dict(engine_params or {})
     folder = Path(out)
-    record = _milvus_record(engine, engine_params, milvus_settings, folder)
+    record = _milvus_settings(engine, engine_params, milvus_settings, folder)
     # A server is reached before anything is written (unreachable: one line, nothing made).
     store = milvus.Store(record, folder) if record and milvus.is_server(record["uri"]) else None
     try:
@@ -104,7 +104,7 @@ def build_index(
     }
 
 
-def _milvus_record(
+def _milvus_settings(
     engine: str,
     params: dict[str, int],
     given: dict[str, Any] | None,

@@ -58,8 +58,6 @@ def check_engine(engine: str, params: dict[str, int]) -> None:
     if engine not in ENGINES:
         raise CodesError(f"--engine={engine!r}: expected one of {', '.join(ENGINES)}")
     for key, value in params.items():
-        if engine == "milvus" and key == "index":
-            continue
         if not isinstance(value, int) or value < 1:
             raise CodesError(f"engine parameter {key}={value!r}: expected a positive integer")
     if engine.startswith("faiss"):

@@ -312,8 +312,6 @@ def _connect(where: str, token: str | None):
     try:
         client = pymilvus.MilvusClient(where, **kwargs)
         client.list_collections()
-    except ImportError:
-        raise CodesError(f"the milvus engine needs Milvus Lite for a file URI: {INSTALL}") from None
     except Exception as e:
         what = "open the Milvus Lite file" if not is_server(where) else "reach Milvus at"
         raise CodesError(f"cannot {what} {where}: {_reason(e)}") from None
