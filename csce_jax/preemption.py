@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 
 import numpy as np
 from absl import logging
@@ -87,9 +88,12 @@ class StopSignals:
         self.received: str | None = None
         self.phase = "start-up"
         self._previous: dict[int, object] = {}
+        self._previous_unraisable = sys.unraisablehook
 
     def __enter__(self) -> StopSignals:
         _count_pending()  # bytes of signals already recorded
+        self._previous_unraisable = sys.unraisablehook
+        sys.unraisablehook = self._unraisable
         for sig in SIGNALS:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -103,6 +107,15 @@ class StopSignals:
             logging.warning("%s while starting: stopping now", _early[0])
             self.received = _early[0]
         return self
+
+    def _unraisable(self, info) -> None:
+        """A :class:`Preempted` raised where Python cannot propagate it (the signal arrived
+        inside a garbage-collector callback or a finaliser) is already recorded in
+        ``received`` and acted on at the next phase change: no traceback for it."""
+        if isinstance(info.exc_value, Preempted):
+            logging.warning("%s: stopping at the end of this start-up step", info.exc_value)
+            return
+        self._previous_unraisable(info)
 
     def _handle(self, signum, frame) -> None:
         del frame
@@ -143,6 +156,8 @@ class StopSignals:
     def __exit__(self, *exc) -> None:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
+        if sys.unraisablehook == self._unraisable:
+            sys.unraisablehook = self._previous_unraisable
         _early.clear()
 
     def should_stop(self, step: int, last: bool = False) -> bool:

@@ -617,3 +617,33 @@ def test_bad_host_allocator_setting_stops_train_py_in_one_line(tmp_path):
         "error: CSCE_JAX_HOST_ALLOCATOR='fast': expected one of auto, tuned, default"
     )
     assert not (tmp_path / "w").exists()
+
+
+def test_sigterm_inside_a_gc_callback_stops_at_the_next_phase_without_a_traceback(monkeypatch):
+    """A signal can arrive while Python runs a garbage-collector callback (JAX registers one),
+    where the raised stop cannot propagate: it is recorded, acted on at the next phase change,
+    and prints no "Exception ignored" traceback."""
+    import gc
+    import signal
+
+    from csce_jax.preemption import Preempted, StopSignals
+
+    def collect_callback(phase, info):
+        del info
+        if phase == "start":
+            signal.raise_signal(signal.SIGTERM)
+
+    reported = []  # what Python would print as "Exception ignored in ... Traceback"
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    with StopSignals(sync_every=1) as signals:
+        signals.enter("start-up")
+        gc.callbacks.append(collect_callback)
+        try:
+            gc.collect()
+        finally:
+            gc.callbacks.remove(collect_callback)
+        assert signals.received == "SIGTERM"
+        with pytest.raises(Preempted, match="SIGTERM during start-up"):
+            signals.enter("training")
+    assert reported == []
+    assert sys.unraisablehook == reported.append  # handed back on exit
