@@ -2,6 +2,11 @@
 
   python -m csce_jax.compare_torch --config configs/default.py --steps 50 --workdir runs/cmp
 
+With ``--gradients`` the command judges the port from one batch instead, tensor by tensor
+against float64 (:mod:`csce_jax.compare_gradients`): after the first RMSprop update the
+trajectories of any two float32 runs part, so they show how training behaves, not whether the
+port is right.
+
 From one initialisation (our seeded init exported to PyTorch, ``--init release.pt``, or a run
 folder's best checkpoint, ``--init runs/x``) both sides run N steps of the release's recipe
 (every release-compat switch on: the release's DSF and loss, RMSprop with PyTorch semantics,
@@ -127,13 +132,9 @@ class TorchSide:
                 signt=config.model.signt,
             )
             self.release = False
-        sd = convert.release_state_dict(model)
-        self.net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()})
-        self.net.to(self.dtype)
+        self.load(convert.release_state_dict(model))
         if nudge_seed is not None:
             self._nudge(nudge_seed)
-        trainable = [p for p in self.net.parameters() if p.requires_grad]
-        self.opt = torch.optim.RMSprop(trainable, lr=1e-5, alpha=0.99, eps=1e-8, weight_decay=1e-5)
 
     def _nudge(self, seed: int) -> None:
         """Move every trainable weight by one unit in the last place, up or down at random:
@@ -181,7 +182,25 @@ class TorchSide:
             return {"logits": logits, "v": v, "t": t}
         return self.net(x)
 
+    def load(self, state_dict: dict[str, np.ndarray]) -> None:
+        """Take these weights and statistics (any float dtype) and a fresh optimiser state."""
+        torch = self.torch
+        self.net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()})
+        self.net.to(self.dtype)
+        trainable = [p for p in self.net.parameters() if p.requires_grad]
+        self.opt = torch.optim.RMSprop(trainable, lr=1e-5, alpha=0.99, eps=1e-8, weight_decay=1e-5)
+
     def step(self, images, labels, margins) -> dict[str, float]:
+        out, loss, ce, quant = self.forward_backward(images, labels, margins)
+        del out
+        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        norm = float(self.torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
+        self.opt.step()
+        return {"loss": loss.item(), "ce": ce.item(), "quant": quant.item(), "grad_norm": norm}
+
+    def forward_backward(self, images, labels, margins) -> tuple[dict[str, Any], Any, Any, Any]:
+        """The training forward of one batch and the backward of its release loss: (outputs,
+        loss, ce, quant); the gradients are left in the parameters' ``.grad``."""
         self.net.train()
         out = self.forward(images)
         if self.multilabel:
@@ -202,10 +221,7 @@ class TorchSide:
             )
         self.opt.zero_grad()
         loss.backward()
-        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
-        norm = float(self.torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
-        self.opt.step()
-        return {"loss": loss.item(), "ce": ce.item(), "quant": quant.item(), "grad_norm": norm}
+        return out, loss, ce, quant
 
     def encode(self, loader: EvalLoader) -> dict[str, np.ndarray]:
         self.net.eval()
@@ -409,9 +425,16 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.INFO)
     cli.quiet_library_logs()
     f = flags.FLAGS
-    summary = cli.error_boundary(
-        compare, f.config, f.steps, f.workdir, f.init, f.release_dir, f.floor
-    )
+    if f.gradients:
+        from csce_jax.compare_gradients import compare_gradients
+
+        summary = cli.error_boundary(
+            compare_gradients, f.config, f.workdir, f.init, f.release_dir, f.points
+        )
+    else:
+        summary = cli.error_boundary(
+            compare, f.config, f.steps, f.workdir, f.init, f.release_dir, f.floor
+        )
     print(json.dumps(summary, sort_keys=True))
 
 
@@ -429,6 +452,21 @@ def run() -> None:
         ["both", "float64", "nudged", "none"],
         "the rounding floor: PyTorch trained again in float64, and/or in float32 from weights "
         "one unit in the last place away (nudged); none: skip",
+    )
+    flags.DEFINE_boolean(
+        "gradients",
+        False,
+        "judge one batch instead of a trajectory: every gradient tensor, one optimiser step, "
+        "the batch statistics and outputs of ours and PyTorch float32 against PyTorch float64 "
+        "(gradients.json, gradients.png; see csce_jax.compare_gradients)",
+    )
+    flags.DEFINE_integer(
+        "points",
+        2,
+        "with --gradients: 1, or 2 to repeat at the float64 side's step-1 weights on the next "
+        "batch",
+        lower_bound=1,
+        upper_bound=2,
     )
     flags.mark_flags_as_required(["workdir"])
     app.run(main, flags_parser=cli.flags_parser(config_required=True, module=__name__))

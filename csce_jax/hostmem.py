@@ -54,6 +54,8 @@ def skip_absent_tpu() -> bool:
     if "JAX_PLATFORMS" in os.environ or accelerator_present() or not libtpu_installed():
         return False
     os.environ["JAX_PLATFORMS"] = "cpu"
+    if "jax" in sys.modules:  # imported already: JAX read the variable then
+        sys.modules["jax"].config.update("jax_platforms", "cpu")
     return True
 
 

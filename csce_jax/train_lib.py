@@ -38,6 +38,7 @@ from csce_jax.data.verify import verify_data
 from csce_jax.encoding import Encoder
 from csce_jax.errors import CheckpointError, ConfigError, NonFiniteLossError, WorkdirError
 from csce_jax.losses import csce_loss, elastic_margins
+from csce_jax.models.csce import CSCEOutput
 from csce_jax.preemption import MAX_IN_FLIGHT, Preempted, StopSignals
 from csce_jax.run_reader import RunReader
 from csce_jax.state import TrainSetup, abstract_train_state, check_centers, create_train_state
@@ -45,6 +46,25 @@ from csce_jax.workdir import RunFolder
 from csce_jax.writers import Writers
 
 PREFETCH = 2  # sharded batches placed on the devices ahead of the step
+
+
+def forward_loss(
+    params: Any,
+    graphdef: Any,
+    rest: Any,
+    images: jax.Array,
+    labels: jax.Array,
+    margins: jax.Array,
+    loss_kw: dict[str, Any],
+) -> tuple[jax.Array, tuple[dict[str, jax.Array], CSCEOutput, Any]]:
+    """The training loss of one batch, differentiable in ``params``: (loss, (loss terms, the
+    forward's outputs, the BatchNorm statistics it updated)). The training step and the
+    gradient comparison with PyTorch (``csce_jax.compare_gradients``) both go through it."""
+    model = nnx.merge(graphdef, params, rest, copy=True)
+    out = model(images)
+    losses = csce_loss(out.logits, out.codes, out.threshold, labels, margins, **loss_kw)
+    _, _, new_rest = nnx.split(model, nnx.Param, ...)
+    return losses["loss"], (losses, out, new_rest)
 
 
 def make_train_step(graphdef, tx, schedule, config, multilabel: bool, mesh):
@@ -67,15 +87,11 @@ def make_train_step(graphdef, tx, schedule, config, multilabel: bool, mesh):
             images = jnp.where(batch["flip"][:, None, None, None], images[:, :, ::-1], images)
 
         def loss_fn(params):
-            model = nnx.merge(graphdef, params, state["rest"], copy=True)
-            out = model(images)
-            losses = csce_loss(out.logits, out.codes, out.threshold, labels, margins, **loss_kw)
-            _, _, new_rest = nnx.split(model, nnx.Param, ...)
-            return losses["loss"], (losses, new_rest)
+            return forward_loss(params, graphdef, state["rest"], images, labels, margins, loss_kw)
 
         if config.model.remat:
             loss_fn = jax.checkpoint(loss_fn)
-        grads, (losses, new_rest) = jax.grad(loss_fn, has_aux=True)(state["params"])
+        grads, (losses, _, new_rest) = jax.grad(loss_fn, has_aux=True)(state["params"])
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         new_state = {"params": params, "rest": new_rest, "opt": opt, "step": step + 1}

@@ -57,6 +57,42 @@ def plot_curves(series: dict[str, list[float]], path: str, title: str) -> None:
     plt.close(fig)
 
 
+def plot_group_errors(
+    points: list[tuple[str, dict[str, dict[str, float]]]], path: str, title: str
+) -> None:
+    """Per group, the median relative error of our float32 side beside PyTorch float32's
+    (both against float64), one panel per comparison point, log-scaled, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(points[0][1])
+    fig, axes = plt.subplots(
+        1, len(points), figsize=(6 * len(points), 0.28 * len(names) + 1.5), dpi=100, squeeze=False
+    )
+    y = np.arange(len(names))
+    for ax, (label, groups) in zip(axes[0], points, strict=True):
+        ours = [max(groups[g]["median_ours"], 1e-12) for g in names]
+        torch32 = [max(groups[g]["median_torch32"], 1e-12) for g in names]
+        ax.barh(y - 0.2, ours, height=0.4, label="ours (JAX float32)", color="tab:blue")
+        ax.barh(y + 0.2, torch32, height=0.4, label="PyTorch float32", color="tab:orange")
+        for i, g in enumerate(names):
+            if not groups[g]["ok"]:
+                ax.text(ours[i], y[i] - 0.2, "  x", va="center", color="red")
+        ax.set_yticks(y, names, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_xlabel("median relative error against PyTorch float64")
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3, axis="x")
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def _tile(src: Source, i: int, view: ViewConfig) -> Image.Image:
     arr = center_crop(resized_image(src, int(i), view), view.crop)
     return Image.fromarray(arr).resize((GRID_CELL, GRID_CELL))

@@ -196,3 +196,109 @@ def test_compare_torch_starts_from_a_run_folder_through_the_run_reader(trained_r
     assert len(got) == len(want)
     for a, b in zip(got, want, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _side(scale=1.0, fc_t=0.0, seed=0):
+    """A synthetic side of the gradient comparison: float64 values, optionally perturbed."""
+    from csce_jax.compare_gradients import SidePoint
+
+    rng = np.random.default_rng(seed)
+    base = np.random.default_rng(99)
+    names = ["conv1.weight", "fc.weight"] + [f"layer1.0.conv{i}.weight" for i in (1, 2, 3)]
+    grads = {
+        n: base.normal(size=(4, 3)) * (1 + scale * 1e-6 * rng.normal(size=(4, 3))) for n in names
+    }
+    grads["fc_t.weight"] = np.full((1, 3), fc_t)
+    same = {n: g.copy() for n, g in grads.items()}
+    output = {"loss": np.float64(1.0), "v": base.normal(size=(2, 8)), "t": np.full((2, 1), 0.01)}
+    return SidePoint(gradient=grads, update=same, statistic={}, output=output)
+
+
+def test_gradient_verdict_judges_group_medians_against_pytorch_float32():
+    """A group passes while its median error is within 2x PyTorch float32's (one tensor far
+    worse is an excursion, named with its worst channel, not a failure); a group whose median
+    is far worse fails; a gradient where float64 has none fails at once."""
+    from csce_jax.compare_gradients import compare_point
+
+    exact = _side(scale=0.0)
+    torch32 = _side(scale=50.0, seed=1)
+    ours = _side(scale=50.0, seed=2)
+    point = compare_point(ours, torch32, exact)
+    assert point["ok"] and point["failed_groups"] == []
+    assert point["groups"]["gradient/stage1"]["tensors"] == 3
+    # One tensor 1000x worse in one channel: listed, explained, not failed (its group has three).
+    ours.gradient["layer1.0.conv1.weight"][2] *= 1 + 1e-3
+    point = compare_point(ours, torch32, exact)
+    (exc,) = [e for e in point["excursions"] if e["kind"] == "gradient"]
+    assert exc["name"] == "layer1.0.conv1.weight" and exc["excursion"]["worse"] == "ours"
+    assert exc["excursion"]["channel"] == 2 and exc["excursion"]["share"] > 0.9
+    assert point["groups"]["gradient/stage1"]["ok"]
+    # Most of the stage far worse: its median fails.
+    ours.gradient["layer1.0.conv2.weight"] *= 1 + 1e-3
+    point = compare_point(ours, torch32, exact)
+    assert not point["ok"] and point["failed_groups"] == ["gradient/stage1"]
+    # A gradient let through where the release has none.
+    point = compare_point(_side(scale=50.0, seed=2, fc_t=1e-3), torch32, exact)
+    assert not point["ok"] and point["gradient_flow_mismatch"] == ["fc_t.weight"]
+
+
+@pytest.mark.slow
+def test_compare_gradients_passes_the_port_at_two_points(tmp_path):
+    pytest.importorskip("torch")
+    out = run_module(
+        "-m",
+        "csce_jax.compare_torch",
+        "--gradients",
+        "--config",
+        "configs/default.py",
+        "--config.batch_size=8",
+        "--workdir",
+        str(tmp_path),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["mode"] == "gradients" and summary["points"] == 2
+    assert summary["port_ok"] is True, summary
+    assert summary["failed"] == [] and summary["gradient_flow_mismatch"] == []
+    # Our float32 gradient is no further from float64 than PyTorch's own float32 (a margin).
+    assert all(r < 2.0 for r in summary["whole_gradient_ratio"])
+    report = json.loads((tmp_path / "gradients.json").read_text())
+    names = {t["name"] for t in report["points"][0]["tensors"] if t["kind"] == "gradient"}
+    assert {"conv1.weight", "layer4.0.conv3.weight", "localmodel.conv1.weight"} <= names
+    assert {"conv_last.weight", "fc.weight", "fc_t.weight"} <= names
+    groups = report["points"][1]["groups"]
+    assert {"gradient/stem", "update/heads", "statistic/stage4", "output/loss and codes"} <= set(
+        groups
+    )
+    assert (tmp_path / "gradients.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("error", ["batchnorm_without_epsilon", "threshold_estimator"])
+def test_compare_gradients_flags_a_planted_porting_error(tmp_path, monkeypatch, error):
+    """A BatchNorm whose variance lacks the epsilon, or the loss reaching v through the DSF's
+    surrogate (the release stops it): the port is failed, by whole groups of gradients."""
+    pytest.importorskip("torch")
+    from csce_jax import builders
+    from csce_jax.compare_gradients import compare_gradients
+    from csce_jax.models import layers
+    from csce_jax.presets.default import get_config
+
+    if error == "batchnorm_without_epsilon":
+        init = layers.BatchNorm.__init__
+
+        def without_epsilon(self, *args, **kwargs):
+            init(self, *args, **{**kwargs, "epsilon": 0.0})
+
+        monkeypatch.setattr(layers.BatchNorm, "__init__", without_epsilon)
+    else:
+        options = builders.loss_options
+        monkeypatch.setattr(
+            builders, "loss_options", lambda c, m: {**options(c, m), "estimator": "ste"}
+        )
+    config = get_config()
+    config.batch_size = 8
+    summary = compare_gradients(config, str(tmp_path), points=1)
+    assert summary["port_ok"] is False
+    assert "initial weights: gradient/stage3" in summary["failed"]
+    assert min(summary["whole_gradient_ratio"]) > 10
