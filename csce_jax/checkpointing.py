@@ -221,7 +221,7 @@ class Checkpoints:
             return found
         if errors:
             raise CheckpointError(
-                "no checkpoint could be restored:\n  " + "\n  ".join(m for _, m in errors)
+                "no checkpoint could be restored: " + "; ".join(m for _, m in errors)
             )
         return None
 
@@ -244,19 +244,37 @@ class Checkpoints:
             multihost_utils.sync_global_devices("csce_jax.checkpoints.set_aside")
         self.manager.reload()
 
-    def set_aside_unreadable(self) -> None:
+    def set_aside_unreadable(self, *, start_over: bool = False) -> None:
         """Set aside every step folder whose record does not read (a junk or half-copied
-        folder would hold a slot of the keep policy). Every process of a job calls it."""
-        bad = []
-        for s in self.steps():
+        folder would hold a slot of the keep policy). Every process of a job calls it.
+
+        Where no step's record reads, nothing is moved and the run stops (one line naming
+        each step and why): a run never starts again from step 0 by itself. ``start_over``
+        (the trainer's ``--start_over``) sets every step aside, readable or not."""
+        steps = self.steps()
+        if start_over:
+            if steps:
+                logging.warning("--start_over: setting aside steps %s, training from 0", steps)
+            self._set_aside(steps)
+            return
+        bad = {}
+        for s in steps:
             try:
                 meta = self.read_meta(s)
                 if not isinstance(meta.get("step"), int):
                     raise CheckpointError("no step in its record")
             except CheckpointError as e:
-                logging.error("checkpoint %s has no readable record: %s", s, e)
-                bad.append(s)
-        self._set_aside(bad)
+                bad[s] = _reason(e.__cause__) if e.__cause__ else str(e)
+        if steps and len(bad) == len(steps):
+            listed = "; ".join(f"step {s}: {why}" for s, why in bad.items())
+            raise CheckpointError(
+                f"{self.directory} holds no checkpoint whose record reads ({listed}); nothing "
+                "was moved. Restore the files, or rerun with --start_over to set them aside "
+                "and train from step 0"
+            )
+        for s, why in bad.items():
+            logging.error("checkpoint %s has no readable record: %s", s, why)
+        self._set_aside(list(bad))
 
     def restore_state(
         self, target: dict[str, Any], step: int | None = None

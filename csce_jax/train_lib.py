@@ -144,10 +144,11 @@ class Run:
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str | os.PathLike
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, start_over: bool = False
 ) -> dict[str, Any]:
     """Train (or resume) ``config`` in ``workdir``; returns the final metrics row, or
-    ``{"step", "preempted": True}`` when a signal stopped it (every checkpoint whole)."""
+    ``{"step", "preempted": True}`` when a signal stopped it (every checkpoint whole).
+    ``start_over``: set every checkpoint of the folder aside and train from step 0."""
     run = None
     with StopSignals(config.log_every_steps) as signals:
         try:
@@ -157,7 +158,7 @@ def train_and_evaluate(
             signals.reinstall()  # after JAX's own SIGTERM handler of a multi-host job
             check_config(config, jax.device_count(), jax.process_count())
             with RunFolder(workdir, lead=jax.process_index() == 0) as folder:
-                run, state = start_run(config, folder)
+                run, state = start_run(config, folder, start_over=start_over)
                 if run.finished is not None:
                     return run.finished
                 return train_loop(run, state, signals)
@@ -203,8 +204,11 @@ def train_loop(run: Run, state: Any, signals: StopSignals) -> dict[str, Any]:
     return finish(run, state)
 
 
-def start_run(config: ml_collections.ConfigDict, folder: RunFolder) -> tuple[Run, Any]:
-    """Check the folder and the data, then restore the newest checkpoint or initialise."""
+def start_run(
+    config: ml_collections.ConfigDict, folder: RunFolder, *, start_over: bool = False
+) -> tuple[Run, Any]:
+    """Check the folder and the data, then restore the newest checkpoint or initialise
+    (``start_over``: every checkpoint set aside, nothing resumed, no config compared)."""
     data = load_data(config.data)
     per_epoch = resolve_epochs(config, len(data.fit))
     if config.epochs:
@@ -216,13 +220,15 @@ def start_run(config: ml_collections.ConfigDict, folder: RunFolder) -> tuple[Run
             config.batch_size,
             config.total_steps,
         )
-    changes = folder.check_resume(config, saved_run_config(folder))  # before anything is written
+    changes = {}
+    if not start_over:  # before anything is written
+        changes = folder.check_resume(config, saved_run_config(folder))
     if config.data.verify:
         verify_data(data, config.data, report=folder.layout.data_report)
     mesh = sharding.make_mesh()
     repl = sharding.replicated(mesh)
     ckpts = Checkpoints(folder.path, keep=config.keep_checkpoints)
-    ckpts.set_aside_unreadable()  # every process: reading a record is collective
+    ckpts.set_aside_unreadable(start_over=start_over)  # every process: reading is collective
     abstract = abstract_train_state(config, data.num_classes, repl)
     restored = ckpts.restore_state(abstract.state) if folder.has_checkpoints() else None
     if restored is None:

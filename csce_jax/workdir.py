@@ -132,6 +132,7 @@ class RunFolder:
         newest checkpoint; ``config.json`` when none is), refused with nothing written unless
         all resumable. A missing, broken or hand-edited ``config.json`` changes nothing."""
         old = saved if saved is not None else self.recorded_config()
+        source = "its newest checkpoint's record" if saved is not None else self.layout.config
         if old is None or not self.has_checkpoints():
             return {}
         changes = config_changes(old, config_json(config))
@@ -141,7 +142,7 @@ class RunFolder:
             raise WorkdirError(
                 f"{self.path} holds a run with another config ({listed}). These change what "
                 "the run computes, so it cannot resume with them: use a new --workdir, or rerun "
-                f"with the values in {self.layout.config}."
+                f"with the run's values (the first of each pair, from {source})."
             )
         return changes
 

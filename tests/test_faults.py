@@ -129,6 +129,35 @@ def test_a_junk_step_folder_holds_no_slot_of_the_keep_policy(tmp_path):
     assert [p.name.split("-")[0] for p in (tmp_path / "corrupt_checkpoints").iterdir()] == ["1"]
 
 
+def test_no_readable_checkpoint_record_stops_the_run_and_start_over_is_explicit(tmp_path):
+    """Every step's record gone: the trainer names each step, moves nothing and does not
+    start again from step 0 by itself; ``start_over`` sets them aside and trains from 0."""
+    c = tiny_config(2)
+    c.checkpoint_every_steps = 1
+    train_lib.train_and_evaluate(c, tmp_path)
+    assert saved_steps(tmp_path) == [1, 2]
+    for step in (1, 2):
+        metadata = tmp_path / "checkpoints" / str(step) / "meta" / "metadata"
+        assert metadata.is_file()
+        metadata.unlink()
+    rows = read_rows(tmp_path)
+    c.total_steps = 3
+    with pytest.raises(CheckpointError) as refused:
+        train_lib.train_and_evaluate(c, tmp_path)
+    message = str(refused.value)
+    assert "\n" not in message and "step 1: " in message and "step 2: " in message
+    assert "--start_over" in message and "nothing was moved" in message
+    assert saved_steps(tmp_path) == [1, 2] and not (tmp_path / "corrupt_checkpoints").exists()
+    assert read_rows(tmp_path) == rows  # nothing rewritten
+    out = train_lib.train_and_evaluate(c, tmp_path, start_over=True)
+    assert out["step"] == 3
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "corrupt_checkpoints").iterdir()) == [
+        "1",
+        "2",
+    ]
+    assert [r["step"] for r in read_rows(tmp_path) if "loss" in r] == [1, 2, 3]
+
+
 def test_readers_never_write_into_a_run(finished_run, tmp_path):
     """eval.py and search index on a run that is (as far as they know) still saving a step."""
     in_progress = finished_run / "checkpoints" / "3.orbax-checkpoint-tmp-1234567"

@@ -23,7 +23,9 @@ def main(argv: list[str]) -> None:
     cli.quiet_library_logs()
     from csce_jax import train_lib  # JAX loads here, after the flags (a quick --help)
 
-    final = cli.error_boundary(train_lib.train_and_evaluate, FLAGS.config, FLAGS.workdir)
+    final = cli.error_boundary(
+        train_lib.train_and_evaluate, FLAGS.config, FLAGS.workdir, start_over=FLAGS.start_over
+    )
     print(json.dumps(final, sort_keys=True))
     if final.get("preempted"):
         raise SystemExit(FLAGS.config.preempted_exit_code)
@@ -37,5 +39,12 @@ def run() -> None:
     preemption.install_early()  # a Ctrl-C or SIGTERM while the libraries load is not lost
     flags.DEFINE_string(
         "workdir", None, "output folder (checkpoints, metrics.jsonl)", required=True
+    )
+    flags.DEFINE_boolean(
+        "start_over",
+        False,
+        "train from step 0 in a workdir that holds checkpoints: every one is moved to "
+        "corrupt_checkpoints/ (kept), none resumed; without it a run resumes, or stops when no "
+        "checkpoint's record reads",
     )
     app.run(main, flags_parser=cli.flags_parser(config_required=True, module=__name__))
