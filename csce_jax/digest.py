@@ -1,7 +1,8 @@
 """A content digest of a tree of arrays, computed where the arrays are (one small transfer).
 
 A checkpoint records the digest of what it saved; a restore recomputes it over what it read,
-so a damaged or edited file is refused instead of training on. Each leaf's bits (as unsigned
+so a damaged or edited file is refused instead of training on. (Files an index writes are
+digested by their bytes instead: :func:`file_digest`, :func:`json_digest`.) Each leaf's bits (as unsigned
 integers) are summed with odd position weights modulo 2^32: any change of one element changes
 the sum, since an odd weight is invertible modulo 2^32. The per-leaf sums, shapes and dtypes
 (in the tree's flattening order) are then hashed together.
@@ -10,6 +11,8 @@ the sum, since an odd weight is invertible modulo 2^32. The per-leaf sums, shape
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from typing import Any
 
 import jax
@@ -44,3 +47,20 @@ def tree_digest(tree: Any) -> str:
     h = hashlib.sha256(repr(shapes).encode())
     h.update(sums.tobytes())
     return h.hexdigest()[:16]
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (hex), read in blocks: what an index records of each
+    file it writes and checks when it reads it."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def json_digest(record: dict[str, Any]) -> str:
+    """The SHA-256 of a JSON record in canonical form (sorted keys), without its own
+    ``digest`` field: a manifest carries it to show it was not edited."""
+    body = {k: v for k, v in record.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()

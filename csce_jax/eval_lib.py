@@ -128,6 +128,8 @@ def read_codes(path: str, bits: int | None) -> np.ndarray:
         return metrics.unpack_codes(codes, bits)
     if not (np.issubdtype(codes.dtype, np.number) or codes.dtype == np.bool_):
         raise CodesError(f"{path}: codes of dtype {codes.dtype} (expected numbers)")
+    if np.iscomplexobj(codes):
+        raise CodesError(f"{path}: codes of dtype {codes.dtype} (complex; expected -1 or +1)")
     values = codes.astype(np.float64)
     if not np.isfinite(values).all():
         raise CodesError(f"{path}: {int((~np.isfinite(values)).sum())} non-finite code values")
@@ -148,7 +150,9 @@ def read_labels(path: str, count: int, codes_path: str) -> np.ndarray:
         raise CodesError(f"{path}: labels must be 1-D or 2-D, got shape {labels.shape}")
     if len(labels) != count:
         raise CodesError(f"{codes_path} has {count} codes but {path} {len(labels)} labels")
-    if not (np.issubdtype(labels.dtype, np.number) or labels.dtype == np.bool_):
+    if np.iscomplexobj(labels) or not (
+        np.issubdtype(labels.dtype, np.number) or labels.dtype == np.bool_
+    ):
         raise CodesError(f"{path}: labels of dtype {labels.dtype} (expected integers)")
     values = labels.astype(np.float64)
     if not np.isfinite(values).all() or (values != np.round(values)).any():
@@ -180,6 +184,12 @@ def score_npy(
         )
     ql = read_labels(query_labels, len(q), query_codes)
     dl = read_labels(db_labels, len(d), db_codes)
+    if ql.ndim != dl.ndim:
+        kinds = {1: "class indices (1-D)", 2: "0/1 label vectors (2-D)"}
+        raise CodesError(
+            f"{query_labels} holds {kinds[ql.ndim]} but {db_labels} {kinds[dl.ndim]}: give "
+            "both in one form"
+        )
     if ql.ndim == 2 and dl.ndim == 2 and ql.shape[1] != dl.shape[1]:
         raise CodesError(
             f"{query_labels} has {ql.shape[1]} classes per vector but {db_labels} {dl.shape[1]}"

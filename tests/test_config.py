@@ -125,3 +125,27 @@ def test_the_config_file_is_read_once_and_its_errors_are_one_line(tmp_path):
     ), out.stderr[-2000:]
     assert marker.read_text() == "read\n"
     assert not Path(tmp_path / "w" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("dsf.temperature", float("nan"), r"must be a finite number in \(0, 100\]"),
+        ("dsf.temperature", 0.0, r"must be a finite number in \(0, 100\]"),
+        ("loss.scale", 0.0, r"must be a finite number in \(0, 1000\]"),
+        ("loss.scale", float("inf"), "must be a finite number"),
+        ("loss.margin", -0.1, r"in \[0, 1.5708\)"),
+        ("loss.margin", float("nan"), "must be a finite number"),
+        ("model.signt", 1.5, r"in \[0, 1\)"),
+        ("model.signt", -0.01, r"in \[0, 1\)"),
+        ("data.topk", -2, "must be 0 \\(the protocol's\\), -1"),
+    ],
+)
+def test_out_of_range_loss_and_dsf_values_are_refused_naming_the_key(key, value, message):
+    """A NaN or zero temperature, a scale or margin out of range, a threshold clip outside
+    [0, 1), a cut-off below -1: refused before anything runs (not a NaN loss later)."""
+    config = base_config()
+    section, name = key.split(".")
+    config[section][name] = value
+    with pytest.raises(ConfigError, match=rf"config\.{key}=.*{message}"):
+        check_config(config, 1, 1)

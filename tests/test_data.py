@@ -1,5 +1,7 @@
 """Sources, decoding of awkward images, list files, folders, manual layouts, digits, tfds mocks."""
 
+import shutil
+
 import numpy as np
 import pytest
 from conftest import run_module
@@ -226,6 +228,46 @@ def test_nabirds_and_vegfru_manual_layouts(tmp_path):
         vegfru_sources(tmp_path)
     train, test = vegfru_sources(tmp_path, skip_missing=True)
     assert train.labels.tolist() == [0, 291] and len(test) == 0
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("veg200_images/x/1.jpg", "vegfru_train.txt:2: expected `<image path> <class number>`"),
+        ("veg200_images/x/1.jpg 3.5", "vegfru_train.txt:2: expected .*found 'veg200_images"),
+        ("veg200_images/x/1.jpg \u0663", "vegfru_train.txt:2: expected `<image path>"),
+    ],
+)
+def test_vegfru_lines_without_a_whole_label_are_one_line(tmp_path, line, message):
+    from csce_jax.data.sources import vegfru_sources
+
+    vf = tmp_path / "vegfru"
+    _save(vf / "veg200_images" / "x" / "1.jpg", "RGB")
+    (vf / "vegfru_list").mkdir()
+    (vf / "vegfru_list" / "vegfru_train.txt").write_text(f"veg200_images/x/1.jpg 0\n{line}\n")
+    (vf / "vegfru_list" / "vegfru_test.txt").write_text("veg200_images/x/1.jpg 0\n")
+    with pytest.raises(DataError, match=message):
+        vegfru_sources(tmp_path)
+
+
+def test_list_files_name_bad_bytes_and_keep_paths_as_written(image_tree, tmp_path):
+    """A non-UTF-8 byte is named by file, line and column; a byte order mark is not part of
+    the first path; a path with a space is named (and found) as it is written."""
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes(b"cat/rgb.jpg 1 0\ncat/caf\xe9.jpg 0 1\n")
+    with pytest.raises(DataError, match=r"latin1.txt:2: not UTF-8 text \(byte 0xe9 at column 8\)"):
+        list_file_source(bad, image_root=image_tree, multilabel=False)
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("cat/rgb.jpg 1 0\ndog/rgb2.jpg 0 1\n".encode("utf-8-sig"))
+    assert len(list_file_source(bom, image_root=image_tree, multilabel=False)) == 2
+    (image_tree / "my cat").mkdir()
+    shutil.copy(image_tree / "cat" / "rgb.jpg", image_tree / "my cat" / "a b.jpg")
+    spaced = tmp_path / "spaced.txt"
+    spaced.write_text("my cat/a b.jpg 1 0\nmy cat/gone now.jpg 0 1\n")
+    with pytest.raises(DataError, match=r"my cat/gone now.jpg \(.*spaced.txt:2\)"):
+        list_file_source(spaced, image_root=image_tree, multilabel=False)
+    src = list_file_source(spaced, image_root=image_tree, multilabel=False, skip_missing=True)
+    assert len(src) == 1 and str(src[0]["image"]).endswith("my cat/a b.jpg")
 
 
 def test_split_lists_command_writes_counts_and_checksums(tmp_path):

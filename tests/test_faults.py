@@ -345,6 +345,10 @@ def _codes_files(tmp_path, q, d, ql, dl):
         ("packed_no_bits", "packed uint8 codes: pass --bits"),
         ("not_binary", "codes must be -1 or \\+1"),
         ("empty", "no codes \\(an array of shape \\(0, 64\\)\\)"),
+        ("complex", "complex; expected -1 or \\+1"),
+        ("labels_1d_vs_2d", "holds class indices \\(1-D\\) but .*0/1 label vectors \\(2-D\\)"),
+        ("topk_negative", "--topk -5: must be positive \\(or -1"),
+        ("topk_zero", "--topk 0: must be positive"),
     ],
 )
 def test_scoring_codes_refuses_malformed_input(tmp_path, case, message):
@@ -370,9 +374,21 @@ def test_scoring_codes_refuses_malformed_input(tmp_path, case, message):
         q = q * 3
     elif case == "empty":
         q, ql = q[:0], ql[:0]
+    elif case == "complex":
+        q = q.astype(np.complex64)
+    elif case == "labels_1d_vs_2d":
+        dl = np.eye(3, dtype=np.int64)[dl]
+    topk = {"topk_negative": -5, "topk_zero": 0}.get(case)
     p = _codes_files(tmp_path, q, d, ql, dl)
     with pytest.raises(CodesError, match=message):
-        eval_lib.score_npy(p["q"], p["d"], p["ql"], p["dl"], None, bits)
+        eval_lib.score_npy(p["q"], p["d"], p["ql"], p["dl"], topk, bits)
+    if case == "topk_negative":  # eval.py passes -5 on (only -1 means the whole database)
+        out = run_module(
+            "eval.py",
+            *("--query_codes", p["q"], "--db_codes", p["d"]),
+            *("--query_labels", p["ql"], "--db_labels", p["dl"], "--topk", "-5"),
+        )
+        assert out.returncode == 1 and "error: --topk -5: must be positive" in out.stderr
 
 
 def test_eval_py_reports_bad_codes_in_one_line(tmp_path):
@@ -432,10 +448,11 @@ def test_a_search_index_works_from_any_folder_and_refuses_tampering(finished_run
     manifest = tmp_path / "idx" / "index.json"
     record = json.loads(manifest.read_text())
     manifest.write_text(json.dumps({**record, "count": 5}))
-    with pytest.raises(CodesError, match="records 5 codes, its shards 4"):
+    with pytest.raises(CodesError, match="does not match its own digest"):
         search.load_index(str(tmp_path / "idx"))
+    manifest.write_text(json.dumps(record))
     (tmp_path / "idx" / "shards" / "00000.npz").write_bytes(b"junk")
-    with pytest.raises(CodesError, match="missing or not this index's"):
+    with pytest.raises(CodesError, match="00000.npz does not match the digest"):
         search.load_index(str(tmp_path / "idx"))
 
 

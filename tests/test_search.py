@@ -68,6 +68,25 @@ def test_approximate_engines_are_saved_and_find_the_near_codes(engine, tmp_path)
         engines.load(record, db[:-1], 32, tmp_path)
 
 
+def test_a_changed_or_missing_faiss_file_is_refused_by_its_digest(tmp_path):
+    """8 bytes changed inside an IVF file still read as a faiss index (other hits, no word)
+    unless its digest, recorded when it was written, is checked."""
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(1)
+    db = metrics.pack_codes(_clustered_codes(rng, 3000, 64))
+    record = engines.build("faiss-ivf", db, 64, {}, tmp_path)
+    path = tmp_path / record["file"]
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 8] = bytes(255 - b for b in data[middle : middle + 8])
+    path.write_bytes(bytes(data))
+    with pytest.raises(CodesError, match="does not match the digest recorded in index.json"):
+        engines.load(record, db, 64, tmp_path)
+    path.unlink()
+    with pytest.raises(CodesError, match="is missing, but the manifest names the faiss-ivf"):
+        engines.load(record, db, 64, tmp_path)
+
+
 def test_without_faiss_the_engine_is_refused_with_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)
     with pytest.raises(CodesError, match=r"pip install faiss-cpu"):
@@ -93,6 +112,22 @@ def photo_index(trained_run, tmp_path_factory):
     summary = build_index(str(trained_run), str(root / "idx"), images=str(photos), shard_size=4)
     assert summary["indexed"] == 14 and summary["shards"] == 4
     return root / "idx", photos
+
+
+def test_a_shard_replaced_by_another_or_an_edited_manifest_is_refused(photo_index, tmp_path):
+    index, _ = photo_index
+    copy = tmp_path / "idx"
+    shutil.copytree(index, copy)
+    assert len(load_index(copy).paths) == 14
+    shutil.copy(copy / "shards" / "00000.npz", copy / "shards" / "00001.npz")  # same plan, count
+    with pytest.raises(CodesError, match=r"00001.npz does not match the digest"):
+        load_index(copy)
+    shutil.copy(index / "shards" / "00001.npz", copy / "shards" / "00001.npz")
+    manifest = json.loads((copy / "index.json").read_text())
+    manifest["skipped"] = ["an edit"]
+    (copy / "index.json").write_text(json.dumps(manifest))
+    with pytest.raises(CodesError, match="index.json does not match its own digest"):
+        load_index(copy)
 
 
 def test_an_interrupted_index_resumes_without_redoing_finished_shards(

@@ -44,7 +44,7 @@ def _score_npy(eval_lib) -> dict:
     missing = [f for f in ("db_codes", "query_labels", "db_labels") if not getattr(FLAGS, f)]
     if missing:
         raise app.UsageError(f"--query_codes also needs --{', --'.join(missing)}")
-    topk = None if FLAGS.topk < 0 else FLAGS.topk
+    topk = None if FLAGS.topk == -1 else FLAGS.topk  # any other value <= 0 is refused
     return cli.error_boundary(
         eval_lib.score_npy,
         FLAGS.query_codes,

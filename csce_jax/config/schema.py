@@ -54,6 +54,23 @@ def positive_number(v: Any) -> str | None:
     return None if ok else "must be a positive finite number"
 
 
+def finite_in(low: float, high: float, *, low_open: bool = False, high_open: bool = True):
+    """A finite number in the interval from ``low`` to ``high`` (open ends as flagged)."""
+    left, right = "(" if low_open else "[", ")" if high_open else "]"
+
+    def check(v: Any) -> str | None:
+        ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        ok = ok and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+        return None if ok else f"must be a finite number in {left}{low:g}, {high:g}{right}"
+
+    return check
+
+
+def topk_cutoff(v: Any) -> str | None:
+    ok = isinstance(v, int) and not isinstance(v, bool) and v >= -1
+    return None if ok else "must be 0 (the protocol's), -1 (the whole database) or k > 0"
+
+
 def block_counts(v: Any) -> str | None:
     ok = len(v) == 4 and all(isinstance(d, int) and d > 0 for d in v)
     return None if ok else "must be 4 positive block counts, one per ResNet stage"
@@ -120,7 +137,7 @@ FIELDS: tuple[Field, ...] = (
     _f("data.val_fraction", 0.1, "seeded, stratified hold-out of the training set", check=fraction),
     _f("data.query_fraction", 0.1, "image folders: share of images used as queries", check=fraction),
     _f("data.split_seed", 0, "seed of the validation and query hold-outs"),
-    _f("data.topk", 0, "mAP cut-off: 0 the protocol's, -1 the whole database, k > 0 k"),
+    _f("data.topk", 0, "mAP cut-off: 0 the protocol's, -1 the whole database, k > 0 k", check=topk_cutoff),
     _f("data.skip_corrupt", False, "skip (and count) unreadable images", resumable=True),
     _f("data.verify", False, "decode every image once before training", resumable=True),
     _f("data.allow_size_mismatch", False, "accept split sizes other than the documented"),
@@ -132,7 +149,7 @@ FIELDS: tuple[Field, ...] = (
     _f("model.window_sizes", (2, 4), "local windows of the patch features", check=window_sizes),
     _f("model.use_aspp", False, "the paper figure's ASPP block before the local attention"),
     _f("model.learn_centers", False, "train the hash centres"),
-    _f("model.signt", 0.01, "threshold clip"),
+    _f("model.signt", 0.01, "threshold clip", check=finite_in(0, 1)),
     _f("model.dtype", "float32", "compute dtype (parameters stay float32)", choices=("float32", "bfloat16")),
     _f("model.remat", False, "rematerialise the backbone in the backward pass", resumable=True),
     _f("model.kernels", "auto", "layer implementations: auto, xla or cpu (same mathematics)", choices=("auto", "xla", "cpu"), resumable=True),
@@ -140,15 +157,15 @@ FIELDS: tuple[Field, ...] = (
     _f("model.init_scope", "auto", "what init_from loads: model, backbone, or auto", choices=("auto", "model", "backbone"), resumable=True),
     # --- loss, DSF, optimiser ------------------------------------------------------------
     _f("loss.margin_type", "arc", "additive angular (arc) or cosine margin", choices=("arc", "cos")),
-    _f("loss.margin", 0.15, "the margin m (the mean, for the elastic margin)"),
-    _f("loss.margin_std", 0.125, "elastic margin (single-label)"),
-    _f("loss.scale", 10.0, "logit scale s"),
-    _f("loss.ce", 1.0, "weight of the centre loss"),
-    _f("loss.quan", 1.0, "weight of the quantisation loss"),
+    _f("loss.margin", 0.15, "the margin m (the mean, for the elastic margin)", check=finite_in(0, math.pi / 2)),
+    _f("loss.margin_std", 0.125, "elastic margin (single-label)", check=finite_in(0, 1)),
+    _f("loss.scale", 10.0, "logit scale s", check=finite_in(0, 1000, low_open=True, high_open=False)),
+    _f("loss.ce", 1.0, "weight of the centre loss", check=finite_in(0, 1000, high_open=False)),
+    _f("loss.quan", 1.0, "weight of the quantisation loss", check=finite_in(0, 1000, high_open=False)),
     _f("loss.quan_type", "cs", "quantisation loss: cosine (the release), l1 or l2", choices=("cs", "l1", "l2")),
     _f("loss.multilabel_loss", "label_smoothing", "multi-label centre loss", choices=("label_smoothing", "bce")),
     _f("dsf.estimator", "ste", "ste, or release (the release's frozen threshold)", choices=("ste", "release")),
-    _f("dsf.temperature", 0.1, "the soft sign's temperature in training"),
+    _f("dsf.temperature", 0.1, "the soft sign's temperature in training", check=finite_in(0, 100, low_open=True, high_open=False)),
     _f("optimizer.name", "rmsprop", "rmsprop has PyTorch's semantics", choices=("rmsprop", "adamw", "sgd")),
     _f("optimizer.lr", 1e-5, "peak learning rate", check=positive_number),
     _f("optimizer.weight_decay", 1e-5, "L2 added to the gradient (rmsprop, sgd); decoupled (adamw)", check=at_least(0)),

@@ -11,6 +11,7 @@ class index (single-label) or a multi-hot vector, and ``where`` names the record
 from __future__ import annotations
 
 import os
+import re
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -81,6 +82,26 @@ class _Take(Sequence):
         return self.seq[int(self.indices[i])]
 
 
+def text_lines(path: Path) -> list[tuple[int, str]]:
+    """The numbered non-blank lines of a text file, read as UTF-8 (a byte order mark at its
+    start dropped); a line that is not UTF-8 is refused naming the file, line and byte."""
+    out = []
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    for n, raw in enumerate(data.splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(
+                f"{path}:{n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                f"{e.start + 1}); save the file as UTF-8"
+            ) from None
+        if line.strip():
+            out.append((n, line))
+    return out
+
+
 def _existing(
     paths: list[Path], labels: np.ndarray, where: list[str], skip_missing: bool, name: str
 ) -> Source:
@@ -129,11 +150,9 @@ class ListFile:
         self.lines: list[int] = []
         vectors: list[np.ndarray] = []
         first_line: dict[str, int] = {}
-        for n, line in enumerate(self.path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            name, *values = line.split()
+        for n, line in text_lines(self.path):
             try:
+                name, values = self._fields(line, width, n)
                 vec = self._vector(values, width, n)
                 if name in first_line:
                     raise DataError(
@@ -160,6 +179,27 @@ class ListFile:
         if not vectors:
             raise DataError(f"{self.path}: no usable line (expected `path/to/image.jpg 0 1 0 ...`)")
         self.vectors = np.stack(vectors)
+
+    def _fields(self, line: str, width: int | None, n: int) -> tuple[str, list[str]]:
+        """The image path (spaces in it kept) and the label values: the 0/1 tokens at the
+        line's end (``width`` of them where known)."""
+        tokens = line.split()
+        count = 0
+        while count < len(tokens) - 1 and tokens[-1 - count] in ("0", "1"):
+            count += 1
+        if width is not None:
+            count = min(count, width)
+        name_tokens = tokens[: len(tokens) - count]
+        last = name_tokens[-1]
+        if len(name_tokens) > 1 and (count == 0 or re.fullmatch(r"[-+]?\d+(\.\d*)?", last)):
+            raise DataError(f"{self.path}:{n}: label values must be 0 or 1, found {last!r}")
+        values = tokens[len(tokens) - count :]
+        # The path as written: from the first token to the end of the last path token.
+        start = line.index(name_tokens[0])
+        end = start
+        for token in name_tokens:
+            end = line.index(token, end) + len(token)
+        return line[start:end], values
 
     def _vector(self, values: list[str], width: int | None, n: int) -> np.ndarray:
         loc = f"{self.path}:{n}"
@@ -390,9 +430,7 @@ def aircraft_sources(
     for split in ("trainval", "test"):
         f = base / f"images_variant_{split}.txt"
         paths, labels, where = [], [], []
-        for n, line in enumerate(f.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
+        for n, line in text_lines(f):
             image_id, _, variant = line.partition(" ")
             if variant not in index:
                 raise DataError(f"{f}:{n}: unknown variant {variant!r}")
@@ -451,12 +489,15 @@ def vegfru_sources(
     for split in ("train", "test"):
         f = base / "vegfru_list" / f"vegfru_{split}.txt"
         paths, labels, where = [], [], []
-        for n, line in enumerate(f.read_text().splitlines(), 1):
-            if line.strip():
-                rel, label = line.rsplit(maxsplit=1)
-                paths.append(base / rel)
-                labels.append(int(label))
-                where.append(f"{paths[-1]} ({f}:{n})")
+        for n, line in text_lines(f):
+            rel, _, label = line.strip().rpartition(" ")
+            if not rel or not label.isascii() or not label.isdigit():
+                raise DataError(
+                    f"{f}:{n}: expected `<image path> <class number>`, found {line.strip()!r}"
+                )
+            paths.append(base / rel.strip())
+            labels.append(int(label))
+            where.append(f"{paths[-1]} ({f}:{n})")
         out.append(
             _existing(paths, np.asarray(labels, np.int32), where, skip_missing, f"vegfru/{split}")
         )

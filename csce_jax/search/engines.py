@@ -18,6 +18,7 @@ whose last 4 are zero in every code, which changes no distance. faiss is optiona
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from csce_jax.atomic import write_file_atomically
+from csce_jax.digest import file_digest
 from csce_jax.errors import CodesError
 from csce_jax.search import milvus
 
@@ -164,8 +166,9 @@ def build(
     index = _faiss_index(engine, codes, params)
     record["build_seconds"] = round(time.perf_counter() - start, 3)
     record["file"] = f"{engine}.faiss"
-    data = _faiss().serialize_index_binary(index)
-    write_file_atomically(folder / record["file"], lambda f: f.write(data.tobytes()))
+    data = _faiss().serialize_index_binary(index).tobytes()
+    write_file_atomically(folder / record["file"], lambda f: f.write(data))
+    record["sha256"] = hashlib.sha256(data).hexdigest()  # checked when loaded
     return record
 
 
@@ -199,6 +202,15 @@ def load(
     if name == "faiss-flat":
         return Engine(name, codes, bits, params, _faiss_index(name, codes, params))
     path = folder / record["file"]
+    if not path.is_file():
+        raise CodesError(
+            f"{path} is missing, but the manifest names the {name} engine: rebuild the index"
+        )
+    if "sha256" in record and file_digest(path) != record["sha256"]:
+        raise CodesError(
+            f"{path} does not match the digest recorded in index.json (changed or damaged): "
+            "rebuild the index"
+        )
     try:
         index = _faiss().read_index_binary(str(path))
     except RuntimeError as e:

@@ -2,7 +2,9 @@
 
   <index>/plan.json        what is being encoded (checkpoint, bits, centres, collection, shards)
   <index>/shards/NNNNN.npz packed codes, paths, labels and unreadable images of one shard
-  <index>/index.json       the manifest, written last: the index is complete when it exists
+  <index>/index.json       the manifest, written last: the index is complete when it exists;
+                           it records the SHA-256 of every shard and engine file and its own,
+                           all checked whenever the index is loaded
   <index>/<engine>.faiss   an approximate engine's own index (faiss-ivf, faiss-hnsw)
   <index>/milvus.db        the milvus engine's Milvus Lite file (or a collection on a server),
                            with shards/NNNNN.milvus.json marking each shard inserted
@@ -29,6 +31,7 @@ import jax
 import numpy as np
 
 from csce_jax.atomic import write_file_atomically, write_json_atomically
+from csce_jax.digest import file_digest, json_digest
 from csce_jax.errors import CodesError
 from csce_jax.metrics import pack_codes
 from csce_jax.search import engines, milvus
@@ -253,12 +256,17 @@ def finish_index(
         "count": len(codes),
         "skipped": [str(s) for p in parts for s in p["skipped"]],
         "shards": [
-            {"file": _shard_path(folder, j).name, "count": len(p["codes"])}
+            {
+                "file": _shard_path(folder, j).name,
+                "count": len(p["codes"]),
+                "sha256": file_digest(_shard_path(folder, j)),
+            }
             for j, p in enumerate(parts)
         ],
         "engine": record,
         "plan": plan_id,
     }
+    manifest["digest"] = json_digest(manifest)  # checked by load_index, as the files' are
     write_json_atomically(folder / "index.json", manifest)
     return manifest
 
@@ -298,6 +306,29 @@ def _check_codes(where: Path, codes: np.ndarray, bits: Any, count: int) -> None:
         raise CodesError(f"{where}: {len(codes)} codes but {count} paths")
 
 
+def _check_digests(path: Path, meta: dict[str, Any]) -> None:
+    """The manifest and every shard against the digests recorded when they were written
+    (the engine's file is checked by ``engines.load``). An index built before digests were
+    recorded is read with a warning."""
+    if "digest" not in meta:
+        _log(f"warning: {path} records no digests (an older index): rebuild it to have them")
+        return
+    if json_digest(meta) != meta["digest"]:
+        raise CodesError(
+            f"{path / 'index.json'} does not match its own digest (edited or damaged): "
+            "rebuild the index"
+        )
+    for shard in meta["shards"]:
+        file = path / "shards" / shard["file"]
+        if not file.is_file():
+            raise CodesError(f"{file} is missing: rebuild the index")
+        if file_digest(file) != shard.get("sha256"):
+            raise CodesError(
+                f"{file} does not match the digest recorded in index.json (changed, damaged "
+                "or replaced): rebuild the index"
+            )
+
+
 def _load_legacy(path: Path) -> Index:
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -328,6 +359,7 @@ def load_index(path: str | os.PathLike) -> Index:
         raise CodesError(f"{manifest} is not a csce_jax index manifest: {e}") from None
     if meta.get("version") != INDEX_VERSION:
         raise CodesError(f"{path}: index version {meta.get('version')}, expected {INDEX_VERSION}")
+    _check_digests(path, meta)
     parts = []
     for shard in meta["shards"]:
         got = _read_shard(path / "shards" / shard["file"], meta["plan"])

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ LITE_FILE = "milvus.db"
 INDEX_TYPES = {"bin_flat": "BIN_FLAT", "bin_ivf_flat": "BIN_IVF_FLAT"}
 TOKEN_ENV = "MILVUS_TOKEN"
 BATCH = 10_000
+STARTING_RETRIES = 6  # calls retried while a just-started Milvus Lite readies its storage
 CONNECT_TIMEOUT_S = 10.0
 SQLITE_MAGIC = b"SQLite format 3\x00"  # a Milvus Lite file is an SQLite database
 PLAN_FIELDS = ("bits", "centers", "workdir", "step", "collection", "count", "shard_size")
@@ -125,14 +127,21 @@ class Store:
             server_manager_instance.release_server(self.where)
 
     def _call(self, what: str, fn, *args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as e:
-            if isinstance(e, CodesError):
-                raise
-            raise CodesError(
-                f"Milvus at {self.where}, collection {self.collection}: {what} failed: {_reason(e)}"
-            ) from None
+        for attempt in range(STARTING_RETRIES + 1):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:
+                if isinstance(e, CodesError):
+                    raise
+                # A Milvus Lite server just started may not have its storage ready yet
+                # ("Mmap manager has not been init"): a moment later the call succeeds.
+                if "has not been init" in str(e) and attempt < STARTING_RETRIES:
+                    time.sleep(0.5 * (attempt + 1))
+                    continue
+                raise CodesError(
+                    f"Milvus at {self.where}, collection {self.collection}: {what} failed: "
+                    f"{_reason(e)}"
+                ) from None
 
     # --- building --------------------------------------------------------------------------
 
