@@ -32,6 +32,26 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> None:
     write_file_atomically(path, lambda f: f.write(text.encode()))
 
 
+def _key_order(key: Any) -> tuple[int, Any]:
+    text = str(key)
+    return (0, int(text), "") if text.isascii() and text.isdigit() else (1, 0, text)
+
+
+def natural_order(obj: Any) -> Any:
+    """``obj`` with every mapping's keys sorted, numbers by value ("5" before "10", as in
+    ``precision_at_k``), then the others alphabetically."""
+    if isinstance(obj, dict):
+        return {k: natural_order(obj[k]) for k in sorted(obj, key=_key_order)}
+    if isinstance(obj, list | tuple):
+        return [natural_order(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any) -> str:
+    """``obj`` as indented JSON, keys in :func:`natural_order`."""
+    return json.dumps(natural_order(obj), indent=2)
+
+
 def write_json_atomically(path: str | os.PathLike, obj: Any) -> None:
-    """``obj`` as indented, key-sorted JSON, written atomically."""
-    write_text_atomically(path, json.dumps(obj, indent=2, sort_keys=True))
+    """``obj`` as indented, key-sorted JSON (:func:`json_text`), written atomically."""
+    write_text_atomically(path, json_text(obj))

@@ -689,3 +689,22 @@ def test_only_the_closed_event_loop_tracebacks_are_dropped(capsys, monkeypatch):
             sys.excepthook(type(e), e, e.__traceback__)
     err = capsys.readouterr().err
     assert "a real failure" in err and "Event loop is closed" not in err
+
+
+def test_precision_at_k_keys_are_written_in_numeric_order(tmp_path):
+    from csce_jax.atomic import write_json_atomically
+
+    rng = np.random.default_rng(0)
+    codes = np.where(rng.random((600, 16)) > 0.5, 1, -1).astype(np.int8)
+    labels = rng.integers(0, 3, 600)
+    result = eval_lib.retrieval.score(
+        {"codes": codes[:10], "labels": labels[:10]},
+        {"codes": codes, "labels": labels},
+        None,
+        curves=True,
+    )
+    write_json_atomically(tmp_path / "metrics.json", result)
+    text = (tmp_path / "metrics.json").read_text()
+    written = json.loads(text)["precision_at_k"]
+    assert list(written) == ["1", "10", "50", "100", "500"]  # not "1", "10", "100", "50"
+    assert list(json.loads(text)) == sorted(json.loads(text))  # other keys alphabetical

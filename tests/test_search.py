@@ -4,6 +4,7 @@ processes), batch queries, and the search page (HTTP, then a real headless brows
 import json
 import os
 import shutil
+import socket
 import sys
 import threading
 import urllib.error
@@ -324,7 +325,45 @@ def test_the_page_answers_queries_and_refuses_bad_uploads(page, photo_index, tmp
         status, body = _ask(srv.url + path)
         assert status == 404 and b"root:" not in body, path
     assert _ask(srv.url + "api/search?item=1&k=1000")[0] == 400
+    for query in ("item=1&k=%C2%B2", "item=%D9%A3&k=3", "item=1&k=%D9%A3"):  # ², Arabic 3
+        status, body = _ask(srv.url + "api/search?" + query)
+        assert status == 400 and "expected a whole number" in json.loads(body)["error"], query
     assert _tree(index.parent) == before and _tree(Path.cwd()) == cwd_before  # nothing written
+
+
+def _raw_post(srv, length: int, body: bytes) -> bytes:
+    """A POST that announces ``length`` bytes and sends ``body``; what the server answers
+    before it closes the connection."""
+    host, port = srv.server_address[:2]
+    with socket.create_connection((host, port), timeout=20) as conn:
+        head = f"POST /api/search?k=3 HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n"
+        conn.sendall(head.encode() + body)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_the_page_cuts_off_a_stalled_upload_and_answers_an_oversized_one(page):
+    """A client that announces more bytes than it sends is answered 408 and closed after the
+    request timeout, while others are served; an over-limit body gets its 413 message before
+    the connection closes, even while the client is still sending."""
+    srv, _ = page
+    srv.request_timeout = 1.0
+    try:
+        stalled = {}
+        thread = threading.Thread(
+            target=lambda: stalled.update(answer=_raw_post(srv, 1000, b"x" * 10))
+        )
+        thread.start()
+        assert _ask(srv.url + "api/info")[0] == 200  # served meanwhile
+        thread.join(timeout=15)
+        assert not thread.is_alive() and stalled["answer"].startswith(b"HTTP/1.0 408")
+        assert b"after 10 of 1000 bytes" in stalled["answer"]
+        big = _raw_post(srv, 21 * 2**20, b"y" * (2 * 2**20))  # 2 MiB of 21 announced
+        assert big.startswith(b"HTTP/1.0 413") and b"at most 20 MiB" in big
+    finally:
+        srv.request_timeout = server.REQUEST_TIMEOUT
 
 
 def _browser():

@@ -8,12 +8,12 @@ Codes made elsewhere (e.g. by the PyTorch release): ``--query_codes q.npy --db_c
 
 from __future__ import annotations
 
-import json
 import sys
 
 from absl import app, flags, logging
 
 from csce_jax import cli, hostmem
+from csce_jax.atomic import json_text
 
 FLAGS = flags.FLAGS
 
@@ -81,7 +81,7 @@ def main(argv: list[str]) -> None:
             weights_file=FLAGS.weights,
         )
     result.pop("pr_curve", None)
-    print(json.dumps(result, indent=2, sort_keys=True))
+    print(json_text(result))
     if "written_to" in result:
         print(f"wrote {result['written_to']}", file=sys.stderr)
 

@@ -18,7 +18,9 @@ import base64
 import functools
 import io
 import json
+import socket
 import threading
+import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -33,6 +35,8 @@ from csce_jax.metrics import unpack_codes
 from csce_jax.search.queries import Searcher
 
 MAX_UPLOAD_BYTES = 20 * 2**20
+REQUEST_TIMEOUT = 30.0  # seconds a client may stall while sending its request
+DRAIN_SECONDS = 2.0  # after a refused upload: how long its unread bytes are read and dropped
 MAX_PIXELS = 40_000_000  # of the upload as stored
 MAX_K = 100
 THUMB = 160
@@ -86,6 +90,7 @@ class SearchServer(ThreadingHTTPServer):
 
     def __init__(self, searcher: Searcher, host: str = "127.0.0.1", port: int = 8000):
         super().__init__((host, port), _Handler)
+        self.request_timeout = REQUEST_TIMEOUT
         self.searcher = searcher
         self.encode_lock = threading.Lock()
         self.thumb = functools.lru_cache(maxsize=4096)(self._thumb)
@@ -134,8 +139,41 @@ class SearchServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: SearchServer
 
+    def setup(self) -> None:
+        # A client that announces more bytes than it sends (or stalls) is cut off after
+        # ``request_timeout``; the other clients are served meanwhile (a thread each).
+        self.timeout = self.server.request_timeout
+        super().setup()
+
     def log_message(self, format: str, *args: Any) -> None:  # quiet: errors only
         return
+
+    def _read_body(self, length: int) -> bytes:
+        """Up to ``length`` bytes of the body: fewer where the client stops sending (closed,
+        or silent for ``request_timeout``)."""
+        parts, got = [], 0
+        try:
+            while got < length and (chunk := self.rfile.read1(length - got)):
+                parts.append(chunk)
+                got += len(chunk)
+        except TimeoutError:
+            pass
+        return b"".join(parts)
+
+    def _refuse_unread_body(self) -> None:
+        """After an answer sent without reading the body (too large): stop writing, read and
+        drop what the client still sends for a moment, so that closing does not reset the
+        connection before the client has read the answer."""
+        self.close_connection = True
+        self.wfile.flush()
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(0.2)
+            deadline = time.monotonic() + DRAIN_SECONDS
+            while time.monotonic() < deadline and self.connection.recv(1 << 16):
+                pass
+        except OSError:
+            pass
 
     def _send(self, status: int, body: bytes, kind: str) -> None:
         self.send_response(status)
@@ -153,7 +191,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _k(self, query: dict[str, list[str]]) -> int:
         raw = query.get("k", ["10"])[0]
-        if not raw.isdigit() or not 1 <= int(raw) <= MAX_K:
+        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_K:
             raise UploadError(f"k={raw!r}: expected a whole number from 1 to {MAX_K}")
         return int(raw)
 
@@ -165,7 +203,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _item(self, raw: str) -> int:
         count = len(self.server.searcher.index.paths)
-        if not raw.isdigit() or int(raw) >= count:
+        if raw.isdigit() and not raw.isascii():  # digits of another script: a bad request
+            raise UploadError(f"item={raw!r}: expected a whole number from 0 to {count - 1}")
+        if not (raw.isascii() and raw.isdigit()) or int(raw) >= count:
             raise UploadError(f"no indexed image {raw!r} (0 to {count - 1})", HTTPStatus.NOT_FOUND)
         return int(raw)
 
@@ -200,16 +240,24 @@ class _Handler(BaseHTTPRequestHandler):
             query = parse_qs(url.query)
             k, label = self._k(query), self._label(query)
             length = self.headers.get("Content-Length")
-            if length is None or not length.isdigit():
+            if length is None or not (length.isascii() and length.isdigit()):
                 raise UploadError("the upload has no length", HTTPStatus.LENGTH_REQUIRED)
             if int(length) > MAX_UPLOAD_BYTES:
-                self.close_connection = True
-                raise UploadError(
+                self._error(
+                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                     f"upload of {int(length) / 2**20:.1f} MiB refused: at most "
                     f"{MAX_UPLOAD_BYTES // 2**20} MiB",
-                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                 )
-            self._json(self.server.hits_of_upload(self.rfile.read(int(length)), k, label))
+                self._refuse_unread_body()
+                return
+            body = self._read_body(int(length))
+            if len(body) < int(length):  # the client stopped sending before its length
+                self.close_connection = True
+                raise UploadError(
+                    f"the upload ended after {len(body)} of {length} bytes (timed out)",
+                    HTTPStatus.REQUEST_TIMEOUT,
+                )
+            self._json(self.server.hits_of_upload(body, k, label))
         except UploadError as e:
             self._error(e.status, str(e))
         except CodesError as e:
