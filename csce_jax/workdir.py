@@ -71,6 +71,7 @@ class RunFolder:
         self.path = self.layout.root
         self.lead = lead
         self._lock_fd: int | None = None
+        self._made = False  # this launch created the folder
 
     def __enter__(self) -> RunFolder:
         if self.lead:
@@ -78,14 +79,34 @@ class RunFolder:
             self._lock()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, *exc) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing the descriptor drops the flock
             self._lock_fd = None
+            if kind is not None and self._made:
+                self._remove_if_unused()
+
+    def _remove_if_unused(self) -> None:
+        """A launch refused before it wrote anything (missing data, a bad config found late)
+        leaves no folder of its own making behind: only its lock and an empty checkpoint
+        folder are there to remove."""
+        try:
+            names = {p.name for p in self.path.iterdir()}
+            ckpt = self.layout.checkpoints
+            if names <= {self.layout.lock.name, ckpt.name} and not (
+                ckpt.is_dir() and any(ckpt.iterdir())
+            ):
+                self.layout.lock.unlink(missing_ok=True)
+                if ckpt.is_dir():
+                    ckpt.rmdir()
+                self.path.rmdir()
+        except OSError:  # something else appeared meanwhile: leave it all
+            pass
 
     def _create(self) -> None:
         if self.path.exists() and not self.path.is_dir():
             raise WorkdirError(f"workdir {self.path} exists and is not a folder")
+        self._made = not self.path.exists()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:

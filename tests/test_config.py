@@ -149,3 +149,12 @@ def test_out_of_range_loss_and_dsf_values_are_refused_naming_the_key(key, value,
     config[section][name] = value
     with pytest.raises(ConfigError, match=rf"config\.{key}=.*{message}"):
         check_config(config, 1, 1)
+
+
+def test_a_width_too_narrow_for_the_windows_is_refused_before_anything_runs():
+    config = base_config()
+    config.model.width = 0.005  # 4 stage-3 channels: 4x4 windows need a multiple of 16
+    with pytest.raises(ConfigError, match=r"config\.model\.width=0\.005: gives 4 stage-3"):
+        check_config(config, 1, 1)
+    config.model.width = 1 / 16
+    check_config(config, 1, 1)

@@ -708,3 +708,19 @@ def test_precision_at_k_keys_are_written_in_numeric_order(tmp_path):
     written = json.loads(text)["precision_at_k"]
     assert list(written) == ["1", "10", "50", "100", "500"]  # not "1", "10", "100", "50"
     assert list(json.loads(text)) == sorted(json.loads(text))  # other keys alphabetical
+
+
+def test_a_launch_refused_for_missing_data_leaves_no_run_folder(tmp_path):
+    """The data are checked inside the locked run folder; a refused launch removes the
+    folder it made (its lock and an empty checkpoint folder), never one that was there."""
+    from csce_jax.data import DataError
+
+    c = tiny_config(1)
+    c.data.name, c.data.list_dir = "lists", str(tmp_path / "no_lists")
+    with pytest.raises(DataError):
+        train_lib.train_and_evaluate(c, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(DataError):
+        train_lib.train_and_evaluate(c, tmp_path / "mine")
+    assert (tmp_path / "mine").is_dir()  # not made by the launch: kept

@@ -291,6 +291,17 @@ def _check_between_fields(config: ml_collections.ConfigDict, devices: int, proce
         )
     if config.data.resize < config.data.crop:
         fail("data.resize", f"must be >= data.crop ({config.data.crop})")
+    # Stage 3's output channels (csce_jax.models.resnet.stage_widths, times the expansion 4)
+    # are cut into k x k windows of the patch features: each window size must divide them.
+    f3_channels = 4 * max(1, round(256 * config.model.width))
+    for k in config.model.window_sizes:
+        if f3_channels % (k * k):
+            fail(
+                "model.width",
+                f"gives {f3_channels} stage-3 channels (4 x round(256 x width)), which "
+                f"{k}x{k} windows cannot divide: a multiple of {k * k} is needed (a wider "
+                "model.width, or other model.window_sizes)",
+            )
 
 
 def resolve_epochs(config: ml_collections.ConfigDict, train_size: int) -> int:
