@@ -73,9 +73,10 @@ def _shard_path(folder: Path, j: int) -> Path:
     return folder / "shards" / f"{j:05d}.npz"
 
 
-def _read_shard(path: Path, plan_id: str) -> dict[str, Any] | None:
+def _read_shard(path: Path, plan_id: str, *, building: bool = True) -> dict[str, Any] | None:
     """A finished shard of this plan, or None (absent, another plan's, unreadable). Read
-    whole, so that a damaged shard is encoded again rather than kept."""
+    whole, so that a damaged shard is encoded again rather than kept (``building``; a query
+    only reports it)."""
     try:
         with np.load(path, allow_pickle=False) as z:
             if str(z["plan"]) != plan_id:
@@ -86,7 +87,8 @@ def _read_shard(path: Path, plan_id: str) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except Exception as e:
-        _log(f"warning: {path} is unreadable ({type(e).__name__}); it is encoded again")
+        then = "it is encoded again" if building else "rebuild the index"
+        _log(f"warning: {path} is unreadable ({type(e).__name__}); {then}")
         return None
 
 
@@ -362,7 +364,7 @@ def load_index(path: str | os.PathLike) -> Index:
     _check_digests(path, meta)
     parts = []
     for shard in meta["shards"]:
-        got = _read_shard(path / "shards" / shard["file"], meta["plan"])
+        got = _read_shard(path / "shards" / shard["file"], meta["plan"], building=False)
         if got is None or len(got["codes"]) != shard["count"]:
             raise CodesError(f"{path / 'shards' / shard['file']}: missing or not this index's")
         parts.append(got)
