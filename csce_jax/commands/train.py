@@ -1,6 +1,8 @@
 """``csce-train --config NAME|path.py[:args] --workdir runs/x [--config.key=value ...]``.
 
-Rerunning the same command resumes from the latest checkpoint in the workdir. Exit status: 0
+Rerunning the same command resumes from the latest checkpoint in the workdir; where no
+checkpoint there can be read the run stops, and ``--start_over`` (set them all aside, train
+from step 0) is the explicit way to begin again. Exit status: 0
 finished, 1 an error (one ``error:`` line), 2 a bad command line, ``config.preempted_exit_code``
 (75) stopped by SIGTERM/SIGINT after saving a checkpoint.
 """
