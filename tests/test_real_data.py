@@ -67,6 +67,18 @@ def _cfg(tree, name="lists"):
     return cfg
 
 
+def test_query_images_that_are_also_database_images_are_warned_about(list_tree, caplog):
+    with caplog.at_level("WARNING"):
+        load_data(_cfg(list_tree))
+    assert "also in the database" not in caplog.text
+    test = list_tree / "lists" / "test.txt"
+    database = (list_tree / "lists" / "database.txt").read_text().splitlines()
+    test.write_text(test.read_text() + database[0] + "\n" + database[3] + "\n")
+    with caplog.at_level("WARNING"):
+        load_data(_cfg(list_tree))
+    assert "2 of the 6 query images are also in the database" in caplog.text
+
+
 def test_lists_any_class_count_with_val_file(list_tree):
     data = load_data(_cfg(list_tree))
     assert data.num_classes == 5 and not data.multilabel and data.topk is None

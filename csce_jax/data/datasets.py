@@ -9,6 +9,7 @@ carved from the training set for model selection; the database keeps every train
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -258,6 +259,17 @@ def _without(train: S.Source, held: S.Source) -> np.ndarray:
     return np.asarray([i for i in range(len(train)) if train.images[i] not in held_paths], np.int64)
 
 
+def _shared_images(query: S.Source, database: S.Source) -> int:
+    """How many query images are also database images (by path; 0 where images are arrays)."""
+
+    def paths(src: S.Source) -> set[str]:
+        if not all(isinstance(x, str | os.PathLike) for x in src.images):
+            return set()
+        return {os.path.normpath(os.fspath(x)) for x in src.images}
+
+    return len(paths(query) & paths(database))
+
+
 def load_data(cfg: Any) -> RetrievalData:
     """Build the sources of ``cfg.name`` (an ml_collections ``data`` block)."""
     if cfg.get("prepared"):
@@ -292,6 +304,16 @@ def load_data(cfg: Any) -> RetrievalData:
         keep, held = stratified_split(train.labels, cfg.val_fraction, cfg.split_seed)
         fit = train.subset(keep, f"{train.name}:fit") if len(held) else train
         val = train.subset(held, f"{train.name}:val") if len(held) else None
+    shared = _shared_images(query, database)
+    if shared:
+        logging.warning(
+            "data %s: %d of the %d query images are also in the database: each finds itself at "
+            "distance 0, so the mAP is not the published protocol's (queries apart from the "
+            "database)",
+            cfg.name,
+            shared,
+            len(query),
+        )
     logging.info(
         "data %s: train %d (fit %d, val %d), database %d, query %d",
         cfg.name,
