@@ -193,7 +193,9 @@ def train_loop(run: Run, state: Any, signals: StopSignals) -> dict[str, Any]:
                 log_train_row(run, step, row, clock)
             score = None
             if step % config.eval_every_steps == 0 or last:
+                began = time.time()
                 score = evaluate(run, state, step)
+                clock.evaluated(time.time() - began)
                 clock.restart(step)  # keep evaluation out of images/s
             save_if_due(run, step, state, score, force=stopping or last)
             run.ckpts.check()  # a failed background save stops the run now, naming its step
@@ -339,7 +341,10 @@ def log_first_step(step_metrics: dict[str, jax.Array], clock: Clock) -> None:
     """Say when the first step (which compiles the step function) is done, so that the long
     wait before the first progress row is accounted for."""
     jax.block_until_ready(step_metrics["loss"])
-    logging.info("first step done in %.1f s (compiling the training step)", time.time() - clock.t0)
+    clock.first_step_seconds = time.time() - clock.t0
+    logging.info(
+        "first step done in %.1f s (compiling the training step)", clock.first_step_seconds
+    )
 
 
 def is_due(config: ml_collections.ConfigDict, step: int) -> bool:
@@ -367,10 +372,15 @@ def checked_metrics(run: Run, step: int, step_metrics: dict[str, jax.Array]) -> 
 
 
 class Clock:
-    """Images/s over the steps since the last log, and the ETA over the whole run."""
+    """Images/s over the steps since the last log, and the ETA: the remaining steps at the
+    recent step time (the first step, which compiles, left out) plus the evaluations still due
+    at the last evaluation's duration."""
 
     def __init__(self, start: int):
         self.t0, self.start = time.time(), start
+        self.first_step_seconds = 0.0  # set once the first step is done
+        self.step_seconds: float | None = None  # recent seconds per step (smoothed)
+        self.eval_seconds: float | None = None  # the last evaluation's duration
         self.restart(start)
 
     def restart(self, step: int) -> None:
@@ -379,9 +389,32 @@ class Clock:
     def rate(self, step: int, batch: int) -> float:
         return (step - self.tick_step) * batch / max(time.time() - self.tick, 1e-9)
 
-    def eta(self, step: int, total: int) -> str:
-        left = (total - step) * (time.time() - self.t0) / max(step - self.start, 1)
-        return time.strftime("%H:%M:%S", time.gmtime(left))
+    def lap(self, step: int) -> None:
+        """Fold the steps since the last restart into the recent step time."""
+        seconds, steps = time.time() - self.tick, step - self.tick_step
+        if self.tick_step == self.start and steps > 1:  # the compiling first step: left out
+            seconds, steps = seconds - self.first_step_seconds, steps - 1
+        if steps <= 0 or seconds <= 0:
+            return
+        now = seconds / steps
+        self.step_seconds = now if self.step_seconds is None else 0.5 * (self.step_seconds + now)
+
+    def evaluated(self, seconds: float) -> None:
+        self.eval_seconds = seconds
+
+    def eta(self, step: int, total: int, evals_left: int = 0) -> str:
+        if self.step_seconds is None:
+            return "unknown"
+        left = (total - step) * self.step_seconds + evals_left * (self.eval_seconds or 0.0)
+        text = time.strftime("%H:%M:%S", time.gmtime(left))
+        return text if self.eval_seconds is not None or not evals_left else text + " + evaluations"
+
+
+def evaluations_left(config: ml_collections.ConfigDict, step: int) -> int:
+    """Validation passes still due after ``step``, and the final query evaluation."""
+    every, total = config.eval_every_steps, config.total_steps
+    due = total // every - step // every + (1 if total % every and step < total else 0)
+    return due + 1
 
 
 def log_train_row(run: Run, step: int, row: dict[str, float], clock: Clock) -> None:
@@ -394,6 +427,7 @@ def log_train_row(run: Run, step: int, row: dict[str, float], clock: Clock) -> N
             run.train_flops, row["images_per_sec"], jax.device_count(), run.peak_flops
         )
     run.writers.write(row)
+    clock.lap(step)
     logging.info(
         "step %d/%d loss %.4f (ce %.4f quant %.4f) %.1f img/s, ETA %s",
         step,
@@ -402,7 +436,7 @@ def log_train_row(run: Run, step: int, row: dict[str, float], clock: Clock) -> N
         row["ce"],
         row["quant"],
         row["images_per_sec"],
-        clock.eta(step, c.total_steps),
+        clock.eta(step, c.total_steps, evaluations_left(c, step)),
     )
     clock.restart(step)
 

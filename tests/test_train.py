@@ -647,3 +647,26 @@ def test_sigterm_inside_a_gc_callback_stops_at_the_next_phase_without_a_tracebac
             signals.enter("training")
     assert reported == []
     assert sys.unraisablehook == reported.append  # handed back on exit
+
+
+def test_the_eta_leaves_out_the_compile_and_counts_the_evaluations_due(monkeypatch):
+    """Steps of 1 s after a 100 s compiling first step, evaluations of 30 s: at step 10 of 20
+    (evaluation every 5) the ETA is 10 steps + 2 validations + the final query evaluation."""
+    now = [1000.0]
+    monkeypatch.setattr(train_lib.time, "time", lambda: now[0])
+    clock = train_lib.Clock(0)
+    now[0] += 100.0  # step 1 compiles
+    clock.first_step_seconds = 100.0
+    now[0] += 4.0  # steps 2..5
+    clock.lap(5)
+    assert clock.step_seconds == pytest.approx(1.0)
+    assert clock.eta(5, 20, 4) == "00:00:15 + evaluations"  # no evaluation timed yet
+    clock.restart(5)
+    clock.evaluated(30.0)
+    now[0] += 5.0  # steps 6..10
+    clock.lap(10)
+    config = tiny_config(20)
+    config.eval_every_steps = 5
+    assert train_lib.evaluations_left(config, 10) == 3
+    assert clock.eta(10, 20, train_lib.evaluations_left(config, 10)) == "00:01:40"
+    assert train_lib.evaluations_left(config, 20) == 1  # the final query evaluation
