@@ -325,7 +325,10 @@ def hamming_radius_curve(
 ) -> dict[str, list[float]]:
     """Precision and recall of "everything within radius r", r = 0..K (means over queries).
 
-    A query that retrieves nothing within r has precision 0 at r (the usual convention).
+    ``precision``: a query that retrieves nothing within r has precision 0 at r (the usual
+    convention, which makes the curve start near 0 at small radii). ``precision_answered``:
+    the mean over the queries that retrieve something within r, and ``answered``: their share
+    (what a reader of a precision-recall curve expects; both are plotted by ``eval.py``).
     """
     q_words, k, db_words, distances = _prepare(query_codes, db_codes, bits)
     relevance = relevance_fn(query_labels, db_labels)
@@ -340,12 +343,19 @@ def hamming_radius_curve(
         hits = np.cumsum(rel_h.reshape(-1, k + 1), axis=1)
         prec = np.where(found > 0, hits / np.maximum(found, 1), 0.0)
         rec = hits / np.maximum(rel.sum(axis=1, keepdims=True), 1)
-        return prec, rec
+        return prec, rec, (found > 0).astype(np.float64)
 
     parts = _map_chunks(chunk, len(q_words), 2, len(db_words))
-    prec = np.concatenate([p[0] for p in parts]).mean(axis=0)
-    rec = np.concatenate([p[1] for p in parts]).mean(axis=0)
-    return {"radius": list(range(k + 1)), "precision": prec.tolist(), "recall": rec.tolist()}
+    per_query = [np.concatenate([p[i] for p in parts]) for i in range(3)]
+    prec, rec, answered = per_query
+    answered_prec = (prec * answered).sum(axis=0) / np.maximum(answered.sum(axis=0), 1)
+    return {
+        "radius": list(range(k + 1)),
+        "precision": prec.mean(axis=0).tolist(),
+        "recall": rec.mean(axis=0).tolist(),
+        "precision_answered": answered_prec.tolist(),
+        "answered": answered.mean(axis=0).tolist(),
+    }
 
 
 def precision_within_radius(

@@ -18,7 +18,12 @@ QUERY_FRAME = (40, 90, 220)  # the query tile of a hits strip
 
 
 def plot_pr_curve(curve: dict[str, list[float]], path: str, title: str) -> None:
-    """Precision against recall over Hamming radius, as a PNG of PR_CURVE_SIZE pixels."""
+    """Precision against recall over Hamming radius, as a PNG of PR_CURVE_SIZE pixels.
+
+    The solid curve averages precision over the queries that retrieve something within the
+    radius (what a precision-recall curve is read as); the dashed one counts a query that
+    retrieves nothing as precision 0 (the hashing papers' convention, ``precision``), which is
+    why it starts near 0 at small radii. A few radii are marked on the solid curve."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -26,13 +31,33 @@ def plot_pr_curve(curve: dict[str, list[float]], path: str, title: str) -> None:
 
     w, h = PR_CURVE_SIZE
     fig, ax = plt.subplots(figsize=(w / 100, h / 100), dpi=100)
-    ax.plot(curve["recall"], curve["precision"], marker=".")
-    ax.set_xlabel("recall")
+    recall = curve["recall"]
+    answered = curve.get("precision_answered")
+    if answered is not None:
+        ax.plot(recall, answered, marker=".", label="queries retrieving something within r")
+        bits = len(recall) - 1
+        for r in sorted({0, 2, bits // 4, bits // 2}):
+            ax.annotate(
+                f"r={r}",
+                (recall[r], answered[r]),
+                fontsize=7,
+                xytext=(4, 4),
+                textcoords="offset points",
+            )
+    ax.plot(
+        recall,
+        curve["precision"],
+        "--",
+        color="gray",
+        label="every query (precision 0 where none is retrieved)",
+    )
+    ax.set_xlabel("recall (everything within Hamming radius r)")
     ax.set_ylabel("precision")
     ax.set_xlim(0, 1.02)
     ax.set_ylim(0, 1.02)
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

@@ -171,3 +171,24 @@ def test_the_k_nearest_equal_a_stable_full_ranking(k):
     dist[1, :3] = 0  # fewer than k items at the smallest distance
     want = np.argsort(dist, axis=1, kind="stable")[:, :k]
     np.testing.assert_array_equal(metrics.nearest(dist, k), want)
+
+
+def test_the_radius_curve_gives_precision_over_answering_queries_and_their_share(tmp_path):
+    """``precision`` counts a query that retrieves nothing within r as 0; ``precision_answered``
+    averages over the queries that retrieve something, ``answered`` is their share, so the
+    first is the product of the other two; the picture draws both."""
+    from csce_jax import viz
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, 400)
+    centres = np.where(rng.random((5, 32)) > 0.5, 1, -1)
+    codes = (centres[labels] * np.where(rng.random((400, 32)) < 0.15, -1, 1)).astype(np.int8)
+    curve = metrics.hamming_radius_curve(codes[:40], codes[40:], labels[:40], labels[40:])
+    assert curve["answered"][0] < 1 and curve["answered"][-1] == 1
+    np.testing.assert_allclose(
+        curve["precision"], np.multiply(curve["precision_answered"], curve["answered"]), atol=1e-12
+    )
+    r = next(i for i, a in enumerate(curve["answered"]) if 0 < a < 1)  # some queries answered
+    assert curve["precision_answered"][r] > curve["precision"][r]
+    viz.plot_pr_curve(curve, str(tmp_path / "pr.png"), "test")
+    assert (tmp_path / "pr.png").stat().st_size > 1000
