@@ -249,3 +249,56 @@ def final_params(workdir, steps, **kw):
     step, restored = restore_state(workdir, tiny_config(steps, **kw))
     assert step == steps
     return jax.tree.map(np.asarray, restored["params"])
+
+
+# --- No process left behind ------------------------------------------------------------------
+
+LEFTOVER_GRACE_SECONDS = 15
+
+
+def _processes() -> dict[int, tuple[int, int, int, str]]:
+    """pid -> (parent pid, session id, start time in ticks, command line), from /proc."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        out[int(entry.name)] = (int(fields[1]), int(fields[3]), int(fields[19]), cmd.strip())
+    return out
+
+
+def leftover_processes() -> list[str]:
+    """Orphans this test session made: processes of its session id, started after it, whose
+    parent is gone (adopted by init). A worker whose parent a test killed, a server started
+    in a subprocess that outlived it."""
+    if not Path("/proc/self/stat").exists():
+        return []
+    procs = _processes()
+    me = procs.get(os.getpid())
+    if me is None:
+        return []
+    sid, began = me[1], me[2]
+    return [
+        f"{pid}: {cmd}"
+        for pid, (ppid, s, start, cmd) in procs.items()
+        if s == sid and ppid == 1 and start >= began and cmd
+    ]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The suite leaves no process behind: a worker orphaned by a killed parent, a server a
+    test forgot. Checked by the controlling process, after a grace period for exits."""
+    if hasattr(session.config, "workerinput") or not Path("/proc").is_dir():
+        return
+    deadline = time.monotonic() + LEFTOVER_GRACE_SECONDS
+    left = leftover_processes()
+    while left and time.monotonic() < deadline:
+        time.sleep(0.5)
+        left = leftover_processes()
+    if left:
+        print("\nprocesses left running by the tests:\n  " + "\n  ".join(left), file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -143,6 +143,20 @@ def _digests(folder: Path) -> dict[str, str]:
     }
 
 
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if (
+                entry.name.isdigit()
+                and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid
+            ):
+                out.append(int(entry.name))
+        except OSError:
+            continue
+    return out
+
+
 def test_a_killed_prepare_resumes_to_the_same_bytes(record_set, tmp_path):
     root, out, _ = record_set
     cmd = [
@@ -161,8 +175,14 @@ def test_a_killed_prepare_resumes_to_the_same_bytes(record_set, tmp_path):
     while not list((tmp_path / "set").glob("*.array_record.json")):
         assert proc.poll() is None and time.monotonic() < deadline, "prepare ended early"
         time.sleep(0.05)
+    workers = _children(proc.pid)
+    assert workers  # the decoding pool and multiprocessing's resource tracker
     proc.kill()  # SIGKILL: no cleanup
     proc.wait()
+    deadline = time.monotonic() + 20  # the workers notice their parent is gone and exit
+    while any(Path(f"/proc/{p}").exists() for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in workers if Path(f"/proc/{p}").exists()], "workers outlived prepare"
     assert not (tmp_path / "set" / "manifest.json").exists()
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -18,7 +18,6 @@ import math
 import os
 import signal
 import threading
-import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -28,6 +27,7 @@ from absl import flags, logging
 
 from csce_jax.data.images import DataError, center_crop, random_window, resized_rgb
 from csce_jax.data.sources import Source
+from csce_jax.processes import exit_with_parent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,14 +197,7 @@ def _start_decoding_process(worker_index: int, num_workers: int) -> None:
     os.nice(WORKER_NICENESS)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    trainer = os.getppid()
-
-    def exit_when_orphaned() -> None:
-        while os.getppid() == trainer:
-            time.sleep(0.5)
-        os._exit(0)
-
-    threading.Thread(target=exit_when_orphaned, daemon=True).start()
+    exit_with_parent()
 
 
 class _HostLoader:

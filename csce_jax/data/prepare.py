@@ -39,6 +39,7 @@ from csce_jax.data.datasets import DATASETS, RetrievalData, load_data
 from csce_jax.data.images import resized_rgb
 from csce_jax.data.sources import Source
 from csce_jax.errors import DataError
+from csce_jax.processes import start_niced_worker
 
 VIEW_NAMES = ("train", "fit", "val", "database", "query")
 
@@ -222,7 +223,7 @@ def write_shards(
     if todo:
         ctx = multiprocessing.get_context("spawn")
         with cf.ProcessPoolExecutor(
-            workers, mp_context=ctx, initializer=os.nice, initargs=(5,)
+            workers, mp_context=ctx, initializer=start_niced_worker, initargs=(5,)
         ) as ex:
             futures = {}
             for job in todo:
