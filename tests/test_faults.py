@@ -472,6 +472,23 @@ def test_a_thin_strip_that_would_resize_to_gigabytes_is_refused_and_verify_repor
     assert [b["where"] for b in report["bad"]] == ["strip.png"]
 
 
+def test_an_image_decoded_whole_is_refused_over_the_pixel_limit_before_decoding(
+    tmp_path, monkeypatch
+):
+    """Without a resize (thumbnails, the page) the header's size is checked first: a strip
+    over the limit is refused, never decoded (the real limit is 100 million pixels)."""
+    from csce_jax.data import images
+
+    strip = tmp_path / "strip.png"
+    Image.new("L", (1, 20000)).save(strip)
+    monkeypatch.setattr(images, "MAX_DECODED_PIXELS", 10_000)
+    decoded = []
+    monkeypatch.setattr(images.ImageFile.ImageFile, "load", lambda self: decoded.append(1))
+    with pytest.raises(DataError, match="1 x 20000 pixels, over 10,000 pixels to decode whole"):
+        load_rgb(str(strip), None, "strip.png")
+    assert decoded == []
+
+
 @pytest.mark.parametrize("lr", [0.0, -0.01, float("nan")])
 def test_a_learning_rate_that_is_not_positive_is_refused(lr):
     c = tiny_config()

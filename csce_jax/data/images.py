@@ -40,6 +40,9 @@ __all__ = [
 # Decompression bombs: PIL refuses images over Image.MAX_IMAGE_PIXELS (about 179M pixels) itself;
 # a thin strip (1 x 20000 pixels: 165 bytes as a PNG) is tiny but would resize to gigabytes.
 MAX_RESIZED_PIXELS = 16_000_000
+# Without a resize the image is decoded whole (and made RGB): at most this many pixels
+# (a 100-megapixel photograph; about 0.3 GB as RGB), checked from the header before decoding.
+MAX_DECODED_PIXELS = 100_000_000
 
 
 def load_rgb(
@@ -74,6 +77,11 @@ def load_rgb(
         full_height = img.height
         if resize:
             _check_resized_size(img.width, img.height, resize, where or str(image)[:200])
+        elif img.width * img.height > MAX_DECODED_PIXELS:
+            raise DataError(
+                f"{where or str(image)[:200]}: an image of {img.width} x {img.height} pixels, "
+                f"over {MAX_DECODED_PIXELS:,} pixels to decode whole: refused"
+            )
         if draft and resize and img.format == "JPEG":
             img.draft("RGB", (2 * resize, 2 * resize))
         img.load()
