@@ -496,14 +496,22 @@ def stopped_early(run: Run | None, stop: Preempted) -> dict[str, Any]:
         run.ckpts.close()
         run.writers.close()
     step = run.start if run is not None else None
-    steps = run.ckpts.steps() if run is not None else []
+    # Read from the folder once every pending save has finished (close waits for it): the
+    # manager's own list may predate the save that the signal interrupted.
+    steps = saved_steps(run.folder) if run is not None else []
     logging.warning(
         "stopped by %s during %s; %s",
         stop.signal_name,
         stop.phase,
-        f"the newest checkpoint is step {steps[-1]}" if steps else "no checkpoint to keep",
+        f"the newest checkpoint kept is step {steps[-1]}" if steps else "no checkpoint to keep",
     )
     return {"step": steps[-1] if steps else step, "preempted": True}
+
+
+def saved_steps(folder: RunFolder) -> list[int]:
+    """The whole checkpoints in the run folder (Orbax renames a finished save into place)."""
+    ckpt = folder.layout.checkpoints
+    return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
 
 
 def stop_preempted(run: Run, step: int) -> dict[str, Any]:

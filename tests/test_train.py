@@ -282,6 +282,7 @@ def test_a_signal_at_the_last_step_keeps_its_checkpoint_and_only_the_final_evalu
     out = run_train(tmp_path, *steps, *hook, check=False)
     assert out.returncode == PREEMPTED, out.stderr[-3000:]
     assert "SIGTERM during final" in out.stderr
+    assert "the newest checkpoint kept is step 3" in out.stderr
     assert saved_steps(tmp_path) == [3]
     assert not any("query_map" in r for r in read_rows(tmp_path))
     rows = read_rows(tmp_path)
