@@ -245,3 +245,30 @@ def test_convert_refuses_to_overwrite_its_input_foreign_files_and_nan_weights(tm
     )
     with pytest.raises(ConversionError, match="non-finite"):  # eval.py --weights reads this way
         pretrained.initialize_from(model, str(tmp_path / "nan.safetensors"), scope="model")
+
+
+def test_convert_speaks_in_its_own_words_and_export_needs_a_run(tmp_path):
+    """A damaged file is named with what it should have been, not the library's message;
+    export pointed at something that is not a run says so, naming --src (its own flag)."""
+    from csce_jax.errors import ConversionError
+
+    for name, junk in (("w.npz", b"PK\x03\x04 not a zip"), ("w.safetensors", b"\x10\x00junk")):
+        (tmp_path / name).write_bytes(junk)
+        with pytest.raises(ConversionError) as refused:
+            read_state_file(tmp_path / name)
+        message = str(refused.value)
+        assert message.startswith(f"cannot read {tmp_path / name}: not a whole")
+        assert "Error" not in message and "\n" not in message
+    out = subprocess.run(
+        [
+            *(sys.executable, "-m", "csce_jax.convert", "export"),
+            *("--src", str(tmp_path), "--dst", str(tmp_path / "x.safetensors")),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert f"error: --src {tmp_path}: not a training run" in out.stderr
+    assert "--workdir" not in out.stderr

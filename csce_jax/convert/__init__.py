@@ -322,8 +322,17 @@ def read_state_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
             return _finite(arrays, path)
     except ConversionError:
         raise
-    except Exception as e:  # corrupt or truncated file: say which
-        raise ConversionError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+    except Exception as e:  # corrupt or truncated file: said in our words, not the library's
+        kind = {".safetensors": "safetensors", ".npz": "numpy .npz"}.get(suffix, "PyTorch")
+        if suffix in (".pth", ".pt", ".bin") and "weights_only" in str(e):
+            raise ConversionError(
+                f"cannot read {path}: it holds Python objects besides tensors, which a safe "
+                "load refuses; save the model's state_dict() alone"
+            ) from None
+        raise ConversionError(
+            f"cannot read {path}: not a whole {kind} file (truncated, damaged, or another "
+            "format under that name)"
+        ) from None
     raise ConversionError(
         f"{path}: unknown checkpoint format {suffix!r} (expected .pth, .pt, .safetensors or .npz)"
     )

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from csce_jax import cli
 from csce_jax import convert as _convert
+from csce_jax.errors import ConversionError
 
 
 def _run(direction: str, src: str, dst: str, image_size: int, step: int | None) -> str:
     if direction == "export":
         from csce_jax.api import export_run
 
+        if not (Path(src) / "checkpoints").is_dir():
+            raise ConversionError(
+                f"--src {src}: not a training run (no checkpoints/ in it); export reads a run "
+                "folder (for a weights file use torch-to-jax or jax-to-torch)"
+            )
         _convert.check_distinct(src, dst)
         return export_run(src, dst, step)
     return _convert.convert_file(direction, src, dst, image_size, step=step)
