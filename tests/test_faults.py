@@ -513,6 +513,7 @@ def test_image_folders_skip_hidden_system_and_empty_folders(tmp_path, caplog):
         (root / cls).mkdir(parents=True)
         Image.new("RGB", (8, 8)).save(root / cls / "a.jpg")
     (root / "bee" / "._a.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (root / "ant" / "._a.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
     for junk in (".ipynb_checkpoints", "__MACOSX", "empty"):
         (root / junk).mkdir()
     Image.new("RGB", (8, 8)).save(root / ".ipynb_checkpoints" / "x.jpg")
@@ -523,6 +524,7 @@ def test_image_folders_skip_hidden_system_and_empty_folders(tmp_path, caplog):
     assert src.labels.tolist() == [0, 1]
     log = caplog.text
     assert ".ipynb_checkpoints" in log and "__MACOSX" in log and "empty" in log
+    assert log.count("hidden image-named files") == 1 and "ignored 2 hidden" in log
 
 
 def test_an_empty_validation_split_is_flagged_in_the_log_and_metrics(tmp_path, caplog):

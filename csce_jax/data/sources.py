@@ -289,6 +289,15 @@ def folder_source(
     empty = [name for name, files in per_class.items() if not files]
     if empty:
         logging.warning("%s: ignored folders without images: %s", root, ", ".join(empty))
+    hidden = sum(
+        1
+        for d in folders
+        if _is_listed(d)
+        for f in d.iterdir()
+        if f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES
+    )
+    if hidden:  # macOS resource forks (._x.jpg) and the like: one line for all of them
+        logging.warning("%s: ignored %d hidden image-named files (such as ._x.jpg)", root, hidden)
     classes = [name for name, files in per_class.items() if files]
     if not classes:
         raise DataError(
