@@ -438,3 +438,16 @@ def test_a_person_uploads_an_image_in_a_real_browser_and_sees_its_hits(page, tmp
         assert not driver.find_elements(By.CSS_SELECTOR, ".tile.hit")
     finally:
         driver.quit()
+
+
+def test_a_collection_has_one_fingerprint_however_its_folder_is_spelled(tmp_path, monkeypatch):
+    """An interrupted index resumes whatever spelling of the same folder is given again."""
+    from csce_jax.search.collection import from_folder, full_path
+
+    photos = _photos(tmp_path / "photos", n=4)
+    monkeypatch.chdir(tmp_path)
+    spellings = ("photos", "./photos/", str(photos), "photos/../photos", f"{tmp_path}//photos/.")
+    prints = {from_folder(s).fingerprint() for s in spellings}
+    assert len(prints) == 1
+    assert from_folder("photos/../photos").paths[0].startswith(str(photos) + "/")
+    assert full_path("runs/x/../x/") == tmp_path / "runs" / "x"

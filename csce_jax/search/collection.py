@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 from pathlib import Path
 
 import ml_collections
@@ -35,12 +36,18 @@ class Collection:
         return digest.hexdigest()[:16]
 
 
+def full_path(path: str | os.PathLike) -> Path:
+    """``path`` absolute and normalised (``./``, ``..`` and a trailing slash spelled away, links
+    kept): one spelling per file, so that an interrupted index resumes however it is named."""
+    return Path(os.path.normpath(Path(path).absolute()))
+
+
 def image_files(folder: Path) -> list[Path]:
     """The images under ``folder`` (recursively, hidden files left out), in sorted order."""
     if not folder.is_dir():
         raise CodesError(f"image folder not found: {folder}")
     files = sorted(
-        p.absolute()
+        full_path(p)
         for p in folder.rglob("*")
         if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
     )
@@ -57,7 +64,7 @@ def from_paths(paths: list[str], labels: list[str] | None = None, name: str = "i
 
 def from_folder(folder: str) -> Collection:
     """Every image under ``folder``; its label is the sub-folder it lies in ('' at the top)."""
-    root = Path(folder).absolute()
+    root = full_path(folder)
     files = image_files(root)
     labels = [str(p.parent.relative_to(root)) for p in files]
     labels = ["" if label == "." else label for label in labels]
@@ -75,11 +82,11 @@ def _class_text(labels: np.ndarray) -> list[str]:
 def from_list(list_file: str, image_root: str | None = None) -> Collection:
     """A DeepHash list file (``path 0 1 0 ...`` per line), paths under ``image_root`` (default:
     the list's folder); the label is the list of classes set on the line."""
-    root = Path(image_root or Path(list_file).parent).absolute()
+    root = full_path(image_root or Path(list_file).parent)
     listed = ListFile(list_file, root)
     src = listed.source(multilabel=True, name=str(list_file))
-    paths = [str(Path(p).absolute()) for p in src.images]
-    return Collection(src, paths, _class_text(src.labels), f"list {Path(list_file).absolute()}")
+    paths = [str(full_path(p)) for p in src.images]
+    return Collection(src, paths, _class_text(src.labels), f"list {full_path(list_file)}")
 
 
 def from_prepared(config: ml_collections.ConfigDict, prepared: str, split: str) -> Collection:
@@ -94,14 +101,14 @@ def from_prepared(config: ml_collections.ConfigDict, prepared: str, split: str) 
         src,
         [str(w) for w in src.where],
         _class_text(np.asarray(src.labels)),
-        f"records {Path(prepared).absolute()} split {split}",
+        f"records {full_path(prepared)} split {split}",
     )
 
 
 def query_paths(images: list[str], folder: str | None, list_file: str | None) -> list[str]:
     """Query image paths from arguments, a folder, or a file with one path first on each line
     (relative paths from the list's folder; a DeepHash list will do)."""
-    paths = [str(Path(p).absolute()) for p in images]
+    paths = [str(full_path(p)) for p in images]
     if folder:
         paths += [str(p) for p in image_files(Path(folder))]
     if list_file:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -13,6 +12,7 @@ from csce_jax import builders, state
 from csce_jax.data.sources import Source
 from csce_jax.errors import CodesError
 from csce_jax.run_reader import RunReader
+from csce_jax.search.collection import full_path
 from csce_jax.sharding import make_mesh, replicated
 
 
@@ -49,7 +49,7 @@ class RunEncoder:
         self.meta: dict[str, Any] = {
             "bits": int(config.bits),
             "centers": state.config_fingerprint(config, num_classes),
-            "workdir": str(Path(workdir).absolute()),
+            "workdir": str(full_path(workdir)),
             "step": int(got_step),
         }
 
