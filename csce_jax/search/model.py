@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -9,7 +10,9 @@ import ml_collections
 import numpy as np
 
 from csce_jax import builders, state
+from csce_jax.data.pipeline import Workers
 from csce_jax.data.sources import Source
+from csce_jax.encoding import Encoder
 from csce_jax.errors import CodesError
 from csce_jax.run_reader import RunReader
 from csce_jax.search.collection import full_path
@@ -44,6 +47,13 @@ class RunEncoder:
                 weights,
             )
         self._encoder = builders.make_encoder(config, graphdef, mesh)
+        # One image at a time (a search by upload, `search query` of one file): a batch of one
+        # per device, decoded in this process: no worker start, one small compiled forward
+        # that stays warm between queries.
+        one = dataclasses.replace(
+            self._encoder.options, batch=mesh.devices.size, workers=Workers(1, processes=False)
+        )
+        self._single = Encoder(graphdef, one, mesh)
         self._weights = (weights["params"], weights["rest"])
         self.config = config
         self.meta: dict[str, Any] = {
@@ -55,7 +65,9 @@ class RunEncoder:
 
     def encode(self, source: Source, progress=None) -> dict[str, Any]:
         """{"codes" (int8 {-1,+1}), "index" (records kept, in order)[, "skipped"]}."""
-        return self._encoder.encode(self._weights, source, progress=progress)
+        few = len(source) <= self._single.options.batch  # one image: the warm small path
+        encoder = self._single if few else self._encoder
+        return encoder.encode(self._weights, source, progress=progress)
 
     def encode_one(self, image: str | bytes, name: str = "query") -> np.ndarray:
         """The code of one image file or encoded image (bytes), as a (1, bits) array."""
