@@ -41,6 +41,7 @@ line is the summary as JSON.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import statistics
@@ -352,9 +353,10 @@ def loader_batches(config, data, count: int) -> list[dict[str, np.ndarray]]:
     """The training loader's first ``count`` batches, flipped on the host, with the step's
     elastic margins (the training step's own draw, from (seed, step))."""
     out = []
-    for step, host in enumerate(train_lib.make_loader(config, data).batches(0)):
-        if step == count:
-            break
+    # Closed when left early: its decoding workers stop and their shared batches are freed.
+    with contextlib.closing(train_lib.make_loader(config, data).batches(0)) as batches:
+        hosts = [host for _, host in zip(range(count), batches, strict=False)]
+    for step, host in enumerate(hosts):
         if data.multilabel:
             margins = np.asarray(config.loss.margin, np.float32)
         else:

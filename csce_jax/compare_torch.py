@@ -41,6 +41,7 @@ runs offline.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import sys
@@ -266,36 +267,38 @@ def train_both(
     jax_state = jax.device_put(setup.state, sharding.replicated(mesh))
     loader = train_lib.make_loader(config, data)
     rows = []
-    for step, host in enumerate(loader.batches(0)):
-        if step == steps:
-            break
-        key = builders.fold_key(config.seed, step)
-        margins = np.array(  # writable: torch.from_numpy warns on a read-only view
-            elastic_margins(key, len(host["label"]), config.loss.margin, config.loss.margin_std)
-        )
-        batch = {k: host[k] for k in ("image", "flip", "label")}
-        jax_state, m = step_fn(jax_state, sharding.global_batch(mesh, batch))
-        sides = {"jax": {k: float(v) for k, v in jax.device_get(m).items() if k in SERIES}}
-        images = apply_flips(host["image"], host["flip"])
-        for name, side in torch_sides.items():
-            sides[name] = side.step(images, host["label"], margins)
-        row: dict[str, Any] = {"step": step + 1}
-        for k in SERIES:
-            for name, figures in sides.items():
-                row[f"{k}_{name}"] = figures[k]
-            row[f"{k}_rel_diff"] = _rel(sides["jax"][k], sides["torch"][k])
-            if "torch64" in sides:
-                exact = sides["torch64"][k]
-                row[f"{k}_floor"] = _rel(sides["torch"][k], exact)
-                row[f"{k}_jax_vs_torch64"] = _rel(sides["jax"][k], exact)
-            if "torch_nudged" in sides:
-                row[f"{k}_nudged_floor"] = _rel(sides["torch_nudged"][k], sides["torch"][k])
-        rows.append(row)
-        logging.info(
-            "step %d: loss %s",
-            step + 1,
-            " vs ".join(f"{n} {f['loss']:.6f}" for n, f in sides.items()),
-        )
+    # Closed when left early: the decoding workers stop and their shared batches are freed.
+    with contextlib.closing(loader.batches(0)) as batches:
+        for step, host in enumerate(batches):
+            if step == steps:
+                break
+            key = builders.fold_key(config.seed, step)
+            margins = np.array(  # writable: torch.from_numpy warns on a read-only view
+                elastic_margins(key, len(host["label"]), config.loss.margin, config.loss.margin_std)
+            )
+            batch = {k: host[k] for k in ("image", "flip", "label")}
+            jax_state, m = step_fn(jax_state, sharding.global_batch(mesh, batch))
+            sides = {"jax": {k: float(v) for k, v in jax.device_get(m).items() if k in SERIES}}
+            images = apply_flips(host["image"], host["flip"])
+            for name, side in torch_sides.items():
+                sides[name] = side.step(images, host["label"], margins)
+            row: dict[str, Any] = {"step": step + 1}
+            for k in SERIES:
+                for name, figures in sides.items():
+                    row[f"{k}_{name}"] = figures[k]
+                row[f"{k}_rel_diff"] = _rel(sides["jax"][k], sides["torch"][k])
+                if "torch64" in sides:
+                    exact = sides["torch64"][k]
+                    row[f"{k}_floor"] = _rel(sides["torch"][k], exact)
+                    row[f"{k}_jax_vs_torch64"] = _rel(sides["jax"][k], exact)
+                if "torch_nudged" in sides:
+                    row[f"{k}_nudged_floor"] = _rel(sides["torch_nudged"][k], sides["torch"][k])
+            rows.append(row)
+            logging.info(
+                "step %d: loss %s",
+                step + 1,
+                " vs ".join(f"{n} {f['loss']:.6f}" for n, f in sides.items()),
+            )
     setup.state = jax_state
     return rows
 

@@ -13,7 +13,9 @@ same number of steps (collectives must match).
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import gc
 import math
 import os
 import signal
@@ -165,9 +167,37 @@ def _host_batches(
         return iter(ds.to_iter_dataset(options))
     if not flags.FLAGS.is_parsed():  # grain's worker pool reads absl flags; outside an absl app
         flags.FLAGS.mark_as_parsed()
+    _release_shared_batches_at_exit()
     serial = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
     options = grain.MultiprocessingOptions(num_workers=workers.count, per_worker_buffer_size=2)
     return iter(serial.mp_prefetch(options, worker_init_fn=_start_decoding_process))
+
+
+_release_registered = False
+
+
+def _release_shared_batches_at_exit() -> None:
+    """Batches from decoding processes arrive in shared memory, which grain unlinks when the
+    last array over it is deleted, in a background thread. At exit the arrays still alive
+    (the last batch a caller held) and the deletions still queued would be left for the
+    resource tracker to report as leaked: collect them and wait for the deletions first."""
+    global _release_registered
+    if _release_registered:
+        return
+    _release_registered = True
+
+    def release() -> None:
+        try:
+            from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+        except ImportError:  # another grain layout: nothing to wait for that we know of
+            return
+        gc.collect()
+        pool = getattr(SharedMemoryArray, "_del_thread_pool", None)
+        if pool is not None:
+            pool.close()
+            pool.join()
+
+    atexit.register(release)
 
 
 _niced = threading.local()
