@@ -57,10 +57,9 @@ from flax import nnx
 
 from csce_jax import builders, convert, train_lib
 from csce_jax.atomic import write_text_atomically
-from csce_jax.config import check_config, release_training, resolve_epochs
-from csce_jax.data import load_data
 from csce_jax.data.pipeline import apply_flips
-from csce_jax.losses import elastic_margins
+from csce_jax.state import model_of
+from csce_jax.torch_side import TorchSide, comparison_setup, step_margins
 
 GROUP_FACTOR = 2.0  # our group median error may be this many times PyTorch float32's
 FLOAT32_FLOOR = 1e-6  # relative errors below this are float32 rounding of a few operations
@@ -114,10 +113,7 @@ def group_of(name: str) -> str:
 
 def canonical(name: str) -> str:
     """The release registers the stem, layer1 and layer2 twice (``input.N``): one name each."""
-    for alias, original in convert._RELEASE_ALIASES.items():
-        if name.startswith(alias):
-            return original + name[len(alias) :]
-    return name
+    return convert.release_name(name)
 
 
 def rel_error(x: np.ndarray, ref: np.ndarray) -> float:
@@ -357,12 +353,7 @@ def loader_batches(config, data, count: int) -> list[dict[str, np.ndarray]]:
     with contextlib.closing(train_lib.make_loader(config, data).batches(0)) as batches:
         hosts = [host for _, host in zip(range(count), batches, strict=False)]
     for step, host in enumerate(hosts):
-        if data.multilabel:
-            margins = np.asarray(config.loss.margin, np.float32)
-        else:
-            key = builders.fold_key(config.seed, step)
-            lc = config.loss
-            margins = np.array(elastic_margins(key, len(host["label"]), lc.margin, lc.margin_std))
+        margins = step_margins(config, step, len(host["label"]), multilabel=data.multilabel)
         images = np.ascontiguousarray(apply_flips(host["image"], host["flip"]))
         out.append({"image": images, "label": host["label"], "margins": margins})
     return out
@@ -376,18 +367,7 @@ def compare_gradients(
     points: int = 2,
 ) -> dict[str, Any]:
     """Run the gradient comparison; returns the summary (also written to ``workdir``)."""
-    from csce_jax import state
-    from csce_jax.compare_torch import TorchSide, check_release_size, initial_state
-
-    config = release_training(ml_collections.ConfigDict(config.to_dict()))
-    config.total_steps = max(points, 1)
-    check_config(config, jax.device_count(), jax.process_count())
-    if release_dir:
-        check_release_size(config)
-    data = load_data(config.data)
-    resolve_epochs(config, len(data.fit))
-    setup = initial_state(config, data.num_classes, init)
-    model = state.model_of(setup)
+    config, data, setup, model = comparison_setup(config, points, init, release_dir)
     torch32 = TorchSide(model, config, release_dir, "float32", data.multilabel)
     torch64 = TorchSide(model, config, release_dir, "float64", data.multilabel)
     momenta = bn_momenta(torch32.net)
@@ -400,7 +380,7 @@ def compare_gradients(
             }
             for side in (torch32, torch64):
                 side.load(rounded)
-            model = state.model_of(setup)
+            model = model_of(setup)
             convert.load_torch_state_dict(model, rounded, source="the float64 side's weights")
             _, setup.state["params"], setup.state["rest"] = nnx.split(model, nnx.Param, ...)
         sides = [torch_point(s, batch, momenta) for s in (torch32, torch64)]

@@ -271,6 +271,11 @@ def _processes() -> dict[int, tuple[int, int, int, str]]:
     return out
 
 
+def children_of(pid: int) -> list[int]:
+    """The live child processes of ``pid``."""
+    return [p for p, (ppid, _, _, _) in _processes().items() if ppid == pid]
+
+
 def leftover_processes() -> list[str]:
     """Orphans this test session made: processes of its session id, started after it, whose
     parent is gone (adopted by init). A worker whose parent a test killed, a server started

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import children_of
 from PIL import Image
 
 from csce_jax.config import data_config
@@ -143,20 +144,6 @@ def _digests(folder: Path) -> dict[str, str]:
     }
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if (
-                entry.name.isdigit()
-                and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid
-            ):
-                out.append(int(entry.name))
-        except OSError:
-            continue
-    return out
-
-
 def test_a_killed_prepare_resumes_to_the_same_bytes(record_set, tmp_path):
     root, out, _ = record_set
     cmd = [
@@ -175,7 +162,7 @@ def test_a_killed_prepare_resumes_to_the_same_bytes(record_set, tmp_path):
     while not list((tmp_path / "set").glob("*.array_record.json")):
         assert proc.poll() is None and time.monotonic() < deadline, "prepare ended early"
         time.sleep(0.05)
-    workers = _children(proc.pid)
+    workers = children_of(proc.pid)
     assert workers  # the decoding pool and multiprocessing's resource tracker
     proc.kill()  # SIGKILL: no cleanup
     proc.wait()

@@ -111,6 +111,16 @@ def _to_torch(name: str, value: np.ndarray, is_fusion: bool) -> np.ndarray:
     return value
 
 
+def release_name(key: str) -> str:
+    """A release state-dict key under one name: no ``module.`` prefix (DataParallel), the
+    ``input.*`` aliases of the stem, layer1 and layer2 folded into their own names."""
+    key = key.removeprefix("module.")
+    for alias, original in _RELEASE_ALIASES.items():
+        if key.startswith(alias):
+            return original + key[len(alias) :]
+    return key
+
+
 def normalize_release_keys(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Strip ``module.`` prefixes, fold the release's ``input.*`` aliases, drop BN counters.
 
@@ -119,13 +129,9 @@ def normalize_release_keys(state_dict: Mapping[str, np.ndarray]) -> dict[str, np
     out: dict[str, np.ndarray] = {}
     disagree = []
     for key, value in state_dict.items():
-        key = key.removeprefix("module.")
+        key = release_name(key)
         if _IGNORED.search(key):
             continue
-        for alias, original in _RELEASE_ALIASES.items():
-            if key.startswith(alias):
-                key = original + key[len(alias) :]
-                break
         value = np.asarray(value)
         if key in out:
             if out[key].shape != value.shape or not np.array_equal(out[key], value):
