@@ -20,9 +20,11 @@ folder read-only: they never create, clean up or delete anything in a run that m
 
 from __future__ import annotations
 
+import errno
 import logging as pylogging
 import os
 import re
+import warnings
 from typing import Any
 
 import jax
@@ -49,21 +51,53 @@ class _IntendedNotices(pylogging.Filter):
 
 
 class _OneLineErrors(pylogging.Filter):
-    """Orbax's background threads (and asyncio under them) log each failed write with its
-    traceback; the failure is raised to the trainer too (one ``error:`` line naming the
-    step), so one line each is enough."""
+    """A failed save is raised to the trainer, which prints one ``error:`` line naming the
+    step and the cause; Orbax's background threads and asyncio under them also log it, each
+    with its traceback, often several times. Those records are dropped (any other Orbax or
+    asyncio error keeps its line, without the traceback)."""
+
+    MARKERS = (
+        ".orbax-checkpoint-tmp",
+        "RESOURCE_EXHAUSTED",
+        "Handler Commit operations",
+        "(save_finalize) failed",
+        "cannot schedule new futures after",
+        "os_error_code",
+        *(os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)),
+    )
 
     def filter(self, record: pylogging.LogRecord) -> bool:
-        if record.levelno >= pylogging.ERROR and any(
-            n in record.pathname for n in ("/orbax/", "/asyncio/")
+        if record.levelno < pylogging.ERROR or not any(
+            n in record.pathname for n in ("/orbax/", "/asyncio/", "/etils/")
         ):
-            record.exc_info, record.exc_text, record.stack_info = None, None, None
+            return True
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            text += f" {record.exc_info[1]}"
+        if any(m in text for m in self.MARKERS):
+            return False
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
         return True
 
 
-pylogging.getLogger("absl").addFilter(_IntendedNotices())
-for _name in ("absl", "asyncio"):
-    pylogging.getLogger(_name).addFilter(_OneLineErrors())
+_filters_installed = False
+
+
+def install_log_filters() -> None:
+    """Keep Orbax's notices about what we do on purpose, and its tracebacks of a failed save
+    (reported once by the trainer), out of the log. Installed when the first checkpoint folder
+    is opened, not at import, so that importing this module changes no one's logging."""
+    global _filters_installed
+    if _filters_installed:
+        return
+    _filters_installed = True
+    pylogging.getLogger("absl").addFilter(_IntendedNotices())
+    for name in ("absl", "asyncio"):
+        pylogging.getLogger(name).addFilter(_OneLineErrors())
+    # An interrupted asynchronous save can leave a serialisation coroutine never awaited.
+    warnings.filterwarnings(
+        "ignore", message="coroutine 'async_serialize_from_host", category=RuntimeWarning
+    )
 
 
 def _score_key(metrics: dict[str, Any]) -> tuple[float, int]:
@@ -73,9 +107,18 @@ def _score_key(metrics: dict[str, Any]) -> tuple[float, int]:
 
 
 def _reason(err: BaseException) -> str:
+    """The cause of a failed read or write in the system's words where it gave them
+    (tensorstore carries the OS error inside its own message)."""
     if isinstance(err, OSError) and err.strerror:
         return err.strerror
-    return f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+    text = str(err)
+    code = re.search(r"os_error_code\W{0,2}(\d+)", text)
+    if code:
+        return os.strerror(int(code.group(1)))
+    for c in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EIO):
+        if os.strerror(c) in text:
+            return os.strerror(c)
+    return f"{type(err).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
 class Checkpoints:
@@ -89,6 +132,7 @@ class Checkpoints:
         read_only: bool = False,
         async_save: bool = True,
     ):
+        install_log_filters()
         self.directory = layout(workdir).checkpoints
         self.read_only = read_only
         self._closed = False
@@ -162,9 +206,18 @@ class Checkpoints:
         match = re.search(r"/(\d+)\.orbax-checkpoint-tmp", str(e))
         step = int(match.group(1)) if match else self._pending
         which = f"of step {step} " if step is not None else ""
+        before = sorted(
+            int(p.name)
+            for p in (self.directory.iterdir() if self.directory.is_dir() else ())
+            if p.name.isdigit() and (step is None or int(p.name) < step)
+        )
+        kept = (
+            f"the checkpoints before it are whole (steps {', '.join(map(str, before))})"
+            if before
+            else "no checkpoint was saved before it"
+        )
         return CheckpointError(
-            f"cannot save the checkpoint {which}in {self.directory}: {_reason(e)}; the "
-            "checkpoints before it are whole"
+            f"cannot save the checkpoint {which}in {self.directory}: {_reason(e)}; {kept}"
         )
 
     def wait(self) -> None:

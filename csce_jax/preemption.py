@@ -80,8 +80,9 @@ def install_early() -> None:
 
 
 class StopSignals:
-    """Context manager: installs the handlers; ``phase`` is "start-up", "training" or
-    "final"; ``should_stop(step)`` gives the decision during training."""
+    """Context manager: installs the handlers; ``phase`` is "start-up", "first compile",
+    "training" or "final"; ``should_stop(step)`` gives the decision during training (in the
+    other phases a signal stops at once)."""
 
     def __init__(self, sync_every: int):
         self.sync_every = max(1, min(sync_every, MAX_SYNC_EVERY))
@@ -149,7 +150,7 @@ class StopSignals:
         (the last training step was saved, the final evaluation not started)."""
         # A signal of a stop-at-once phase whose Preempted was swallowed on its way (raised
         # inside a finaliser, say) still stops the run here, before any step.
-        if self.received is not None and (phase != "training" or self.phase == "start-up"):
+        if self.received is not None and (phase != "training" or self.phase != "training"):
             raise Preempted(self.received, self.phase if phase == "training" else phase)
         self.phase = phase
 

@@ -15,10 +15,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -114,6 +116,42 @@ def make_train_step(graphdef, tx, schedule, config, multilabel: bool, mesh):
     )
 
 
+_compiling = threading.Event()
+
+
+def compile_in_flight() -> bool:
+    """Whether :func:`compile_first` left a compilation running (it was interrupted): the
+    process must then end with ``os._exit``, as XLA aborts when the interpreter finalises
+    under a running compilation."""
+    return _compiling.is_set()
+
+
+def compile_first(train_step: Any, state: Any, batch: dict[str, jax.Array]) -> None:
+    """Compile the training step for ``(state, batch)`` in a helper thread while the main
+    thread waits in short, interruptible sleeps: a compile can take minutes, and a stop signal
+    must not wait for it. The jitted call reuses the executable (no second compilation)."""
+    failure: list[BaseException] = []
+    done = threading.Event()
+
+    def build() -> None:
+        try:
+            train_step.lower(state, batch).compile()
+        except BaseException as e:  # handed to the main thread
+            failure.append(e)
+        finally:
+            _compiling.clear()
+            done.set()
+
+    _compiling.set()
+    threading.Thread(target=build, name="compile-train-step", daemon=True).start()
+    # Short waits, not Thread.join: a signal handler raising inside join can leave the
+    # thread marked as finished while it still runs.
+    while not done.wait(0.1):
+        pass
+    if failure:
+        raise failure[0]
+
+
 @dataclasses.dataclass
 class Run:
     """Everything one training run works with, set up by :func:`start_run`."""
@@ -177,7 +215,13 @@ def train_loop(run: Run, state: Any, signals: StopSignals) -> dict[str, Any]:
     in_flight: collections.deque = collections.deque()
     with contextlib.closing(device_batches(run)) as batches:  # closing stops the decoders
         signals.enter("training")
-        for step, batch in enumerate(batches, start=run.start + 1):
+        first = next(batches, None)
+        if first is not None:
+            signals.enter("first compile")  # a signal now stops at once, not after a step
+            compile_first(train_step, state, first)
+            signals.enter("training")
+        steps = itertools.chain([first] if first is not None else [], batches)
+        for step, batch in enumerate(steps, start=run.start + 1):
             state, step_metrics = train_step(state, batch)
             if step == run.start + 1:
                 log_first_step(step_metrics, clock)

@@ -284,6 +284,56 @@ def test_a_failed_save_stops_the_run_naming_path_and_cause(tmp_path, monkeypatch
     assert max(r["step"] for r in read_rows(tmp_path)) == 2  # it did not train on
 
 
+def _file_size_limit(limit):
+    """For a child: files cannot grow past ``limit`` bytes (EFBIG, as a full disk refuses a
+    write); SIGXFSZ ignored so that the write fails instead of killing the process."""
+    import resource
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_a_fresh_start_is_one_line_and_the_rerun_trains(tmp_path):
+    """The first checkpoint cannot be written: one line naming the folder, the step and the
+    system's words (no Orbax or asyncio tracebacks), and a rerun with room trains from 0."""
+    from conftest import TINY_OVERRIDES
+
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "train.py",
+        "--config",
+        "configs/default.py",
+        "--workdir",
+        str(run),
+        *TINY_OVERRIDES,
+        "--config.total_steps=4",
+        "--config.eval_every_steps=4",
+        "--config.checkpoint_every_steps=2",
+        "--config.compilation_cache=",
+    ]
+    full = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=_file_size_limit(20 << 10),  # the logs fit, a checkpoint's weights do not
+    )
+    assert full.returncode == 1, full.stdout[-2000:] + full.stderr[-3000:]
+    told = [ln for ln in full.stderr.splitlines() if ln.strip() and not ln.startswith("I")]
+    assert len(told) == 1, full.stderr[-4000:]
+    assert told[0].startswith(f"error: cannot save the checkpoint of step 2 in {run}/checkpoints: ")
+    assert "File too large" in told[0] and "no checkpoint was saved before it" in told[0]
+    assert saved_steps(run) == []
+    again = run_train(run, *cmd[-4:])
+    assert saved_steps(run) == [2, 4], again.stderr[-2000:]
+
+
 def test_metrics_truncation_leaves_no_temporary_file_when_the_disk_is_full(tmp_path, monkeypatch):
     log = MetricsLog(tmp_path)
     for step in (1, 2, 3):

@@ -109,6 +109,57 @@ def test_worker_processes_give_the_threads_batches(source):
             np.testing.assert_array_equal(x[key], y[key])
 
 
+LEAVES_THE_LOADER_EARLY = """import numpy as np
+
+from csce_jax.data import TrainLoader, ViewConfig, Workers
+from csce_jax.data.sources import Source
+
+
+def main():
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (24, 20, 3), dtype=np.uint8) for _ in range(37)]
+    src = Source(images, np.arange(37) % 5, [f"img{i}" for i in range(37)], "toy")
+    loader = TrainLoader(
+        src,
+        global_batch=8,
+        num_steps=6,
+        seed=3,
+        view=ViewConfig(resize=20, crop=16, flip=True),
+        workers=Workers(2, processes=True),
+    )
+    batches = loader.batches()
+    kept = [next(batches) for _ in range(3)]  # left early, the last batches still held
+    print(sum(int(b["image"].sum() > 0) for b in kept), flush=True)
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_batches_from_worker_processes_leave_no_shared_memory_at_exit(tmp_path):
+    """Batches from decoding processes live in shared memory: a program that leaves the
+    loader early, still holding batches, ends without the resource tracker's leak warning."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "leaves_early.py"
+    script.write_text(LEAVES_THE_LOADER_EARLY)
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env={**__import__("os").environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["3"], done.stdout
+    assert "leaked shared_memory" not in done.stderr, done.stderr[-3000:]
+
+
 def test_a_skip_in_a_worker_process_is_counted_once_by_the_loader(tmp_path):
     from PIL import Image
 

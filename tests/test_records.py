@@ -4,6 +4,7 @@ resumed after a kill to the same bytes."""
 from __future__ import annotations
 
 import hashlib
+import re
 import subprocess
 import sys
 import time
@@ -175,6 +176,55 @@ def test_a_killed_prepare_resumes_to_the_same_bytes(record_set, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "already written" in done.stdout and " 0 already written" not in done.stdout
     assert not list((tmp_path / "set").glob("*.tmp"))
+    assert _digests(tmp_path / "set") == _digests(out)
+
+
+def _file_size_limit(limit: int):
+    """A child's file size limit (RLIMIT_FSIZE): writes past it fail with EFBIG, as on a full
+    disk, and SIGXFSZ is ignored so the write returns the error instead of killing the child."""
+    import resource
+    import signal
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_prepare_on_a_full_disk_says_one_line_and_leaves_no_partial_file(record_set, tmp_path):
+    root, out, _ = record_set
+    cmd = [
+        sys.executable,
+        "-m",
+        "csce_jax.data.prepare",
+        "--config",
+        str(ROOT / "tests" / "folder_config.py"),
+        f"--config.data.image_root={root}",
+        f"--out={tmp_path / 'set'}",
+        "--workers=2",
+        "--shard_size=4",
+    ]
+    full = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_file_size_limit(32 << 10),  # a shard of 4 images of 24 px fits, not more
+    )
+    assert full.returncode == 1, full.stderr[-2000:]
+    lines = [ln for ln in full.stderr.splitlines() if ln.strip()]
+    assert "Traceback" not in full.stderr, full.stderr[-3000:]
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    assert len(errors) == 1, full.stderr[-3000:]
+    assert re.fullmatch(
+        r"error: .*/set/\w+-\d{5}-of-\d{5}\.array_record: File too large", errors[0]
+    ), errors[0]
+    assert not list((tmp_path / "set").glob("*.tmp"))
+    assert not (tmp_path / "set" / "manifest.json").exists()
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
     assert _digests(tmp_path / "set") == _digests(out)
 
 

@@ -270,6 +270,40 @@ def test_sigterm_during_start_up_exits_preempted_having_written_nothing_more(tmp
 
 
 @pytest.mark.slow
+def test_sigterm_during_the_first_compile_stops_within_seconds(tmp_path):
+    """A cold compile of the step takes seconds here and minutes for the full model: a stop
+    signal then ends the run at once (nothing saved, exit 75), not after the compile."""
+    import signal
+    import time
+
+    proc = run_train(
+        tmp_path,
+        "--config.total_steps=4",
+        "--config.compilation_cache=",  # a cold compile, whatever the machine has cached
+        background=True,
+    )
+    lines = []
+    for line in proc.stdout:  # the step's compile starts right after this line
+        lines.append(line)
+        if "training digits: steps" in line:
+            break
+    assert proc.poll() is None, "".join(lines)
+    time.sleep(0.5)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    took = time.monotonic() - sent
+    out = "".join(lines) + out
+    assert proc.returncode == PREEMPTED, out[-3000:]
+    assert "first step done" not in out, out[-3000:]  # it did not wait for the compile
+    assert took < 5, (took, out[-3000:])
+    assert "SIGTERM during first compile" in out
+    assert "Traceback" not in out and "Fatal" not in out, out[-3000:]
+    assert saved_steps(tmp_path) == []
+    run_train(tmp_path, "--config.total_steps=4")  # the rerun trains as if never begun
+
+
+@pytest.mark.slow
 def test_a_signal_at_the_last_step_keeps_its_checkpoint_and_only_the_final_evaluation_is_redone(
     tmp_path,
 ):

@@ -10,6 +10,8 @@ finished, 1 an error (one ``error:`` line), 2 a bad command line, ``config.preem
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 from absl import app, flags, logging
 
@@ -30,6 +32,13 @@ def main(argv: list[str]) -> None:
     )
     print(json.dumps(final, sort_keys=True))
     if final.get("preempted"):
+        if train_lib.compile_in_flight():
+            # Stopped during the first compile: XLA would abort at interpreter exit under the
+            # still-running compilation, so leave now (logs and files are already flushed).
+            logging.flush()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(FLAGS.config.preempted_exit_code)
         raise SystemExit(FLAGS.config.preempted_exit_code)
 
 

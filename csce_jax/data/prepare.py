@@ -10,7 +10,8 @@ Each split's records are stored exactly as the image-file path computes them bef
 (decode, banner trim, RGB, shorter side to ``data.resize``; ``csce_jax.data.records``). Shards
 are written in ``--workers`` processes, each atomically (a temporary file, renamed when whole,
 then its sidecar); a rerun after a kill keeps every finished shard and writes the rest, to the
-same bytes. An unreadable image is reported by name; the shard holding it is not written
+same bytes. A write that fails (a full disk, a quota) stops the command with one line naming
+the shard and the system's words, and leaves no partial file. An unreadable image is reported by name; the shard holding it is not written
 unless ``data.skip_corrupt`` is set (then the record marks it unreadable and readers skip it,
 as they do for image files). ``manifest.json`` is written last: a folder without it is not a
 record set. ``--format jpeg`` stores each resized image as a JPEG (``--jpeg_quality``):
@@ -20,6 +21,7 @@ smaller on disk, slower to read, and the pixels are no longer the image files' e
 from __future__ import annotations
 
 import concurrent.futures as cf
+import errno
 import hashlib
 import json
 import math
@@ -124,15 +126,20 @@ def _write_shard(job: dict[str, Any]) -> dict[str, Any]:
     if bad and not job["skip_corrupt"]:
         return {"bad": bad, "count": len(records)}
     tmp = out.with_name(out.name + ".tmp")
-    writer = ArrayRecordWriter(str(tmp), R.WRITER_OPTIONS)
     digest = hashlib.sha256()
-    for r in records:
-        writer.write(r)
-    writer.close()
-    with open(tmp, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    os.replace(tmp, out)
+    try:
+        writer = ArrayRecordWriter(str(tmp), R.WRITER_OPTIONS)
+        for r in records:
+            writer.write(r)
+        writer.close()
+        with open(tmp, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+        os.replace(tmp, out)
+    except (OSError, RuntimeError) as e:
+        raise _write_error(e, out) from None
+    finally:
+        tmp.unlink(missing_ok=True)
     side = {
         "file": out.name,
         "count": len(records),
@@ -142,6 +149,31 @@ def _write_shard(job: dict[str, Any]) -> dict[str, Any]:
     }
     write_text_atomically(out.with_name(out.name + ".json"), json.dumps(side))
     return {**side, "bad": bad}
+
+
+# ArrayRecord reports a failed write as a RuntimeError carrying the system's words; these
+# name the operating system's error, so the command can say it in one line with the shard.
+_SYSTEM_ERRORS = {
+    "No space left on device": errno.ENOSPC,
+    "Disk quota exceeded": errno.EDQUOT,
+    "File too large": errno.EFBIG,
+    "Read-only file system": errno.EROFS,
+    "Permission denied": errno.EACCES,
+    "Input/output error": errno.EIO,
+}
+
+
+def _write_error(e: OSError | RuntimeError, out: Path) -> OSError:
+    """A failed shard write as an OSError naming the shard (pickles back to the parent)."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return OSError(e.errno, e.strerror or str(e), str(out))
+    text = str(e)
+    for words, code in _SYSTEM_ERRORS.items():
+        if words.lower() in text.lower():
+            return OSError(code, words, str(out))
+    return OSError(
+        errno.EIO, f"could not be written ({text.splitlines()[0] if text else e!r})", str(out)
+    )
 
 
 def _finished(path: Path) -> dict[str, Any] | None:
@@ -222,9 +254,10 @@ def write_shards(
     progress = Progress(total)
     if todo:
         ctx = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(
+        ex = cf.ProcessPoolExecutor(
             workers, mp_context=ctx, initializer=start_niced_worker, initargs=(5,)
-        ) as ex:
+        )
+        try:
             futures = {}
             for job in todo:
                 job = {**job, "source": _part(bases[job["split"]], job["start"], job["stop"])}
@@ -233,6 +266,12 @@ def write_shards(
                 res = fut.result()
                 results[futures[fut]["path"]] = res
                 progress.add(res["count"])
+        finally:
+            # On a failure (a full disk): stop the queued shards, let the running ones end,
+            # and leave no partial file behind.
+            ex.shutdown(wait=True, cancel_futures=True)
+            for job in todo:
+                Path(job["path"] + ".tmp").unlink(missing_ok=True)
     progress.add(0, final=True)
     return results
 
