@@ -19,7 +19,11 @@ T = TypeVar("T")
 
 
 HELP_FLAGS = {"--help", "--helpshort", "--helpfull", "-h", "-?"}
-CONFIG_HELP = "a preset (cub200, default, ...) or a config file, with :args (e.g. cub200:bits=32)"
+CONFIG_HELP = (
+    "a preset (cub200, default, ...) or a config file, with :args (e.g. cub200:bits=32); "
+    "then any field with --config.a.b=value (every field, its default and allowed values: "
+    "python -m csce_jax.config)"
+)
 
 
 def config_spec(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -33,14 +37,17 @@ def config_spec(argv: list[str]) -> tuple[str | None, list[str]]:
 
 
 def flags_parser(
-    *, config_required: bool, module: str | None = None
+    *, config_required: bool, module: str | None = None, with_config: bool = True
 ) -> Callable[[list[str]], list[str]]:
     """absl's flag parsing, with ``--config NAME|path.py[:args]`` read once through
     :func:`csce_jax.config.load_config_file` and every ``--config.a.b=v`` key checked against
     the schema: a bad file, argument, key or value is one ``error:`` line (exit 2). The flags
-    of ``module`` (the command's) are listed by ``--help`` whatever script started it."""
+    of ``module`` (the command's) are listed by ``--help`` whatever script started it, and
+    ``--help`` exits 0. ``with_config=False``: a command without a config (no ``--config`` flag)."""
 
     def parse(argv: list[str]) -> list[str]:
+        if not with_config:
+            return _parse_plain(argv, module)
         spec, rest = config_spec(argv)
         try:
             for a in rest:
@@ -60,7 +67,9 @@ def flags_parser(
         _show_in_help(__name__, module)
         asked_help = bool(HELP_FLAGS & set(rest))
         if spec is None and config_required and not asked_help:
-            _usage_error("--config is required (" + CONFIG_HELP + ")")
+            _usage_error(
+                "--config is required (a preset such as cub200 or default, or a config file)"
+            )
         try:
             return flags.FLAGS(rest)
         except flags.Error as e:
@@ -72,8 +81,25 @@ def flags_parser(
     return parse
 
 
+def _parse_plain(argv: list[str], module: str | None) -> list[str]:
+    _show_in_help(module)
+    asked_help = bool(HELP_FLAGS & set(argv))
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        _usage_error(str(e))
+    except SystemExit as e:
+        raise SystemExit(0 if asked_help and e.code == 1 else e.code) from None
+    raise AssertionError("unreachable")
+
+
 def _show_in_help(*modules: str | None) -> None:
     main = sys.argv[0]
+    # A console script's generated __main__ has no docstring: --help shows the command's.
+    top = sys.modules.get("__main__")
+    command = sys.modules.get(modules[-1]) if modules and modules[-1] else None
+    if top is not None and not top.__doc__ and command is not None:
+        top.__doc__ = command.__doc__
     shown = {f.name for f in flags.FLAGS.get_flags_for_module(main)}
     for module in filter(None, modules):
         for flag in flags.FLAGS.get_flags_for_module(module):

@@ -1,6 +1,6 @@
 """A port verdict from one batch: every gradient tensor against exact arithmetic.
 
-  python -m csce_jax.compare_torch --gradients --config configs/default.py --workdir runs/g
+  csce-compare --gradients --config configs/default.py --workdir runs/g
 
 Trajectories part after the first RMSprop step whatever the port does (each step is about
 lr * sign(g), and the elements whose gradient is below float32's noise step either way), so

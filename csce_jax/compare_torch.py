@@ -1,6 +1,6 @@
 """Train the PyTorch reference of the release and our model side by side, on the same batches.
 
-  python -m csce_jax.compare_torch --config configs/default.py --steps 50 --workdir runs/cmp
+  csce-compare --config configs/default.py --steps 50 --workdir runs/cmp
 
 With ``--gradients`` the command judges the port from one batch instead, tensor by tensor
 against float64 (:mod:`csce_jax.compare_gradients`): after the first RMSprop update the
@@ -50,9 +50,9 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import logging
 
-from csce_jax import builders, cli, retrieval, sharding, train_lib
+from csce_jax import builders, retrieval, sharding, train_lib
 from csce_jax.atomic import write_text_atomically
 from csce_jax.data import EvalLoader
 from csce_jax.data.pipeline import apply_flips
@@ -229,57 +229,7 @@ def compare(
     return summary
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    logging.set_verbosity(logging.INFO)
-    cli.quiet_library_logs()
-    f = flags.FLAGS
-    if f.gradients:
-        from csce_jax.compare_gradients import compare_gradients
+if __name__ == "__main__":  # the former path of ``csce-compare``, kept for one release
+    from csce_jax.commands.compare import run
 
-        summary = cli.error_boundary(
-            compare_gradients, f.config, f.workdir, f.init, f.release_dir, f.points
-        )
-    else:
-        summary = cli.error_boundary(
-            compare, f.config, f.steps, f.workdir, f.init, f.release_dir, f.floor
-        )
-    print(json.dumps(summary, sort_keys=True))
-
-
-def run() -> None:
-    """The command line (console script and ``python -m``)."""
-    flags.DEFINE_integer("steps", 50, "training steps on both sides")
-    flags.DEFINE_string("workdir", None, "output folder (comparison.json, loss_curves.png)")
-    flags.DEFINE_string(
-        "init", "", "start from a release .pt/.pth, a converted file, or a run folder"
-    )
-    flags.DEFINE_string("release_dir", None, "a checkout of the release's code (torchvision)")
-    flags.DEFINE_enum(
-        "floor",
-        "both",
-        ["both", "float64", "nudged", "none"],
-        "the rounding floor: PyTorch trained again in float64, and/or in float32 from weights "
-        "one unit in the last place away (nudged); none: skip",
-    )
-    flags.DEFINE_boolean(
-        "gradients",
-        False,
-        "judge one batch instead of a trajectory: every gradient tensor, one optimiser step, "
-        "the batch statistics and outputs of ours and PyTorch float32 against PyTorch float64 "
-        "(gradients.json, gradients.png; see csce_jax.compare_gradients)",
-    )
-    flags.DEFINE_integer(
-        "points",
-        2,
-        "with --gradients: 1, or 2 to repeat at the float64 side's step-1 weights on the next "
-        "batch",
-        lower_bound=1,
-        upper_bound=2,
-    )
-    flags.mark_flags_as_required(["workdir"])
-    app.run(main, flags_parser=cli.flags_parser(config_required=True, module=__name__))
-
-
-if __name__ == "__main__":
     run()

@@ -5,7 +5,7 @@ torchvision. Module names of the CSCE part follow the release's ``ResNet_DOLG``
 (``localmodel``, ``conv_f4_s1``, ``conv_f4_s2``, ``conv_last``, ``fc``, ``fc_t``,
 ``ce_fc.centroids``), including its ``input`` Sequential that registers the stem, layer1 and
 layer2 a second time, so that ``state_dict()`` has the keys of a release checkpoint and loads
-our ``.pt`` exports with ``strict=True``. Used by ``python -m csce_jax.compare_torch``, the
+our ``.pt`` exports with ``strict=True``. Used by ``csce-compare``, the
 parity tests and ``benchmarks/bench_train_step.py``. It imports torch at module level; nothing
 else in the package imports it at module level.
 """

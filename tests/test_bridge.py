@@ -73,7 +73,7 @@ def test_exports_refuse_unknown_suffixes(tmp_path):
             convert_file(direction, str(tmp_path / "ours.safetensors"), str(tmp_path / dst))
     out = run_module(
         "-m",
-        "csce_jax.convert",
+        "csce_jax.commands.convert",
         "jax-to-torch",
         "--src",
         str(tmp_path / "ours.safetensors"),
@@ -124,7 +124,7 @@ def test_compare_torch_trains_both_sides_on_the_same_batches(tmp_path):
     pytest.importorskip("torch")
     out = run_module(
         "-m",
-        "csce_jax.compare_torch",
+        "csce_jax.commands.compare",
         "--config",
         "configs/default.py",
         "--steps",
@@ -247,7 +247,7 @@ def test_compare_gradients_passes_the_port_at_two_points(tmp_path):
     pytest.importorskip("torch")
     out = run_module(
         "-m",
-        "csce_jax.compare_torch",
+        "csce_jax.commands.compare",
         "--gradients",
         "--config",
         "configs/default.py",

@@ -10,6 +10,7 @@ from conftest import ROOT
 from flax import nnx
 
 from csce_jax import pretrained
+from csce_jax.commands.convert import main as convert_main
 from csce_jax.convert import (
     ConversionError,
     export_torch_state_dict,
@@ -18,7 +19,6 @@ from csce_jax.convert import (
     read_state_file,
     write_state_file,
 )
-from csce_jax.convert.__main__ import main as convert_main
 from csce_jax.hashing import hash_centers
 from csce_jax.models import CSCENet
 
@@ -73,7 +73,7 @@ def test_cli_reports_bad_files(tmp_path):
         [
             sys.executable,
             "-m",
-            "csce_jax.convert",
+            "csce_jax.commands.convert",
             "torch-to-jax",
             "--src",
             str(bad),
@@ -261,7 +261,7 @@ def test_convert_speaks_in_its_own_words_and_export_needs_a_run(tmp_path):
         assert "Error" not in message and "\n" not in message
     out = subprocess.run(
         [
-            *(sys.executable, "-m", "csce_jax.convert", "export"),
+            *(sys.executable, "-m", "csce_jax.commands.convert", "export"),
             *("--src", str(tmp_path), "--dst", str(tmp_path / "x.safetensors")),
         ],
         cwd=ROOT,

@@ -281,7 +281,7 @@ def test_split_lists_command_writes_counts_and_checksums(tmp_path):
         [
             sys.executable,
             "-m",
-            "csce_jax.data.splits",
+            "csce_jax.commands.splits",
             "--dataset",
             "digits",
             "--out",
@@ -302,7 +302,15 @@ def test_split_lists_command_writes_counts_and_checksums(tmp_path):
     assert first[0].startswith("digits/query[") and len(first) == 11 and first[1:].count("1") == 1
     again = tmp_path / "again"
     subprocess.run(
-        [sys.executable, "-m", "csce_jax.data.splits", "--dataset", "digits", "--out", str(again)],
+        [
+            sys.executable,
+            "-m",
+            "csce_jax.commands.splits",
+            "--dataset",
+            "digits",
+            "--out",
+            str(again),
+        ],
         cwd=root,
         capture_output=True,
         text=True,
@@ -312,7 +320,7 @@ def test_split_lists_command_writes_counts_and_checksums(tmp_path):
     assert (again / "val.txt").read_text() == (tmp_path / "val.txt").read_text()
     bad = run_module(
         "-m",
-        "csce_jax.data.splits",
+        "csce_jax.commands.splits",
         "--dataset=aircraft",
         f"--out={tmp_path / 'x'}",
         f"--manual_dir={tmp_path / 'none'}",

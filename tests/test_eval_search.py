@@ -103,7 +103,7 @@ def test_search_round_trip_and_corrupt_image(trained, tmp_path):
     index = tmp_path / "photos.idx"
     out = _run(
         "-m",
-        "csce_jax.search",
+        "csce_jax.commands.search",
         "index",
         "--workdir",
         str(trained),
@@ -119,7 +119,7 @@ def test_search_round_trip_and_corrupt_image(trained, tmp_path):
     query = folder / "d00.png"
     out = _run(
         "-m",
-        "csce_jax.search",
+        "csce_jax.commands.search",
         "query",
         "--index",
         str(index),

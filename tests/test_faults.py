@@ -171,7 +171,7 @@ def test_readers_never_write_into_a_run(finished_run, tmp_path):
         Image.new("RGB", (40, 40), "white").save(folder / "a.png")
         out = run_module(
             "-m",
-            "csce_jax.search",
+            "csce_jax.commands.search",
             "index",
             "--workdir",
             str(finished_run),
@@ -656,7 +656,7 @@ def test_verify_finds_corrupt_images_up_front(tmp_path):
     root = _folder_with_corrupt(tmp_path, corrupt=1)
     out = run_module(
         "-m",
-        "csce_jax.data.verify",
+        "csce_jax.commands.verify",
         "--config",
         "configs/default.py",
         "--config.data.name=folder",
@@ -707,7 +707,7 @@ def test_split_list_size_mismatch_is_one_line(tmp_path):
     base = _aircraft(tmp_path)
     out = run_module(
         "-m",
-        "csce_jax.data.splits",
+        "csce_jax.commands.splits",
         "--dataset=aircraft",
         f"--manual_dir={base}",
         f"--out={tmp_path / 'x'}",

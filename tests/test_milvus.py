@@ -186,7 +186,7 @@ def test_two_processes_fill_one_milvus_lite_collection(milvus_index, trained_run
     file, inserts them all: the same codes and hits as one process."""
     root, photos = milvus_index
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    cmd = [sys.executable, "-m", "csce_jax.search", "index", "--workdir", str(trained_run)]
+    cmd = [sys.executable, "-m", "csce_jax.commands.search", "index", "--workdir", str(trained_run)]
     cmd += ["--images", str(photos), "--out", str(tmp_path / "two"), "--shard_size", "4"]
     cmd += ["--engine", "milvus", f"--config.coordinator_address=127.0.0.1:{_free_port()}"]
     cmd += ["--config.num_processes=2"]

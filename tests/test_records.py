@@ -150,7 +150,7 @@ def test_a_killed_prepare_resumes_to_the_same_bytes(record_set, tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "csce_jax.data.prepare",
+        "csce_jax.commands.prepare",
         "--config",
         str(ROOT / "tests" / "folder_config.py"),
         f"--config.data.image_root={root}",
@@ -197,7 +197,7 @@ def test_prepare_on_a_full_disk_says_one_line_and_leaves_no_partial_file(record_
     cmd = [
         sys.executable,
         "-m",
-        "csce_jax.data.prepare",
+        "csce_jax.commands.prepare",
         "--config",
         str(ROOT / "tests" / "folder_config.py"),
         f"--config.data.image_root={root}",
@@ -297,7 +297,7 @@ def test_eval_and_search_read_a_record_set(trained_run, tmp_path):
     index = tmp_path / "q.idx"
     out = run_module(
         "-m",
-        "csce_jax.search",
+        "csce_jax.commands.search",
         "index",
         "--workdir",
         str(run),

@@ -233,7 +233,7 @@ def test_two_processes_encode_the_same_codes_as_one(trained_run, tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "csce_jax.search",
+        "csce_jax.commands.search",
         "index",
         "--workdir",
         str(trained_run),

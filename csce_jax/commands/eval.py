@@ -27,9 +27,7 @@ def _define_flags() -> None:
         "score this weights file (.safetensors/.npz/.pth, e.g. a converted PyTorch "
         "checkpoint) instead of a checkpoint; needs --config",
     )
-    flags.DEFINE_string(
-        "prepared", None, "read the images from this record set (python -m csce_jax.data.prepare)"
-    )
+    flags.DEFINE_string("prepared", None, "read the images from this record set (csce-prepare)")
     flags.DEFINE_bool("export_codes", False, "only encode and write the codes")
     flags.DEFINE_integer("grid_queries", 5, "queries shown in retrieval_grid.png")
     flags.DEFINE_string("query_codes", None, ".npy codes of the queries ({-1,+1} or packed)")
@@ -91,3 +89,7 @@ def run() -> None:
     hostmem.apply_environment()  # before any thread allocates (see hostmem)
     _define_flags()
     app.run(main, flags_parser=cli.flags_parser(config_required=False, module=__name__))
+
+
+if __name__ == "__main__":
+    run()

@@ -1,10 +1,12 @@
 """``csce-train --config NAME|path.py[:args] --workdir runs/x [--config.key=value ...]``.
 
-Rerunning the same command resumes from the latest checkpoint in the workdir; where no
-checkpoint there can be read the run stops, and ``--start_over`` (set them all aside, train
-from step 0) is the explicit way to begin again. Exit status: 0
-finished, 1 an error (one ``error:`` line), 2 a bad command line, ``config.preempted_exit_code``
-(75) stopped by SIGTERM/SIGINT after saving a checkpoint.
+Any config field is set with ``--config.a.b=value`` (``--config.optimizer.lr=1e-4``); every
+field, its default and its allowed values: ``python -m csce_jax.config``. Config arguments go
+after ``:`` (``--config cub200:bits=48``). Rerunning the same command resumes from the latest
+checkpoint in the workdir; where no checkpoint there can be read the run stops, and
+``--start_over`` (set them all aside, train from step 0) is the explicit way to begin again.
+Exit status: 0 finished, 1 an error (one ``error:`` line), 2 a bad command line,
+``config.preempted_exit_code`` (75) stopped by SIGTERM/SIGINT after saving a checkpoint.
 """
 
 from __future__ import annotations
@@ -59,3 +61,7 @@ def run() -> None:
         "checkpoint's record reads",
     )
     app.run(main, flags_parser=cli.flags_parser(config_required=True, module=__name__))
+
+
+if __name__ == "__main__":
+    run()

@@ -13,9 +13,9 @@ kernel``), NHWC, loadable without torch. Exports to PyTorch hold the release's f
 ``.pt``/``.pth`` via ``torch.save`` (what the release's ``torch.load`` + ``load_state_dict``
 reads), or ``.safetensors``. Command line::
 
-  python -m csce_jax.convert torch-to-jax --src release.pth --dst model.safetensors
-  python -m csce_jax.convert jax-to-torch --src model.safetensors --dst model.pt
-  python -m csce_jax.convert export --src runs/x [--step N] --dst model.safetensors  # or .pt
+  csce-convert torch-to-jax --src release.pth --dst model.safetensors
+  csce-convert jax-to-torch --src model.safetensors --dst model.pt
+  csce-convert export --src runs/x [--step N] --dst model.safetensors  # or .pt
 
 ``export`` (``csce_jax.api.export_run``) writes a trained run's best (or ``--step``) checkpoint as a file. Weights that are
 not finite are refused on reading and on writing, naming the key; ``--dst`` may not be

@@ -202,7 +202,7 @@ DATASETS: dict[str, DatasetSpec] = {
     ),
     # The release's protocol: any DeepHash list files, and its three data sets as presets (class
     # count and cut-off fixed). Published list files differ in counts between releases, so no
-    # size is enforced; `python -m csce_jax.data.splits` prints counts and checksums.
+    # size is enforced; `csce-splits` prints counts and checksums.
     "lists": DatasetSpec(0, None, None, None, _lists(), database_is_train=False),
     "imagenet100": DatasetSpec(100, False, 1000, None, _lists(100, False), database_is_train=False),
     "nuswide21": DatasetSpec(21, True, 5000, None, _lists(21, True), database_is_train=False),

@@ -1,6 +1,6 @@
 r"""Write a data set's decoded, resized images once as ArrayRecord shards.
 
-  python -m csce_jax.data.prepare --config configs/flowers102.py \
+  csce-prepare --config configs/flowers102.py \
       --config.data.manual_dir=/data/flowers102 --out /data/flowers102_r128
 
 Then train (or evaluate) from them with ``--config.data.prepared=/data/flowers102_r128``: the
@@ -32,10 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from absl import app, flags, logging
 
 import csce_jax.data.records as R
-from csce_jax import cli
 from csce_jax.atomic import write_file_atomically, write_text_atomically
 from csce_jax.data.datasets import DATASETS, RetrievalData, load_data
 from csce_jax.data.images import resized_rgb
@@ -373,32 +371,7 @@ def _summary(out: Path, splits, jobs, results, bad) -> dict[str, Any]:
     return summary
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    logging.set_verbosity(logging.WARNING)
-    f = flags.FLAGS
-    summary = cli.error_boundary(
-        prepare,
-        f.config,
-        f.out,
-        workers=f.workers,
-        shard_size=f.shard_size,
-        image_format=f.format,
-        jpeg_quality=f.jpeg_quality,
-    )
-    print(json.dumps(summary, sort_keys=True))
+if __name__ == "__main__":  # the former path of ``csce-prepare``, kept for one release
+    from csce_jax.commands.prepare import run
 
-
-def run() -> None:
-    """The command line (console script and ``python -m``)."""
-    flags.DEFINE_string("out", None, "the record set's folder")
-    flags.DEFINE_integer("workers", max(1, (os.cpu_count() or 2)), "writing processes")
-    flags.DEFINE_integer("shard_size", 1024, "records per shard")
-    flags.DEFINE_enum("format", "raw", ["raw", "jpeg"], "raw pixels or JPEG")
-    flags.DEFINE_integer("jpeg_quality", 95, "with --format jpeg")
-    flags.mark_flags_as_required(["out"])
-    app.run(main, flags_parser=cli.flags_parser(config_required=True, module=__name__))
-
-
-if __name__ == "__main__":
     run()

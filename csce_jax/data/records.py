@@ -2,7 +2,7 @@
 
 The deterministic part of every view (decode, banner trim, RGB, shorter side to ``data.resize``:
 :func:`csce_jax.data.images.resized_rgb`) is computed once per image by
-``python -m csce_jax.data.prepare`` and stored in ArrayRecord shards (grain's random-access
+``csce-prepare`` and stored in ArrayRecord shards (grain's random-access
 format, one record per image, no grouping, uncompressed). Training then only crops and flips,
 and evaluation only centre-crops: the same pixels as from the image files.
 
@@ -203,7 +203,7 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(
             f"data.prepared={folder}: no {MANIFEST} (not a record set, or its preparation did "
-            "not finish: rerun `python -m csce_jax.data.prepare` with the same --out)"
+            "not finish: rerun `csce-prepare` with the same --out)"
         )
     try:
         manifest = json.loads(path.read_text())

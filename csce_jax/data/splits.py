@@ -1,4 +1,4 @@
-"""Write and check split lists: ``python -m csce_jax.data.splits --dataset NAME --out DIR``.
+"""Write and check split lists: ``csce-splits --dataset NAME --out DIR``.
 
 Writes ``train.txt``, ``database.txt``, ``test.txt`` (DeepHash format: ``name v1 v2 ...`` with a
 one-/multi-hot label vector) and ``val.txt`` (the validation hold-out) for a data set, built
@@ -14,12 +14,9 @@ import os
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
 
-from csce_jax import cli
 from csce_jax.atomic import write_text_atomically
-from csce_jax.config import data_config
-from csce_jax.data.datasets import DATASETS, load_data
+from csce_jax.data.datasets import load_data
 from csce_jax.data.sources import Source
 
 
@@ -58,31 +55,7 @@ def write_lists(cfg, out_dir: str | os.PathLike) -> dict[str, tuple[int, str]]:
     return result
 
 
-def main(argv):
-    del argv
-    cfg = data_config(FLAGS.dataset)
-    for key in ("data_dir", "manual_dir", "list_dir", "image_root"):
-        if getattr(FLAGS, key):
-            setattr(cfg, key, getattr(FLAGS, key))
-    cfg.allow_size_mismatch = FLAGS.allow_size_mismatch
-    for fname, (count, digest) in cli.error_boundary(write_lists, cfg, FLAGS.out).items():
-        print(f"{fname:14s} {count:8d}  sha256 {digest}")
+if __name__ == "__main__":  # the former path of ``csce-splits``, kept for one release
+    from csce_jax.commands.splits import run
 
-
-FLAGS = flags.FLAGS
-
-
-def run() -> None:
-    """The command line (console script and ``python -m``)."""
-    flags.DEFINE_enum("dataset", "digits", sorted(DATASETS), "data set name")
-    flags.DEFINE_string("out", None, "output folder", required=True)
-    flags.DEFINE_string("data_dir", "", "tfds data_dir")
-    flags.DEFINE_string("manual_dir", "", "manual directory (aircraft, nabirds, vegfru)")
-    flags.DEFINE_string("list_dir", "", "folder with the DeepHash list files")
-    flags.DEFINE_string("image_root", "", "image root for list files or an image folder")
-    flags.DEFINE_bool("allow_size_mismatch", False, "accept split sizes that differ")
-    app.run(main)
-
-
-if __name__ == "__main__":
     run()

@@ -1,6 +1,6 @@
 """Decode every image of a data set once, up front, so a corrupt file is found before training.
 
-  python -m csce_jax.data.verify --config configs/cub200.py [--out report.json]
+  csce-verify --config configs/cub200.py [--out report.json]
 
 Decoding runs in ``data.num_workers`` threads with a progress line on stderr; the report (JSON:
 counts per split and every unreadable file with its error) is written atomically. With
@@ -19,11 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import ml_collections
-from absl import app, flags
 
-from csce_jax import cli
 from csce_jax.atomic import write_text_atomically
-from csce_jax.data.datasets import RetrievalData, load_data
+from csce_jax.data.datasets import RetrievalData
 from csce_jax.data.images import load_rgb
 from csce_jax.data.sources import Source
 from csce_jax.errors import DataError
@@ -38,7 +36,8 @@ def _check(source: Source, i: int, resize: int) -> tuple[str, str] | None:
     return None
 
 
-def _splits(data: RetrievalData) -> dict[str, Source]:
+def splits_of(data: RetrievalData) -> dict[str, Source]:
+    """The splits to check: train, query and (where it is not train) database."""
     splits = {"train": data.train, "query": data.query}
     if data.database is not data.train:
         splits["database"] = data.database
@@ -84,7 +83,7 @@ def verify_data(
 ) -> dict[str, Any]:
     """Check every image of the data set of the config's ``data`` block; an unreadable one is
     an error unless ``data.skip_corrupt``."""
-    result = check_sources(_splits(data), resize=block.resize, threads=block.num_workers)
+    result = check_sources(splits_of(data), resize=block.resize, threads=block.num_workers)
     write_report(result, report)
     if result["bad"] and not block.skip_corrupt:
         first = result["bad"][0]
@@ -96,34 +95,7 @@ def verify_data(
     return result
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    config = flags.FLAGS.config
-    out = os.path.abspath(flags.FLAGS.out or f"{config.data.name}_data_report.json")
+if __name__ == "__main__":  # the former path of ``csce-verify``, kept for one release
+    from csce_jax.commands.verify import run
 
-    def run() -> dict[str, Any]:
-        data = load_data(config.data)
-        result = check_sources(
-            _splits(data), resize=config.data.resize, threads=config.data.num_workers
-        )
-        write_report(result, out)
-        return result
-
-    result = cli.error_boundary(run)
-    print(f"checked {result['checked']} images, {len(result['bad'])} unreadable; report: {out}")
-    if result["bad"]:
-        for row in result["bad"][:20]:
-            print(f"  {row['where']}: {row['error']}")
-        raise SystemExit(1)
-
-
-def run() -> None:
-    """The command line (console script and ``python -m``)."""
-    flags.DEFINE_string(
-        "out", None, "report file (default: <data set>_data_report.json in the current folder)"
-    )
-    app.run(main, flags_parser=cli.flags_parser(config_required=True, module=__name__))
-
-
-if __name__ == "__main__":
     run()

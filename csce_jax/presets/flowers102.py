@@ -8,7 +8,7 @@ database.
 
 CPU recipe (default; a narrow CSCE-Net from scratch at 112 px, no pretrained weights):
 
-  python -m csce_jax.data.prepare --config configs/flowers102.py \
+  csce-prepare --config configs/flowers102.py \
       --config.data.manual_dir=/data/flowers102 --out /data/flowers102_r128
   python train.py --config configs/flowers102.py --workdir runs/flowers \
       --config.data.manual_dir=/data/flowers102 --config.data.prepared=/data/flowers102_r128

@@ -1,13 +1,13 @@
 """Hash a collection and search it by image: from a folder of photographs to millions of codes.
 
-  python -m csce_jax.search index --workdir runs/x --images photos/ --out photos.idx
-  python -m csce_jax.search index --workdir runs/x --list db.txt --image_root images/ --out db.idx
-  python -m csce_jax.search index --workdir runs/x --prepared records/ --split database --out db.idx
-  python -m csce_jax.search index ... --engine faiss-ivf        (or faiss-flat, faiss-hnsw)
-  python -m csce_jax.search index ... --config.distributed=True (every host encodes its shards)
-  python -m csce_jax.search query --index photos.idx query.jpg [-k 10] [--picture hits.png]
-  python -m csce_jax.search query --index photos.idx --images queries/ --out hits.json
-  python -m csce_jax.search serve --index photos.idx [--port 8000]
+  csce-search index --workdir runs/x --images photos/ --out photos.idx
+  csce-search index --workdir runs/x --list db.txt --image_root images/ --out db.idx
+  csce-search index --workdir runs/x --prepared records/ --split database --out db.idx
+  csce-search index ... --engine faiss-ivf        (or faiss-flat, faiss-hnsw)
+  csce-search index ... --config.distributed=True (every host encodes its shards)
+  csce-search query --index photos.idx query.jpg [-k 10] [--picture hits.png]
+  csce-search query --index photos.idx --images queries/ --out hits.json
+  csce-search serve --index photos.idx [--port 8000]
 
 An index is a folder: shards of packed codes with the images' absolute paths and labels, the
 checkpoint that made them (run folder, step, bits, the hash centres' fingerprint), and the

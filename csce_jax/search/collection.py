@@ -90,7 +90,7 @@ def from_list(list_file: str, image_root: str | None = None) -> Collection:
 
 
 def from_prepared(config: ml_collections.ConfigDict, prepared: str, split: str) -> Collection:
-    """One split of a record set (``python -m csce_jax.data.prepare``), named by source paths."""
+    """One split of a record set (``csce-prepare``), named by source paths."""
     config = ml_collections.ConfigDict(config.to_dict())
     config.data.prepared = prepared
     data = load_data(config.data)
