@@ -1,5 +1,5 @@
 """Training-step and encoding throughput: our JAX model vs the PyTorch reference of the release
-(``csce_jax/torch_reference.py``).
+(``csce_jax/bridge/reference.py``).
 
 Same device kind, batch, resolution and work: the release's network, loss (arc margin, cs
 quantisation with the release DSF) and one RMSprop step; encoding = evaluation-mode forward +
@@ -108,8 +108,8 @@ def torch_side(args, images, labels):
 
     import torch
 
+    from csce_jax.bridge.reference import ReleaseNet, release_dsf, release_loss
     from csce_jax.hashing import hash_centers
-    from csce_jax.torch_reference import ReleaseNet, release_dsf, release_loss
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)

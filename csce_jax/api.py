@@ -22,8 +22,9 @@ import numpy as np
 from flax import nnx
 
 from csce_jax import builders, convert, sharding
-from csce_jax.data.images import eval_view, load_rgb
-from csce_jax.encoding import make_encode_step
+from csce_jax.data.pipeline import ViewConfig, Workers
+from csce_jax.data.sources import Source
+from csce_jax.encoding import EncodeOptions, Encoder
 from csce_jax.errors import ConversionError
 from csce_jax.models import CSCENet
 from csce_jax.run_reader import RunReader
@@ -43,27 +44,35 @@ class LoadedModel:
     raw_eval_band: bool = False
     balance: float | None = None
     step: int | None = None  # the checkpoint step, for a run
-    _encoder: Any = dataclasses.field(default=None, repr=False)
+    _encoders: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def __call__(self, images: jax.Array) -> Any:
         return self.model(images)
 
-    def encode_batch(self, images: np.ndarray) -> np.ndarray:
-        """int8 {-1,+1} codes of a batch of prepared uint8 images, on this host's devices
-        (the encoding step of ``eval.py`` and training's evaluation)."""
-        if self._encoder is None or self._encoder[0] != (self.raw_eval_band, self.balance):
-            mesh = sharding.make_mesh(local=True)
+    def encoder(self, batch: int = 1) -> tuple[Encoder, Any]:
+        """The :class:`csce_jax.encoding.Encoder` of this model on this host's devices (the
+        encoder of ``eval.py`` and search) for batches of about ``batch`` images, and the
+        weights it takes; built once per batch size and settings, then kept warm."""
+        mesh = sharding.make_mesh(local=True)
+        batch = -(-max(1, batch) // mesh.size) * mesh.size
+        key = (batch, self.resize, self.crop, self.raw_eval_band, self.balance)
+        if key not in self._encoders:
             graphdef, params, rest = nnx.split(self.model, nnx.Param, ...)
-            step = make_encode_step(
-                graphdef, mesh, raw_eval_band=self.raw_eval_band, bal=self.balance
+            options = EncodeOptions(
+                batch=batch,
+                view=ViewConfig(self.resize, self.crop, flip=False),
+                workers=Workers(1, processes=False),
+                raw_eval_band=self.raw_eval_band,
+                balance=self.balance,
             )
             weights = jax.device_put((params, rest), sharding.replicated(mesh))
-            self._encoder = ((self.raw_eval_band, self.balance), step, weights, mesh.size)
-        _, step, weights, devices = self._encoder
-        pad = -len(images) % devices
-        padded = np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.uint8)])
-        codes, _, _ = step(weights, padded, np.arange(len(padded), dtype=np.int32))
-        return np.asarray(codes)[: len(images)]
+            self._encoders[key] = (Encoder(graphdef, options, mesh), weights)
+        return self._encoders[key]
+
+    def encode_batch(self, images: np.ndarray) -> np.ndarray:
+        """int8 {-1,+1} codes of a batch of uint8 images already cropped to ``crop``."""
+        encoder, weights = self.encoder(len(images))
+        return encoder.encode_batch(weights, np.asarray(images, np.uint8))
 
 
 def _from_run(workdir: Path, step: int | None) -> LoadedModel:
@@ -125,33 +134,35 @@ def load_model(
     return loaded
 
 
-def _prepare(images: Any, resize: int, crop: int) -> np.ndarray:
+def _as_source(images: Any) -> Source:
+    """uint8 RGB (or grey) arrays of any size as an in-memory source; anything else refused."""
     if isinstance(images, np.ndarray) and images.ndim == 4:
         images = list(images)
-    out = []
+    arrays = []
     for i, img in enumerate(images):
         arr = np.asarray(img)
         if arr.dtype != np.uint8:
             raise ValueError(f"image {i}: expected uint8 RGB pixels, got {arr.dtype}")
-        out.append(eval_view(load_rgb(arr), resize=resize, crop=crop))
-    return np.stack(out)
+        if arr.ndim not in (2, 3):
+            raise ValueError(f"image {i}: expected (H, W) or (H, W, C) pixels, got {arr.shape}")
+        arrays.append(arr)
+    names = [f"image {i}" for i in range(len(arrays))]
+    return Source(arrays, np.zeros(len(arrays), np.int32), names, "images")
 
 
 def encode(
     model: LoadedModel, images: np.ndarray | Sequence[np.ndarray], batch_size: int = 64
 ) -> np.ndarray:
     """Binary codes (N, bits) int8 in {-1, +1} of uint8 RGB images (N, H, W, 3) or a list of
-    (H, W[, 3]) arrays of any size, preprocessed as ``eval.py`` does."""
+    (H, W[, 3]) arrays of any size, prepared and encoded by the encoder of ``eval.py``
+    (:class:`csce_jax.encoding.Encoder`): shorter side to ``resize``, centre crop."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be at least 1")
-    pixels = _prepare(images, model.resize, model.crop)
-    codes = []
-    for start in range(0, len(pixels), batch_size):
-        chunk = pixels[start : start + batch_size]
-        pad = batch_size - len(chunk) if len(pixels) > batch_size else 0
-        padded = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.uint8)])
-        codes.append(model.encode_batch(padded)[: len(chunk)])
-    return np.concatenate(codes) if codes else np.zeros((0, model.bits), np.int8)
+    source = _as_source(images)
+    if len(source) == 0:
+        return np.zeros((0, model.bits), np.int8)
+    encoder, weights = model.encoder(min(batch_size, len(source)))
+    return encoder.encode(weights, source)["codes"]
 
 
 def export_run(workdir: str | os.PathLike, dst: str | os.PathLike, step: int | None = None) -> str:

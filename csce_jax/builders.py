@@ -1,4 +1,5 @@
-"""Config -> objects: the model (with its centres), the optimiser, and the loss/encoding options.
+"""Config -> objects: the model (with its centres), the optimiser, and the typed options of
+the loss, the training step and encoding (``fold_key`` is re-exported from ``train_step``).
 
 Shared by training, evaluation and search so that all three read a config the same way; the
 library below them takes these objects, or the one config block it needs.
@@ -18,9 +19,12 @@ from flax import nnx
 from csce_jax.data.pipeline import ViewConfig, Workers
 from csce_jax.encoding import EncodeOptions, Encoder
 from csce_jax.hashing import hash_centers
+from csce_jax.losses import LossOptions
 from csce_jax.models import CSCENet
 from csce_jax.models.layers import resolve_kernels
 from csce_jax.optim import learning_rate_schedule, make_optimizer, with_frozen
+from csce_jax.train_step import StepOptions
+from csce_jax.train_step import fold_key as fold_key  # its former home
 
 
 def view_config(config: ml_collections.ConfigDict, *, train: bool) -> ViewConfig:
@@ -102,24 +106,30 @@ def balance(config: ml_collections.ConfigDict) -> float | None:
     return 32.0 if config.release_compat.fill_64bit else None
 
 
-def loss_options(config: ml_collections.ConfigDict, multilabel: bool) -> dict[str, Any]:
-    """Keyword arguments of :func:`csce_jax.losses.csce_loss` for this config."""
+def loss_options(config: ml_collections.ConfigDict, multilabel: bool) -> LossOptions:
+    """The options of :func:`csce_jax.losses.csce_loss` for this config."""
     lc = config.loss
-    return {
-        "multilabel": multilabel,
-        "margin_type": lc.margin_type,
-        "scale": lc.scale,
-        "ce_weight": lc.ce,
-        "quan_weight": lc.quan,
-        "quan_type": lc.quan_type,
-        "multilabel_loss": lc.multilabel_loss,
-        "estimator": config.dsf.estimator,
-        "clip_all_logits": config.release_compat.clip_all_logits,
-        "balance": balance(config),
-        "temperature": config.dsf.temperature,
-    }
+    return LossOptions(
+        multilabel=bool(multilabel),
+        margin_type=lc.margin_type,
+        scale=float(lc.scale),
+        ce_weight=float(lc.ce),
+        quan_weight=float(lc.quan),
+        quan_type=lc.quan_type,
+        multilabel_loss=lc.multilabel_loss,
+        estimator=config.dsf.estimator,
+        clip_all_logits=bool(config.release_compat.clip_all_logits),
+        balance=balance(config),
+        temperature=float(config.dsf.temperature),
+    )
 
 
-def fold_key(seed: int, step: jax.Array) -> jax.Array:
-    """The per-step random key: a pure function of (seed, step), so resume is exact."""
-    return jax.random.fold_in(jax.random.key(seed), step)
+def step_options(config: ml_collections.ConfigDict, multilabel: bool) -> StepOptions:
+    """The options of the training step (:mod:`csce_jax.train_step`) for this config."""
+    return StepOptions(
+        seed=int(config.seed),
+        margin=float(config.loss.margin),
+        margin_std=float(config.loss.margin_std),
+        remat=bool(config.model.remat),
+        loss=loss_options(config, multilabel),
+    )

@@ -2,8 +2,9 @@
 
 ``<workdir>/checkpoints/<step>/`` holds three items: ``weights`` (parameters, BatchNorm
 statistics, hash centres: all that encoding needs), ``train`` (optimiser state and step) and
-``meta`` (JSON: the resolved config, the centres' fingerprint, the best step and mAP so far,
-and a digest of the ``weights`` and ``train`` data, ``csce_jax.digest``).
+``meta`` (JSON: the resolved config, the centres' fingerprint, and a digest of the ``weights``
+and ``train`` data, ``csce_jax.digest``). The best step is recorded once, as the validation
+score Orbax saves with the checkpoint.
 The data position and the per-step random key are functions of the step, so nothing else is
 needed for an exact resume.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import logging as pylogging
+import math
 import os
 import re
 import warnings
@@ -384,6 +386,15 @@ class Checkpoints:
         """The step with the best validation mAP among those saved with one (Orbax's own
         ranking of the saved scores; ties go to the earlier step), or None."""
         return self.manager.best_step()
+
+    def best(self) -> tuple[int | None, float]:
+        """(best step, its score), or (None, -inf): the one record of the best checkpoint is
+        the score saved with it (the trainer resumes its best from here, too)."""
+        step = self.manager.best_step()
+        metrics = self.manager.metrics(step) if step is not None else None
+        if not metrics or "score" not in metrics:
+            return None, -math.inf
+        return step, float(metrics["score"])
 
     def _candidates(self, step: int | None) -> list[int]:
         steps = self.steps()

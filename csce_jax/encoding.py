@@ -18,7 +18,7 @@ from flax import nnx
 
 from csce_jax.data.pipeline import EvalLoader, ViewConfig, Workers
 from csce_jax.data.sources import Source
-from csce_jax.hashing import encode as binarize
+from csce_jax.hashing import binarize
 from csce_jax.sharding import data_sharded, gather, global_batch, replicated
 
 
@@ -69,6 +69,14 @@ class Encoder:
             graphdef, mesh, raw_eval_band=options.raw_eval_band, bal=options.balance
         )
         self.skipped: set[str] = set()  # unreadable images met so far (skip_corrupt)
+
+    def encode_batch(self, weights: Any, images: np.ndarray) -> np.ndarray:
+        """int8 {-1,+1} codes of one batch of images already cropped to the view (uint8,
+        N x crop x crop x 3), padded to the devices here (this host's mesh only)."""
+        pad = -len(images) % self.mesh.size
+        padded = np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.uint8)])
+        codes, _, _ = self._step(weights, padded, np.arange(len(padded), dtype=np.int32))
+        return np.asarray(codes)[: len(images)]
 
     def encode(
         self,

@@ -52,21 +52,19 @@ def run_eval(
         if prepared:
             config.data.prepared = prepared
         runtime.prepare_jax(config)  # before JAX starts its backends
-        restored = None if reader is None else reader.weights(config, step)
+        run = None if reader is None else reader.encoding(config, step)
     finally:
         if reader is not None:
             reader.close()
     data = load_data(config.data)
-    mesh = make_mesh()
-    if restored is None:
+    if run is None:
+        mesh = make_mesh()
         graphdef, weights = state.weights_from_file(config, data.num_classes, weights_file)
         pair = jax.device_put((weights["params"], weights["rest"]), replicated(mesh))
-        got_step: Any = f"weights file {weights_file}"
+        encoder, got_step = make_encoder(config, graphdef, mesh), f"weights file {weights_file}"
     else:
-        graphdef, pair, got_step = restored.graphdef, restored.pair, restored.step
-    query, database = retrieval.encode_pair(
-        make_encoder(config, graphdef, mesh), pair, data.query, data.database
-    )
+        encoder, pair, got_step = run.encoder, run.weights, run.step
+    query, database = retrieval.encode_pair(encoder, pair, data.query, data.database)
     out_dir = layout(workdir).eval
     out_dir.mkdir(parents=True, exist_ok=True)
     save_codes(out_dir, "query", query)

@@ -6,7 +6,8 @@ key by :func:`elastic_margins`, so a step is reproducible from (seed, step).
 
 from __future__ import annotations
 
-from typing import Literal
+import dataclasses
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -104,33 +105,50 @@ def quantization_loss(
     raise ValueError(f"quantisation kind must be 'cs', 'l1' or 'l2', got {kind!r}")
 
 
+@dataclasses.dataclass(frozen=True)
+class LossOptions:
+    """How :func:`csce_loss` computes (built from a config by ``builders.loss_options``).
+
+    ``multilabel``: multi-hot labels and a fixed margin; ``margin_type``: ArcFace ("arc") or
+    CosFace ("cos") margins at ``scale``; ``ce_weight``/``quan_weight``: the two terms'
+    weights; ``quan_type``: the quantisation loss ("cs", "l1", "l2"); ``multilabel_loss``:
+    "label_smoothing" (the release's) or "bce"; ``estimator``, ``balance``, ``temperature``:
+    the DSF's gradient estimator, fill rule and soft-sign temperature; ``clip_all_logits``: the
+    release's clipping of every logit, not only the targets'.
+    """
+
+    multilabel: bool = False
+    margin_type: Literal["arc", "cos"] = "arc"
+    scale: float = 10.0
+    ce_weight: float = 1.0
+    quan_weight: float = 1.0
+    quan_type: Literal["cs", "l1", "l2"] = "cs"
+    multilabel_loss: Literal["label_smoothing", "bce"] = "label_smoothing"
+    estimator: Estimator = "ste"
+    clip_all_logits: bool = False
+    balance: float | None = None
+    temperature: float = 0.1
+
+
 def csce_loss(
     logits: jax.Array,
     v: jax.Array,
     t: jax.Array,
     labels: jax.Array,
     margins: jax.Array | float,
-    *,
-    multilabel: bool = False,
-    margin_type: Literal["arc", "cos"] = "arc",
-    scale: float = 10.0,
-    ce_weight: float = 1.0,
-    quan_weight: float = 1.0,
-    quan_type: Literal["cs", "l1", "l2"] = "cs",
-    multilabel_loss: Literal["label_smoothing", "bce"] = "label_smoothing",
-    estimator: Estimator = "ste",
-    clip_all_logits: bool = False,
-    balance: float | None = None,
-    temperature: float = 0.1,
+    options: LossOptions | None = None,
+    **changes: Any,
 ) -> dict[str, jax.Array]:
     """Total = ce_weight * CE + quan_weight * quantisation; returns {"loss", "ce", "quant"}.
 
     Single-label: ``labels`` are class indices (B,) and ``margins`` per-sample elastic margins
     (see :func:`elastic_margins`). Multi-label: ``labels`` are multi-hot (B, C) and ``margins``
-    the fixed margin m, applied to every positive.
+    the fixed margin m, applied to every positive. ``changes``: fields of ``options`` given
+    by keyword (``multilabel=True``), as the former keyword form of this function took them.
     """
+    o = dataclasses.replace(options or LossOptions(), **changes)
     num_classes = logits.shape[-1]
-    if multilabel:
+    if o.multilabel:
         targets = labels.astype(jnp.float32)
     else:
         targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
@@ -138,15 +156,24 @@ def csce_loss(
         logits,
         targets,
         margins,
-        margin_type=margin_type,
-        scale=scale,
-        clip_all_logits=clip_all_logits,
+        margin_type=o.margin_type,
+        scale=o.scale,
+        clip_all_logits=o.clip_all_logits,
     )
-    ce = multi_label_ce(z, targets, multilabel_loss) if multilabel else single_label_ce(z, labels)
-    if quan_weight:
+    ce = (
+        multi_label_ce(z, targets, o.multilabel_loss)
+        if o.multilabel
+        else single_label_ce(z, labels)
+    )
+    if o.quan_weight:
         quant = quantization_loss(
-            v, t, kind=quan_type, estimator=estimator, balance=balance, temperature=temperature
+            v,
+            t,
+            kind=o.quan_type,
+            estimator=o.estimator,
+            balance=o.balance,
+            temperature=o.temperature,
         )
     else:
         quant = jnp.zeros((), jnp.float32)
-    return {"loss": ce_weight * ce + quan_weight * quant, "ce": ce, "quant": quant}
+    return {"loss": o.ce_weight * ce + o.quan_weight * quant, "ce": ce, "quant": quant}

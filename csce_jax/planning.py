@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from csce_jax import flops, hardware, sharding, state, train_lib
-from csce_jax.builders import balance
+from csce_jax.builders import balance, step_options
 from csce_jax.config import check_config, resolve_epochs
 from csce_jax.data.datasets import DATASETS
 from csce_jax.encoding import make_encode_step
@@ -254,9 +254,8 @@ def compile_train(
     own input and output layout, so a restored state needs no reshard. ``run``: the
     :func:`abstract_run` already made for this config and target."""
     mesh, setup = run or abstract_run(config, target, request)
-    step = train_lib.make_train_step(
-        setup.graphdef, setup.tx, setup.schedule, config, request.multilabel, mesh
-    )
+    options = step_options(config, request.multilabel)
+    step = train_lib.make_train_step(setup.graphdef, setup.tx, setup.schedule, options, mesh)
     try:
         compiled, seconds = _compile(step, setup.state, abstract_batch(mesh, config, request))
     except DoesNotFit as e:

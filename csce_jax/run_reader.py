@@ -13,12 +13,14 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from csce_jax import builders, sharding, state
 from csce_jax.checkpointing import Checkpoints, abstract_on
 from csce_jax.config.files import read_config_json
 from csce_jax.config.schema import from_json
+from csce_jax.encoding import Encoder
 from csce_jax.errors import CheckpointError, WorkdirError
 from csce_jax.workdir import layout
 
@@ -111,6 +113,37 @@ class RunReader:
             meta, state.config_fingerprint(config, num_classes), ckpts.directory / str(got)
         )
         return Restored(eval_graphdef, weights, got, meta)
+
+    def encoding(
+        self, config: ml_collections.ConfigDict, step: int | None = None, *, local: bool = False
+    ) -> RunEncoding:
+        """The best (or ``step``) checkpoint as an encoder of ``config``'s evaluation: the one
+        restore-and-encode path of ``eval.py`` and search. The weights are restored on every
+        host's devices, as they were saved; ``local``: then copied to this host's devices
+        alone, so that each host of a job encodes its own images."""
+        restored = self.weights(config, step, mesh=sharding.make_mesh())
+        mesh = sharding.make_mesh(local=local)
+        weights = restored.pair
+        if local and jax.process_count() > 1:
+            weights = jax.tree.map(
+                lambda a: jax.device_put(
+                    np.asarray(a.addressable_data(0)), sharding.replicated(mesh)
+                ),
+                weights,
+            )
+        encoder = builders.make_encoder(config, restored.graphdef, mesh)
+        return RunEncoding(encoder, weights, restored.step, restored.graphdef)
+
+
+@dataclasses.dataclass
+class RunEncoding:
+    """A run's checkpoint ready to encode: the :class:`Encoder` of the config's evaluation
+    settings, the weights it takes, and the step they come from."""
+
+    encoder: Encoder
+    weights: tuple[Any, Any]  # (params, rest) on the encoder's mesh
+    step: int
+    graphdef: Any  # evaluation mode, for encoders of other batch sizes on the same mesh
 
 
 def run_config(

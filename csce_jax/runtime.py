@@ -1,5 +1,5 @@
 """Process-level setup before training: XLA flags the layers need, joining a multi-host job,
-and XLA's compilation cache."""
+XLA's compilation cache, and the cache folder (downloads, compiled programs)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,17 @@ from jax._src import xla_bridge
 
 from csce_jax.errors import ConfigError
 from csce_jax.hostmem import accelerator_present, gpu_present
-from csce_jax.pretrained import cache_dir
 
 # The CPU-tuned layers (model.kernels="cpu") give XLA:GPU dots that its Triton GEMM fusion
 # cannot tile: compiling the training step aborts in triton_tiling_propagation.cc. With Triton
 # GEMM off, XLA:GPU hands those dots to cuBLAS and the step compiles.
 TRITON_GEMM_OFF = "--xla_gpu_enable_triton_gemm=false"
+
+
+def cache_dir() -> Path:
+    """Where downloads and XLA's compilation cache live: ``$CSCE_JAX_CACHE``, else
+    ``~/.cache/csce_jax``."""
+    return Path(os.environ.get("CSCE_JAX_CACHE", Path.home() / ".cache" / "csce_jax"))
 
 
 def xla_flags_for(kernels: str, gpu: bool, flags: str) -> str | None:

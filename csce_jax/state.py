@@ -21,9 +21,9 @@ from flax import nnx
 
 from csce_jax import builders
 from csce_jax.checkpointing import abstract_on
+from csce_jax.convert.pretrained import initialize_from
 from csce_jax.errors import CheckpointError
 from csce_jax.hashing import centers_fingerprint, hash_centers
-from csce_jax.pretrained import initialize_from
 
 
 @dataclasses.dataclass

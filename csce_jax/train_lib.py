@@ -1,6 +1,7 @@
-"""Training: the jitted step and the loop (resume, logging, evaluation, checkpoints, stopping).
+"""Training: the loop around the jitted step (resume, logging, evaluation, checkpoints, stopping).
 
-The step is a pure function of (state, batch) under ``jax.jit`` on a ('data',) mesh over every
+The step (:mod:`csce_jax.train_step`, built from the config's :class:`StepOptions`) is a pure
+function of (state, batch) under ``jax.jit`` on a ('data',) mesh over every
 device of every host: parameters replicated, the batch sharded, the state donated; its randomness
 (the elastic margins) comes from ``fold_in(key(seed), step)``. The data order is a function of
 (seed, step), so restarting from a checkpoint replays nothing and skips nothing: N steps straight
@@ -26,94 +27,37 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import optax
 from absl import logging
-from flax import nnx
 
 from csce_jax import builders, flops, hostmem, retrieval, runtime, sharding
+from csce_jax import train_step as step_lib
 from csce_jax.checkpointing import Checkpoints
 from csce_jax.config import check_config, resolve_epochs
 from csce_jax.data import RetrievalData, TrainLoader, load_data
 from csce_jax.data.verify import verify_data
 from csce_jax.encoding import Encoder
 from csce_jax.errors import CheckpointError, ConfigError, NonFiniteLossError, WorkdirError
-from csce_jax.losses import csce_loss, elastic_margins
-from csce_jax.models.csce import CSCEOutput
 from csce_jax.preemption import MAX_IN_FLIGHT, Preempted, StopSignals
 from csce_jax.run_reader import RunReader
 from csce_jax.state import TrainSetup, abstract_train_state, check_centers, create_train_state
+from csce_jax.train_step import StepOptions
+from csce_jax.train_step import forward_loss as forward_loss  # its former home
 from csce_jax.workdir import RunFolder
 from csce_jax.writers import Writers
 
 PREFETCH = 2  # sharded batches placed on the devices ahead of the step
 
 
-def forward_loss(
-    params: Any,
-    graphdef: Any,
-    rest: Any,
-    images: jax.Array,
-    labels: jax.Array,
-    margins: jax.Array,
-    loss_kw: dict[str, Any],
-) -> tuple[jax.Array, tuple[dict[str, jax.Array], CSCEOutput, Any]]:
-    """The training loss of one batch, differentiable in ``params``: (loss, (loss terms, the
-    forward's outputs, the BatchNorm statistics it updated)). The training step and the
-    gradient comparison with PyTorch (``csce_jax.compare_gradients``) both go through it."""
-    model = nnx.merge(graphdef, params, rest, copy=True)
-    out = model(images)
-    losses = csce_loss(out.logits, out.codes, out.threshold, labels, margins, **loss_kw)
-    _, _, new_rest = nnx.split(model, nnx.Param, ...)
-    return losses["loss"], (losses, out, new_rest)
-
-
-def make_train_step(graphdef, tx, schedule, config, multilabel: bool, mesh):
-    """The jitted, donated training step: (state, batch) -> (state, metrics). ``batch`` holds
-    "image" and "label" and, from the training loader, "flip" (the images to mirror first)."""
-    loss_kw = builders.loss_options(config, multilabel)
-    lc = config.loss
-
-    def step_fn(state, batch):
-        step = state["step"]
-        key = builders.fold_key(config.seed, step)
-        labels = batch["label"]
-        if multilabel:
-            margins = jnp.asarray(lc.margin, jnp.float32)
-        else:
-            margins = elastic_margins(key, labels.shape[0], lc.margin, lc.margin_std)
-
-        images = batch["image"]
-        if "flip" in batch:  # the release's random flip, on the devices (crops come unflipped)
-            images = jnp.where(batch["flip"][:, None, None, None], images[:, :, ::-1], images)
-
-        def loss_fn(params):
-            return forward_loss(params, graphdef, state["rest"], images, labels, margins, loss_kw)
-
-        if config.model.remat:
-            loss_fn = jax.checkpoint(loss_fn)
-        grads, (losses, _, new_rest) = jax.grad(loss_fn, has_aux=True)(state["params"])
-        updates, opt = tx.update(grads, state["opt"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        new_state = {"params": params, "rest": new_rest, "opt": opt, "step": step + 1}
-        out = {
-            "loss": losses["loss"],
-            "ce": losses["ce"],
-            "quant": losses["quant"],
-            "grad_norm": optax.tree.norm(grads),
-            "param_norm": optax.tree.norm(params),
-            "lr": schedule(step),
-        }
-        return new_state, out
-
-    repl = sharding.replicated(mesh)
-    return jax.jit(
-        step_fn,
-        in_shardings=(repl, sharding.data_sharded(mesh)),
-        out_shardings=(repl, repl),
-        donate_argnums=(0,),
-    )
+def make_train_step(
+    graphdef: Any, tx: Any, schedule: Any, options: Any, mesh: Any, *former: Any
+) -> Any:
+    """:func:`csce_jax.train_step.make_train_step`; the former form ``(graphdef, tx, schedule,
+    config, multilabel, mesh)`` still works and builds the :class:`StepOptions` from the
+    config."""
+    if not isinstance(options, StepOptions):
+        options, mesh = builders.step_options(options, bool(mesh)), former[0]
+    return step_lib.make_train_step(graphdef, tx, schedule, options, mesh)
 
 
 _compiling = threading.Event()
@@ -129,7 +73,11 @@ def compile_in_flight() -> bool:
 def compile_first(train_step: Any, state: Any, batch: dict[str, jax.Array]) -> None:
     """Compile the training step for ``(state, batch)`` in a helper thread while the main
     thread waits in short, interruptible sleeps: a compile can take minutes, and a stop signal
-    must not wait for it. The jitted call reuses the executable (no second compilation)."""
+    must not wait for it. The jitted call reuses the executable (no second compilation).
+    A step that cannot be lowered ahead of time (a wrapper around the jitted step) is left to
+    compile at its first call."""
+    if not hasattr(train_step, "lower"):
+        return
     failure: list[BaseException] = []
     done = threading.Event()
 
@@ -207,13 +155,18 @@ def train_and_evaluate(
 def train_loop(run: Run, state: Any, signals: StopSignals) -> dict[str, Any]:
     """The steps from ``run.start`` on, then the final evaluation."""
     config = run.config
+    options = builders.step_options(config, run.data.multilabel)
     train_step = make_train_step(
-        run.setup.graphdef, run.setup.tx, run.setup.schedule, config, run.data.multilabel, run.mesh
+        run.setup.graphdef, run.setup.tx, run.setup.schedule, options, run.mesh
     )
     log_start(run)
     clock = Clock(run.start)
     in_flight: collections.deque = collections.deque()
-    with contextlib.closing(device_batches(run)) as batches:  # closing stops the decoders
+    profile = ProfileWindow(config, run.folder)
+    with (
+        contextlib.closing(device_batches(run)) as batches,  # closing stops the decoders
+        contextlib.closing(profile),
+    ):
         signals.enter("training")
         first = next(batches, None)
         if first is not None:
@@ -222,7 +175,10 @@ def train_loop(run: Run, state: Any, signals: StopSignals) -> dict[str, Any]:
             signals.enter("training")
         steps = itertools.chain([first] if first is not None else [], batches)
         for step, batch in enumerate(steps, start=run.start + 1):
-            state, step_metrics = train_step(state, batch)
+            profile.before(step)
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                state, step_metrics = train_step(state, batch)
+            profile.after(step, step_metrics)
             if step == run.start + 1:
                 log_first_step(step_metrics, clock)
             in_flight.append(step_metrics["loss"])
@@ -297,9 +253,8 @@ def start_run(
         builders.make_encoder(config, setup.eval_graphdef, mesh),
         make_loader(config, data),
         start,
-        meta.get("best_map", -math.inf),
-        meta.get("best_step"),
     )
+    run.best_step, run.best_map = ckpts.best()
     if start == config.total_steps and writers.log.final_row() is not None:
         run.finished = writers.log.final_row()
         logging.info("%s has finished already: %s", folder.path, run.finished)
@@ -513,12 +468,39 @@ def save_if_due(run: Run, step: int, state, score: float | None, *, force: bool)
     meta = {
         "step": step,
         "centers": run.setup.fingerprint,
-        "best_map": run.best_map,
-        "best_step": run.best_step,
         "num_classes": run.data.num_classes,
         "config": json.loads(c.to_json_best_effort()),
     }
     run.ckpts.save(step, state, meta, score=score)
+
+
+class ProfileWindow:
+    """A ``jax.profiler`` trace of the steps ``config.profile_steps`` = (first, stop) into
+    ``<workdir>/profile/`` (TensorBoard's profile plugin or XProf reads it); a resumed run
+    traces what is left of the window. Every step is annotated, so a trace taken from
+    outside (``jax.profiler.start_server``) shows the steps too."""
+
+    def __init__(self, config: ml_collections.ConfigDict, folder: RunFolder):
+        self.first, self.stop = (int(x) for x in config.profile_steps)
+        self.folder = folder.layout.profile
+        self.tracing = False
+
+    def before(self, step: int) -> None:
+        if not self.tracing and self.first <= step < self.stop:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            jax.profiler.start_trace(str(self.folder))
+            self.tracing = True
+
+    def after(self, step: int, outputs: Any) -> None:
+        if self.tracing and step >= self.stop - 1:
+            jax.block_until_ready(outputs)
+            self.close()
+            logging.info("profile of steps %d..%d written to %s", self.first, step, self.folder)
+
+    def close(self) -> None:
+        if self.tracing:
+            self.tracing = False
+            jax.profiler.stop_trace()
 
 
 def fire_test_signal(config: ml_collections.ConfigDict, step: int) -> None:

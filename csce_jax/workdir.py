@@ -47,6 +47,7 @@ class Layout:
     corrupt = property(lambda self: self.root / "corrupt_checkpoints")  # set aside, kept
     data_report = property(lambda self: self.root / "data_report.json")
     eval = property(lambda self: self.root / "eval")  # eval.py's outputs
+    profile = property(lambda self: self.root / "profile")  # jax.profiler traces (profile_steps)
 
 
 def layout(workdir: str | os.PathLike) -> Layout:

@@ -203,6 +203,20 @@ def run_job(commands, *, env=None, timeout=900, grace=60):
     return outs
 
 
+def with_file_size_limit(cmd: list[str], limit: int) -> list[str]:
+    """``cmd`` run under a file size limit (RLIMIT_FSIZE, inherited by its children): a write
+    past ``limit`` bytes fails with EFBIG, as a full disk refuses one, and SIGXFSZ is ignored
+    so that the write returns the error instead of killing the process. Set in a small Python
+    that then execs ``cmd`` (no preexec_fn, which would fork a process that runs JAX)."""
+    setup = (
+        "import os, resource, signal, sys; "
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+        "os.execv(sys.argv[1], sys.argv[1:])"
+    )
+    return [sys.executable, "-c", setup, *cmd]
+
+
 def run_module(*args, env=None):
     """``python *args`` from the repository root (eval.py, -m csce_jax.search, ...)."""
     return subprocess.run(

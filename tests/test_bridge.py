@@ -1,5 +1,6 @@
 """The PyTorch bridge: exports the release loads, the side-by-side comparison, the public API."""
 
+import dataclasses
 import json
 
 import jax
@@ -19,8 +20,7 @@ from csce_jax.convert import (
 )
 from csce_jax.data.digits import digits_sources
 from csce_jax.errors import ConversionError
-from csce_jax.hashing import encode as binarize
-from csce_jax.hashing import hash_centers
+from csce_jax.hashing import binarize, hash_centers
 from csce_jax.models import CSCENet
 from csce_jax.run_reader import RunReader
 
@@ -38,7 +38,7 @@ def _model(seed=0, classes=10, bits=64):
 @pytest.mark.slow
 def test_a_pt_export_loads_strictly_into_the_release_network_and_gives_its_codes(tmp_path):
     torch = pytest.importorskip("torch")
-    from csce_jax.torch_reference import ReleaseNet, release_dsf
+    from csce_jax.bridge.reference import ReleaseNet, release_dsf
 
     model = _model(seed=1)
     write_state_file(flat_arrays(model), tmp_path / "ours.safetensors")
@@ -200,7 +200,7 @@ def test_compare_torch_starts_from_a_run_folder_through_the_run_reader(trained_r
 
 def _side(scale=1.0, fc_t=0.0, seed=0):
     """A synthetic side of the gradient comparison: float64 values, optionally perturbed."""
-    from csce_jax.compare_gradients import SidePoint
+    from csce_jax.bridge.gradients import SidePoint
 
     rng = np.random.default_rng(seed)
     base = np.random.default_rng(99)
@@ -218,7 +218,7 @@ def test_gradient_verdict_judges_group_medians_against_pytorch_float32():
     """A group passes while its median error is within 2x PyTorch float32's (one tensor far
     worse is an excursion, named with its worst channel, not a failure); a group whose median
     is far worse fails; a gradient where float64 has none fails at once."""
-    from csce_jax.compare_gradients import compare_point
+    from csce_jax.bridge.gradients import compare_point
 
     exact = _side(scale=0.0)
     torch32 = _side(scale=50.0, seed=1)
@@ -280,7 +280,7 @@ def test_compare_gradients_flags_a_planted_porting_error(tmp_path, monkeypatch, 
     surrogate (the release stops it): the port is failed, by whole groups of gradients."""
     pytest.importorskip("torch")
     from csce_jax import builders
-    from csce_jax.compare_gradients import compare_gradients
+    from csce_jax.bridge.gradients import compare_gradients
     from csce_jax.models import layers
     from csce_jax.presets.default import get_config
 
@@ -294,7 +294,9 @@ def test_compare_gradients_flags_a_planted_porting_error(tmp_path, monkeypatch, 
     else:
         options = builders.loss_options
         monkeypatch.setattr(
-            builders, "loss_options", lambda c, m: {**options(c, m), "estimator": "ste"}
+            builders,
+            "loss_options",
+            lambda c, m: dataclasses.replace(options(c, m), estimator="ste"),
         )
     config = get_config()
     config.batch_size = 8

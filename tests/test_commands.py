@@ -107,11 +107,49 @@ def test_no_library_imports_a_command_or_defines_flags():
         assert "flags.DEFINE" not in body and "app.run(" not in body, rel
 
 
-@pytest.mark.parametrize("rel", ["data/prepare.py", "data/verify.py", "compare_torch.py"])
+@pytest.mark.parametrize("rel", ["data/prepare.py", "data/verify.py", "data/splits.py"])
 def test_a_former_path_is_only_a_two_line_block(rel):
     text = (PACKAGE / rel).read_text()
     block = text[text.index('if __name__ == "__main__":') :].strip().splitlines()
     assert [ln.strip() for ln in block if ln.strip()][1:] == [
-        f"from csce_jax.commands.{'compare' if 'compare' in rel else rel[5:-3]} import run",
+        f"from csce_jax.commands.{rel[5:-3]} import run",
         "run()",
     ]
+
+
+def test_the_readme_layout_names_every_module_and_package():
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Layout") :]
+    layout = layout[: layout.index("```", layout.index("```") + 3)]
+    for path in sorted(PACKAGE.iterdir()):
+        if path.suffix == ".py" and path.stem != "__init__":
+            assert f"{path.name}" in layout, path.name
+        elif path.is_dir() and (path / "__init__.py").exists():
+            assert f"{path.name}/" in layout, path.name
+
+
+@pytest.mark.parametrize(
+    ("former", "module"),
+    [
+        ("csce_jax.torch_reference", "csce_jax.bridge.reference"),
+        ("csce_jax.torch_side", "csce_jax.bridge.sides"),
+        ("csce_jax.compare_torch", "csce_jax.bridge.compare"),
+        ("csce_jax.compare_gradients", "csce_jax.bridge.gradients"),
+        ("csce_jax.pretrained", "csce_jax.convert.pretrained"),
+    ],
+)
+def test_a_moved_module_is_the_same_module_under_its_former_name(former, module):
+    """One module object under both names, so that a patch through either reaches both."""
+    import importlib
+
+    pytest.importorskip("torch")  # the PyTorch reference imports torch
+    assert importlib.import_module(former) is importlib.import_module(module)
+
+
+def test_the_official_file_readers_keep_their_former_names():
+    from csce_jax.data import official, sources
+
+    assert sources.flowers102_sources is official.flowers102_sources
+    assert sources.AIRCRAFT_BANNER_ROWS == official.AIRCRAFT_BANNER_ROWS
+    with pytest.raises(AttributeError):
+        sources.no_such_reader  # noqa: B018

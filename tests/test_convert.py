@@ -9,13 +9,13 @@ import pytest
 from conftest import ROOT
 from flax import nnx
 
-from csce_jax import pretrained
 from csce_jax.commands.convert import main as convert_main
 from csce_jax.convert import (
     ConversionError,
     export_torch_state_dict,
     flat_arrays,
     normalize_release_keys,
+    pretrained,
     read_state_file,
     write_state_file,
 )

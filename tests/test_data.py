@@ -206,7 +206,7 @@ def test_tfds_builders_with_mock_data(name):
 
 
 def test_nabirds_and_vegfru_manual_layouts(tmp_path):
-    from csce_jax.data.sources import nabirds_sources, vegfru_sources
+    from csce_jax.data.official import nabirds_sources, vegfru_sources
 
     nb = tmp_path / "nabirds"
     for name in ["a/1.jpg", "a/2.jpg", "b/3.jpg"]:
@@ -239,7 +239,7 @@ def test_nabirds_and_vegfru_manual_layouts(tmp_path):
     ],
 )
 def test_vegfru_lines_without_a_whole_label_are_one_line(tmp_path, line, message):
-    from csce_jax.data.sources import vegfru_sources
+    from csce_jax.data.official import vegfru_sources
 
     vf = tmp_path / "vegfru"
     _save(vf / "veg200_images" / "x" / "1.jpg", "RGB")

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from csce_jax.hashing import balance_fill, dynamic_sign, encode, squash
+from csce_jax.hashing import balance_fill, binarize, dynamic_sign, encode, squash
 
 
 def _codes(v, t, **kw):
@@ -137,13 +137,13 @@ def test_ste_gradients_equal_a_finite_difference_of_the_soft_relaxation():
     assert float(jax.grad(lambda b: dynamic_sign(one, b)[0, 0])(jnp.asarray([[0.01]]))[0, 0]) > 0
 
 
-def test_encode_uses_one_band_definition():
+def test_binarize_uses_one_band_definition():
     v = jnp.asarray([[0.008, -0.3, 0.4, 0.6]], jnp.float32)  # 3 of 4 positive: fill -1
     t = jnp.asarray([[0.01]], jnp.float32)
     # squash doubles small values: 0.016 is outside the band -> +1 (ours, as in training).
-    np.testing.assert_array_equal(np.asarray(encode(v, t)), [[1, -1, 1, 1]])
+    np.testing.assert_array_equal(np.asarray(binarize(v, t)), [[1, -1, 1, 1]])
     # The release bands raw v at evaluation: 0.008 is inside -> fill -1.
-    np.testing.assert_array_equal(np.asarray(encode(v, t, raw_eval_band=True)), [[-1, -1, 1, 1]])
+    np.testing.assert_array_equal(np.asarray(binarize(v, t, raw_eval_band=True)), [[-1, -1, 1, 1]])
     np.testing.assert_allclose(
         np.asarray(squash(jnp.asarray([-2.0, -0.2, 0.3, 1.0]))), [-1.0, -0.4, 0.6, 1.0], rtol=1e-6
     )
@@ -152,3 +152,7 @@ def test_encode_uses_one_band_definition():
 def test_bad_estimator_is_named():
     with pytest.raises(ValueError, match="'sigmoid'"):
         dynamic_sign(jnp.ones((1, 4)), jnp.zeros((1, 1)), "sigmoid")
+
+
+def test_the_former_name_of_binarize_still_works():
+    assert encode is binarize

@@ -193,12 +193,15 @@ def test_load_model_with_the_release_code_rule(trained):
     import jax.numpy as jnp
 
     import csce_jax
-    from csce_jax.hashing import encode as binarize
+    from csce_jax.hashing import binarize
 
     ours, release = csce_jax.load_model(trained), csce_jax.load_model(trained, release_codes=True)
     assert (release.raw_eval_band, release.balance) == (True, 32.0)
     pixels = np.repeat(digits_images()[0][:16, :, :, None], 3, axis=-1)
-    out = release.model(jnp.asarray(csce_jax.api._prepare(pixels, release.resize, release.crop)))
+    from csce_jax.data.images import eval_view, load_rgb
+
+    crops = [eval_view(load_rgb(p), resize=release.resize, crop=release.crop) for p in pixels]
+    out = release.model(jnp.asarray(np.stack(crops)))
     expect = binarize(out.codes, out.threshold, raw_eval_band=True, balance=32.0)
     assert np.array_equal(csce_jax.encode(release, pixels), np.asarray(expect).astype(np.int8))
     assert csce_jax.encode(ours, pixels).shape == (16, ours.bits)

@@ -17,6 +17,7 @@ from conftest import (
     run_train,
     saved_steps,
     tiny_config,
+    with_file_size_limit,
 )
 from PIL import Image
 
@@ -284,18 +285,6 @@ def test_a_failed_save_stops_the_run_naming_path_and_cause(tmp_path, monkeypatch
     assert max(r["step"] for r in read_rows(tmp_path)) == 2  # it did not train on
 
 
-def _file_size_limit(limit):
-    """For a child: files cannot grow past ``limit`` bytes (EFBIG, as a full disk refuses a
-    write); SIGXFSZ ignored so that the write fails instead of killing the process."""
-    import resource
-
-    def apply():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    return apply
-
-
 @pytest.mark.slow
 def test_a_full_disk_at_a_fresh_start_is_one_line_and_the_rerun_trains(tmp_path):
     """The first checkpoint cannot be written: one line naming the folder, the step and the
@@ -316,13 +305,8 @@ def test_a_full_disk_at_a_fresh_start_is_one_line_and_the_rerun_trains(tmp_path)
         "--config.checkpoint_every_steps=2",
         "--config.compilation_cache=",
     ]
-    full = subprocess.run(
-        cmd,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        preexec_fn=_file_size_limit(20 << 10),  # the logs fit, a checkpoint's weights do not
+    full = subprocess.run(  # the logs fit in 20 KiB, a checkpoint's weights do not
+        with_file_size_limit(cmd, 20 << 10), cwd=ROOT, capture_output=True, text=True, timeout=600
     )
     assert full.returncode == 1, full.stdout[-2000:] + full.stderr[-3000:]
     told = [ln for ln in full.stderr.splitlines() if ln.strip() and not ln.startswith("I")]

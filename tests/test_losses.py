@@ -1,12 +1,14 @@
 """Loss values against numpy transcriptions of the loss in docs/model.md, for fixed margins."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from csce_jax.hashing.dsf import balance_fill
-from csce_jax.losses import csce_loss, elastic_margins, margin_logits
+from csce_jax.losses import LossOptions, csce_loss, elastic_margins, margin_logits
 
 RNG = np.random.default_rng(0)
 B, C, K = 6, 5, 16
@@ -134,3 +136,40 @@ def test_ste_quantisation_sends_gradient_to_threshold():
 def test_bad_margin_type_is_named():
     with pytest.raises(ValueError, match="'angle'"):
         margin_logits(jnp.zeros((1, 2)), jnp.ones((1, 2)), 0.1, margin_type="angle")
+
+
+def test_csce_loss_takes_typed_options_and_the_former_keywords():
+    """Eight parameters at most: the arrays and one frozen options object; a keyword naming an
+    option (the former form) changes that option only, and an unknown one is refused."""
+    import inspect
+
+    assert len(inspect.signature(csce_loss).parameters) <= 8
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.uniform(-1, 1, (6, 5)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(6, 16)), jnp.float32)
+    t = jnp.asarray(rng.normal(size=(6, 1)) * 0.1, jnp.float32)
+    labels = jnp.asarray([0, 1, 2, 3, 4, 0])
+    options = LossOptions(scale=5.0, quan_type="l1", quan_weight=0.5, margin_type="cos")
+    typed = csce_loss(logits, v, t, labels, 0.2, options)
+    former = csce_loss(
+        logits, v, t, labels, 0.2, scale=5.0, quan_type="l1", quan_weight=0.5, margin_type="cos"
+    )
+    default = csce_loss(logits, v, t, labels, 0.2)
+    for key in ("loss", "ce", "quant"):
+        np.testing.assert_array_equal(typed[key], former[key])
+    assert float(typed["loss"]) != float(default["loss"])
+    with pytest.raises(TypeError):
+        csce_loss(logits, v, t, labels, 0.2, scales=5.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.scale = 1.0
+
+
+def test_the_step_options_come_from_the_config():
+    from csce_jax import builders
+    from csce_jax.presets.default import get_config
+
+    c = get_config()
+    c.loss.margin, c.loss.scale, c.model.remat, c.seed = 0.3, 12.0, True, 5
+    o = builders.step_options(c, multilabel=True)
+    assert (o.seed, o.margin, o.remat) == (5, 0.3, True)
+    assert o.loss.multilabel and o.loss.scale == 12.0 and o.loss.estimator == c.dsf.estimator

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import children_of
+from conftest import children_of, with_file_size_limit
 from PIL import Image
 
 from csce_jax.config import data_config
@@ -179,19 +179,6 @@ def test_a_killed_prepare_resumes_to_the_same_bytes(record_set, tmp_path):
     assert _digests(tmp_path / "set") == _digests(out)
 
 
-def _file_size_limit(limit: int):
-    """A child's file size limit (RLIMIT_FSIZE): writes past it fail with EFBIG, as on a full
-    disk, and SIGXFSZ is ignored so the write returns the error instead of killing the child."""
-    import resource
-    import signal
-
-    def apply() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    return apply
-
-
 def test_prepare_on_a_full_disk_says_one_line_and_leaves_no_partial_file(record_set, tmp_path):
     root, out, _ = record_set
     cmd = [
@@ -205,13 +192,8 @@ def test_prepare_on_a_full_disk_says_one_line_and_leaves_no_partial_file(record_
         "--workers=2",
         "--shard_size=4",
     ]
-    full = subprocess.run(
-        cmd,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        preexec_fn=_file_size_limit(32 << 10),  # a shard of 4 images of 24 px fits, not more
+    full = subprocess.run(  # a shard of 4 images of 24 px fits in 32 KiB, not more
+        with_file_size_limit(cmd, 32 << 10), cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert full.returncode == 1, full.stderr[-2000:]
     lines = [ln for ln in full.stderr.splitlines() if ln.strip()]

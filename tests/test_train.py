@@ -705,3 +705,22 @@ def test_the_eta_leaves_out_the_compile_and_counts_the_evaluations_due(monkeypat
     assert train_lib.evaluations_left(config, 10) == 3
     assert clock.eta(10, 20, train_lib.evaluations_left(config, 10)) == "00:01:40"
     assert train_lib.evaluations_left(config, 20) == 1  # the final query evaluation
+
+
+def test_a_profile_window_writes_a_trace_into_the_run_folder(tmp_path):
+    """``profile_steps=(2, 4)`` traces steps 2 and 3 with jax.profiler (every step annotated):
+    the trace lands in ``<workdir>/profile/`` and the run's numbers are unchanged."""
+    c = tiny_config(4)
+    c.profile_steps = (2, 4)
+    out = train_lib.train_and_evaluate(c, tmp_path)
+    traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+    assert out["step"] == 4
+
+
+@pytest.mark.parametrize("window", [(3, 3), (0, 2), (2,), (5, 1)])
+def test_a_profile_window_that_is_not_one_is_refused(window):
+    c = tiny_config(4)
+    c.profile_steps = window
+    with pytest.raises(ConfigError, match=r"config\.profile_steps"):
+        check_config(c, 1, 1)

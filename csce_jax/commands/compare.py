@@ -1,7 +1,7 @@
 """``csce-compare --config NAME|path.py --workdir DIR [--steps N] [--gradients]``: train the
 PyTorch reference of the release and our model side by side on the same batches
-(:mod:`csce_jax.compare_torch`), or judge one batch's gradients tensor by tensor
-(:mod:`csce_jax.compare_gradients`)."""
+(:mod:`csce_jax.bridge.compare`), or judge one batch's gradients tensor by tensor
+(:mod:`csce_jax.bridge.gradients`)."""
 
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.INFO)
     cli.quiet_library_logs()
-    from csce_jax.compare_torch import compare
+    from csce_jax.bridge.compare import compare
 
     f = flags.FLAGS
     if f.gradients:
-        from csce_jax.compare_gradients import compare_gradients
+        from csce_jax.bridge.gradients import compare_gradients
 
         summary = cli.error_boundary(
             compare_gradients, f.config, f.workdir, f.init, f.release_dir, f.points
@@ -52,7 +52,7 @@ def run() -> None:
         False,
         "judge one batch instead of a trajectory: every gradient tensor, one optimiser step, "
         "the batch statistics and outputs of ours and PyTorch float32 against PyTorch float64 "
-        "(gradients.json, gradients.png; see csce_jax.compare_gradients)",
+        "(gradients.json, gradients.png; see csce_jax.bridge.gradients)",
     )
     flags.DEFINE_integer(
         "points",

@@ -81,6 +81,13 @@ def window_sizes(v: Any) -> str | None:
     return None if ok else "must be one or more positive window sizes, e.g. (2, 4)"
 
 
+def step_window(v: Any) -> str | None:
+    ok = isinstance(v, tuple | list) and len(v) == 2
+    ok = ok and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+    ok = ok and (tuple(v) == (0, 0) or 1 <= v[0] < v[1])
+    return None if ok else "must be (first, stop) with 1 <= first < stop, or (0, 0) for none"
+
+
 @dataclasses.dataclass(frozen=True)
 class Field:
     """One config field. ``resumable``: a resumed run may change it (it leaves the mathematics
@@ -119,6 +126,7 @@ FIELDS: tuple[Field, ...] = (
     _f("coordinator_address", "", "HOST:PORT of process 0, with num_processes and process_id", resumable=True),
     _f("num_processes", 0, "with coordinator_address: the job's process count", resumable=True),
     _f("process_id", -1, "with coordinator_address: this process's index", resumable=True),
+    _f("profile_steps", (0, 0), "a jax.profiler trace of steps first..stop-1 into <workdir>/profile/ ((0, 0): none)", check=step_window, resumable=True),
     _f("compilation_cache", "auto", 'XLA\'s persistent cache: "auto" ($CSCE_JAX_CACHE/xla), a path, or "" (off)', resumable=True),
     # --- data ----------------------------------------------------------------------------
     _f("data.name", "imagenet100", "the data set (docs/data.md)"),

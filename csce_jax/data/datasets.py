@@ -19,6 +19,7 @@ from absl import logging
 
 import csce_jax.data.sources as S
 from csce_jax.config.schema import choices
+from csce_jax.data import official
 from csce_jax.data.digits import digits_sources
 from csce_jax.data.records import load_prepared
 from csce_jax.errors import DataError
@@ -78,7 +79,7 @@ def _manual(fn, url: str):
                 f"{url}, then pass --config.data.manual_dir=<the folder holding them> "
                 "(docs/data.md)"
             )
-        extra = {"keep_banner": cfg.keep_banner} if fn is S.aircraft_sources else {}
+        extra = {"keep_banner": cfg.keep_banner} if fn is official.aircraft_sources else {}
         train, query = fn(cfg.manual_dir, skip_missing=cfg.skip_corrupt, **extra)
         return {"train": train, "query": query}
 
@@ -93,9 +94,9 @@ def _flowers(cfg):
         except DataError as e:
             raise DataError(
                 f"{e}; or download 102flowers.tgz, imagelabels.mat and setid.mat from "
-                f"{S.FLOWERS_URL} and pass --config.data.manual_dir=<their folder>"
+                f"{official.FLOWERS_URL} and pass --config.data.manual_dir=<their folder>"
             ) from e
-    return S.flowers102_sources(
+    return official.flowers102_sources(
         cfg.manual_dir, skip_missing=cfg.skip_corrupt, check_sizes=not cfg.allow_size_mismatch
     )
 
@@ -188,17 +189,21 @@ DATASETS: dict[str, DatasetSpec] = {
         False,
         None,
         {"train": 6667, "query": 3333},
-        _manual(S.aircraft_sources, S.AIRCRAFT_URL),
+        _manual(official.aircraft_sources, official.AIRCRAFT_URL),
     ),
     "nabirds": DatasetSpec(
         555,
         False,
         None,
         {"train": 23929, "query": 24633},
-        _manual(S.nabirds_sources, S.NABIRDS_URL),
+        _manual(official.nabirds_sources, official.NABIRDS_URL),
     ),
     "vegfru": DatasetSpec(
-        292, False, None, {"train": 29200, "query": 116931}, _manual(S.vegfru_sources, S.VEGFRU_URL)
+        292,
+        False,
+        None,
+        {"train": 29200, "query": 116931},
+        _manual(official.vegfru_sources, official.VEGFRU_URL),
     ),
     # The release's protocol: any DeepHash list files, and its three data sets as presets (class
     # count and cut-off fixed). Published list files differ in counts between releases, so no

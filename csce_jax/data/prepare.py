@@ -27,7 +27,7 @@ import json
 import math
 import multiprocessing
 import os
-import time
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from csce_jax.data.images import resized_rgb
 from csce_jax.data.sources import Source
 from csce_jax.errors import DataError
 from csce_jax.processes import start_niced_worker
+from csce_jax.progress import Progress
 
 VIEW_NAMES = ("train", "fit", "val", "database", "query")
 
@@ -186,26 +187,6 @@ def _finished(path: Path) -> dict[str, Any] | None:
     return None
 
 
-class Progress:
-    """One line every few seconds: images done, images/s, ETA."""
-
-    def __init__(self, total: int, every: float = 5.0):
-        self.total, self.done, self.every = total, 0, every
-        self.t0 = self.last = time.monotonic()
-
-    def add(self, n: int, final: bool = False) -> None:
-        self.done += n
-        now = time.monotonic()
-        if final or now - self.last >= self.every:
-            self.last = now
-            rate = self.done / max(now - self.t0, 1e-9)
-            eta = (self.total - self.done) / rate if rate > 0 else math.inf
-            print(
-                f"prepared {self.done}/{self.total} images, {rate:.0f} images/s, ETA {eta:.0f} s",
-                flush=True,
-            )
-
-
 def plan_shards(
     bases: dict[str, Source], out: Path, d: Any, shard_size: int, image_format: str, quality: int
 ) -> list[dict[str, Any]]:
@@ -249,7 +230,7 @@ def write_shards(
         f"{total} images in {workers} processes",
         flush=True,
     )
-    progress = Progress(total)
+    progress = Progress(f"prepare {name}", total, stream=sys.stdout)
     if todo:
         ctx = multiprocessing.get_context("spawn")
         ex = cf.ProcessPoolExecutor(
@@ -270,7 +251,7 @@ def write_shards(
             ex.shutdown(wait=True, cancel_futures=True)
             for job in todo:
                 Path(job["path"] + ".tmp").unlink(missing_ok=True)
-    progress.add(0, final=True)
+    progress.add(0, force=True)
     return results
 
 

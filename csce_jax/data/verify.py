@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -25,6 +23,7 @@ from csce_jax.data.datasets import RetrievalData
 from csce_jax.data.images import load_rgb
 from csce_jax.data.sources import Source
 from csce_jax.errors import DataError
+from csce_jax.progress import Progress
 
 
 def _check(source: Source, i: int, resize: int) -> tuple[str, str] | None:
@@ -50,23 +49,15 @@ def check_sources(
     """Decode every record; returns {"checked", "splits": {name: count}, "bad": [...]}."""
     jobs = [(src, i) for src in splits.values() for i in range(len(src))]
     bad: list[dict[str, str]] = []
-    start, shown = time.time(), -1
+    counter = Progress("verify", len(jobs)) if progress else None
     with ThreadPoolExecutor(max(1, threads)) as pool:
         results = pool.map(lambda job: _check(job[0], job[1], resize), jobs)
         for n, result in enumerate(results, 1):
             if result is not None:
                 bad.append({"where": result[0], "error": result[1]})
-            percent = n * 100 // len(jobs)
-            if progress and (percent != shown or n == len(jobs)):
-                shown = percent
-                rate = n / max(time.time() - start, 1e-9)
-                print(
-                    f"\rverify: {n}/{len(jobs)} images ({percent}%), {len(bad)} unreadable, "
-                    f"{rate:.0f} images/s",
-                    end="" if n < len(jobs) else "\n",
-                    file=sys.stderr,
-                    flush=True,
-                )
+            if counter is not None:
+                note = f" ({n * 100 // len(jobs)}%), {len(bad)} unreadable"
+                counter.update(n, note=note, force=n == len(jobs))
     return {
         "checked": len(jobs),
         "splits": {name: len(src) for name, src in splits.items()},

@@ -1,7 +1,8 @@
 """Hash centres and the dynamic sign function: the binary side of CSCE-Net.
 
 Public contracts: ``hash_centers(num_classes, bits, seed=0)`` and
-``dynamic_sign(v, t, estimator="ste" | "release")``.
+``dynamic_sign(v, t, estimator="ste" | "release")``, ``binarize(v, t)`` (the evaluation's
+codes; ``encode`` is its former name).
 """
 
 from csce_jax.hashing.centers import (
@@ -11,10 +12,11 @@ from csce_jax.hashing.centers import (
     pairwise_hamming,
     sylvester_hadamard,
 )
-from csce_jax.hashing.dsf import balance_fill, dynamic_sign, encode, squash
+from csce_jax.hashing.dsf import balance_fill, binarize, dynamic_sign, encode, squash
 
 __all__ = [
     "balance_fill",
+    "binarize",
     "center_stats",
     "centers_fingerprint",
     "dynamic_sign",

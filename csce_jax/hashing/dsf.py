@@ -72,7 +72,7 @@ def squash(v: jax.Array) -> jax.Array:
     return 2.0 * jnp.clip(v, -0.5, 0.5)
 
 
-def encode(
+def binarize(
     v: jax.Array,
     t: jax.Array,
     *,
@@ -86,3 +86,6 @@ def encode(
     """
     x = v if raw_eval_band else squash(v)
     return dynamic_sign(x, t, "release", balance=balance)
+
+
+encode = binarize  # the former name, kept for one release

@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from csce_jax.atomic import write_file_atomically, write_json_atomically
 from csce_jax.digest import file_digest, json_digest
 from csce_jax.errors import CodesError
 from csce_jax.metrics import pack_codes
+from csce_jax.progress import Progress
 from csce_jax.search import engines, milvus
 from csce_jax.search.collection import Collection
 from csce_jax.search.model import RunEncoder
@@ -49,24 +49,10 @@ def _log(message: str) -> None:
     print(f"{prefix}{message}", file=sys.stderr, flush=True)
 
 
-class Progress:
-    """A progress line (images/s, ETA) at most every ``every`` seconds, and at each shard."""
-
-    def __init__(self, total: int, every: float = 10.0, what: str = "index"):
-        self.total, self.every, self.what = total, every, what
-        self.shown, self.start, self.last = -1, time.perf_counter(), 0.0
-
-    def line(self, done: int, force: bool = False) -> None:
-        now = time.perf_counter()
-        if done == self.shown or (not force and now - self.last < self.every):
-            return
-        self.last, self.shown = now, done
-        rate = done / max(now - self.start, 1e-9)
-        eta = (self.total - done) / rate if rate > 0 else float("inf")
-        _log(
-            f"{self.what}: {done:,}/{self.total:,} images of this process, {rate:.1f} images/s, "
-            f"ETA {eta:.0f} s"
-        )
+def _progress(what: str, total: int) -> Progress:
+    """A progress line of this process's images, every 10 s (each process of a job its own)."""
+    prefix = f"[process {jax.process_index()}] " if jax.process_count() > 1 else ""
+    return Progress(what, total, every=10.0, prefix=prefix)
 
 
 def _shard_path(folder: Path, j: int) -> Path:
@@ -102,7 +88,7 @@ def _encode_shard(
     done_before: int,
 ) -> int:
     sub = coll.source.subset(np.arange(rows.start, rows.stop), f"shard {path.stem}")
-    out = enc.encode(sub, progress=lambda n: progress.line(done_before + n))
+    out = enc.encode(sub, progress=lambda n: progress.update(done_before + n))
     kept = rows.start + out["index"]
     arrays = {
         "codes": pack_codes(out["codes"]),
@@ -162,11 +148,11 @@ def encode_shards(enc: RunEncoder, coll: Collection, folder: Path, shard_size: i
     todo = [j for j in mine if _read_shard(_shard_path(folder, j), plan_id) is None]
     if len(todo) < len(mine):
         _log(f"index: {len(mine) - len(todo)} of this process's {len(mine)} shards done earlier")
-    progress = Progress(sum(len(shards[j]) for j in todo))
+    progress = _progress("index", sum(len(shards[j]) for j in todo))
     done = 0
     for j in todo:
         done += _encode_shard(enc, coll, shards[j], _shard_path(folder, j), plan_id, progress, done)
-        progress.line(done, force=True)
+        progress.update(done, force=True)
     _barrier("csce_jax.search.index.shards")
     return plan_id
 
@@ -197,16 +183,16 @@ def insert_into_milvus(store: milvus.Store, folder: Path, plan_id: str) -> None:
             f"milvus: {len(mine) - len(todo)} of this process's {len(mine)} shards inserted earlier"
         )
     shards = {j: _read_shard(_shard_path(folder, j), plan_id) for j in todo}
-    progress = Progress(sum(len(x["codes"]) for x in shards.values() if x), what="milvus")
+    progress = _progress("milvus", sum(len(x["codes"]) for x in shards.values() if x))
     done = 0
     for j, shard in shards.items():
         if shard is None or shard["rows"] is None:
             raise CodesError(f"{_shard_path(folder, j)} is missing: run the same command again")
         marker = milvus.marker_path(_shard_path(folder, j))
         done += store.insert_shard(
-            shard, marker, plan_id, progress=lambda m, d=done: progress.line(d + m)
+            shard, marker, plan_id, progress=lambda m, d=done: progress.update(d + m)
         )
-        progress.line(done, force=True)
+        progress.update(done, force=True)
     if server:
         _barrier("csce_jax.search.milvus.inserted")
 

@@ -5,18 +5,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 
-from csce_jax import builders, state
+from csce_jax import state
 from csce_jax.data.pipeline import Workers
 from csce_jax.data.sources import Source
 from csce_jax.encoding import Encoder
 from csce_jax.errors import CodesError
 from csce_jax.run_reader import RunReader
 from csce_jax.search.collection import full_path
-from csce_jax.sharding import make_mesh, replicated
 
 
 class RunEncoder:
@@ -38,23 +36,18 @@ class RunEncoder:
             config = run.config(config)
             config.data.skip_corrupt = True
             num_classes = run.num_classes()
-            restored = run.weights(config, step, mesh=make_mesh())
-        weights, graphdef, got_step = restored.weights, restored.graphdef, restored.step
-        mesh = make_mesh(local=local)
-        if local and jax.process_count() > 1:
-            weights = jax.tree.map(
-                lambda a: jax.device_put(np.asarray(a.addressable_data(0)), replicated(mesh)),
-                weights,
-            )
-        self._encoder = builders.make_encoder(config, graphdef, mesh)
+            run_encoding = run.encoding(config, step, local=local)
+        self._encoder = run_encoding.encoder
         # One image at a time (a search by upload, `search query` of one file): a batch of one
         # per device, decoded in this process: no worker start, one small compiled forward
         # that stays warm between queries.
+        mesh = self._encoder.mesh
         one = dataclasses.replace(
             self._encoder.options, batch=mesh.devices.size, workers=Workers(1, processes=False)
         )
-        self._single = Encoder(graphdef, one, mesh)
-        self._weights = (weights["params"], weights["rest"])
+        self._single = Encoder(run_encoding.graphdef, one, mesh)
+        self._weights = run_encoding.weights
+        got_step = run_encoding.step
         self.config = config
         self.meta: dict[str, Any] = {
             "bits": int(config.bits),
