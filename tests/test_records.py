@@ -145,19 +145,24 @@ def _digests(folder: Path) -> dict[str, str]:
     }
 
 
-def test_a_killed_prepare_resumes_to_the_same_bytes(record_set, tmp_path):
-    root, out, _ = record_set
-    cmd = [
+def _prepare_command(root: Path, out: Path, workers: int) -> list[str]:
+    """``csce-prepare`` of the test's image folder into ``out``, shards of 4 images."""
+    return [
         sys.executable,
         "-m",
         "csce_jax.commands.prepare",
         "--config",
         str(ROOT / "tests" / "folder_config.py"),
         f"--config.data.image_root={root}",
-        f"--out={tmp_path / 'set'}",
-        "--workers=1",
+        f"--out={out}",
+        f"--workers={workers}",
         "--shard_size=4",
     ]
+
+
+def test_a_killed_prepare_resumes_to_the_same_bytes(record_set, tmp_path):
+    root, out, _ = record_set
+    cmd = _prepare_command(root, tmp_path / "set", workers=1)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not list((tmp_path / "set").glob("*.array_record.json")):
@@ -181,17 +186,7 @@ def test_a_killed_prepare_resumes_to_the_same_bytes(record_set, tmp_path):
 
 def test_prepare_on_a_full_disk_says_one_line_and_leaves_no_partial_file(record_set, tmp_path):
     root, out, _ = record_set
-    cmd = [
-        sys.executable,
-        "-m",
-        "csce_jax.commands.prepare",
-        "--config",
-        str(ROOT / "tests" / "folder_config.py"),
-        f"--config.data.image_root={root}",
-        f"--out={tmp_path / 'set'}",
-        "--workers=2",
-        "--shard_size=4",
-    ]
+    cmd = _prepare_command(root, tmp_path / "set", workers=2)
     full = subprocess.run(  # a shard of 4 images of 24 px fits in 32 KiB, not more
         with_file_size_limit(cmd, 32 << 10), cwd=ROOT, capture_output=True, text=True, timeout=300
     )
