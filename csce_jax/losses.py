@@ -1,7 +1,8 @@
 """The CSCE-Net loss (the release's "OrthoHashLoss"): margin cross-entropy plus quantisation.
 
-Pure functions of arrays, computed in float32. The per-sample elastic margin is drawn from a JAX
-key by :func:`elastic_margins`, so a step is reproducible from (seed, step).
+Pure functions of arrays, computed in float32 (float64 for float64 inputs, ``numerics``). The
+per-sample elastic margin is drawn from a JAX key by :func:`elastic_margins`, so a step is
+reproducible from (seed, step).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from csce_jax.hashing.dsf import Estimator, dynamic_sign, squash
+from csce_jax.numerics import widened
 
 ARC_CLIP = 0.99999
 
@@ -37,9 +39,9 @@ def margin_logits(
     Arc: cos(arccos(clip(l)) + m); cos: l - m. With ``clip_all_logits`` every logit (not only the
     targets') goes through the clip/arccos/cos round trip, as in the release.
     """
-    logits = logits.astype(jnp.float32)
-    targets = targets.astype(jnp.float32)
-    m = jnp.broadcast_to(jnp.asarray(margins, jnp.float32), logits.shape[:1])[:, None] * targets
+    logits = widened(logits)
+    targets = targets.astype(logits.dtype)
+    m = jnp.broadcast_to(jnp.asarray(margins, logits.dtype), logits.shape[:1])[:, None] * targets
     if margin_type == "cos":
         out = logits - m
     elif margin_type == "arc":
@@ -65,7 +67,7 @@ def multi_label_ce(
     kind: Literal["label_smoothing", "bce"] = "label_smoothing",
 ) -> jax.Array:
     """Multi-label loss: softmax CE against targets / (number of positives), or mean BCE."""
-    targets = targets.astype(jnp.float32)
+    targets = targets.astype(scaled_logits.dtype)
     if kind == "label_smoothing":
         logp = jax.nn.log_softmax(scaled_logits, axis=-1)
         dist = targets / jnp.maximum(jnp.sum(targets, axis=-1, keepdims=True), 1.0)
@@ -91,8 +93,8 @@ def quantization_loss(
     With ``estimator="release"`` b carries no gradient (the release); with ``"ste"`` the loss
     reaches t (and v through b) via the DSF's surrogate gradient.
     """
-    u = squash(v.astype(jnp.float32))
-    b = dynamic_sign(u, t.astype(jnp.float32), estimator, balance=balance, temperature=temperature)
+    u = squash(widened(v))
+    b = dynamic_sign(u, t.astype(u.dtype), estimator, balance=balance, temperature=temperature)
     if kind == "cs":
         dot = jnp.sum(u * b, axis=-1)
         nu = jnp.maximum(jnp.linalg.norm(u, axis=-1), 1e-8)

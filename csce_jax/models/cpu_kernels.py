@@ -22,6 +22,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from csce_jax.numerics import widened
+
 
 def pointwise_or_general_conv(
     x: jax.Array,
@@ -170,7 +172,7 @@ def batch_norm_train(
 
 
 def _bn_forward(x, scale, bias, epsilon):
-    xf = x.astype(jnp.float32)
+    xf = widened(x)
     axes = tuple(range(x.ndim - 1))
     mean = jnp.mean(xf, axis=axes)
     var = jnp.mean(jnp.square(xf - mean), axis=axes)
@@ -184,8 +186,8 @@ def _bn_bwd(epsilon, res, cotangents):
     dy, dmean, dvar = cotangents
     axes = tuple(range(x.ndim - 1))
     n = math.prod(x.shape[:-1])
-    xhat = (x.astype(jnp.float32) - mean) * rstd
-    dy = dy.astype(jnp.float32)
+    xhat = (widened(x) - mean) * rstd
+    dy = dy.astype(xhat.dtype)
     dbias = jnp.sum(dy, axis=axes)
     dscale = jnp.sum(dy * xhat, axis=axes)
     # dx = rstd*scale*dy + xhat*b + c, with per-channel b and c (mean/var cotangents included).

@@ -18,6 +18,7 @@ from flax import nnx, struct
 
 from csce_jax.models.layers import BatchNorm, conv, linear, resolve_kernels, torch_uniform_init
 from csce_jax.models.resnet import RESNET50_DEPTHS, ResNet, downsampled_size
+from csce_jax.numerics import widened
 
 Dtype = Any
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -33,7 +34,7 @@ def normalize_images(images: jax.Array, dtype: Dtype | None = None) -> jax.Array
 
 @struct.dataclass
 class CSCEOutput:
-    """What one forward pass returns (all float32)."""
+    """What one forward pass returns (all float32; float64 for a float64 input under x64)."""
 
     logits: jax.Array  # (B, C): cosine similarity of v to each class centre
     codes: jax.Array  # (B, K): continuous code v
@@ -73,8 +74,8 @@ def aie_orthogonal(windows: jax.Array, local: jax.Array) -> jax.Array:
     the N positions commutes with the projection, so it is taken first: the result is
     mean(L) - G (G^T mean(L)) / s^2, which avoids forming the (B, D, N) projection.
     """
-    g = windows.astype(jnp.float32)
-    lbar = jnp.mean(local.astype(jnp.float32), axis=(1, 2))  # (B, D)
+    g = widened(windows)
+    lbar = jnp.mean(widened(local), axis=(1, 2)).astype(g.dtype)  # (B, D)
     s2 = jnp.sum(jnp.square(g), axis=(1, 2))  # (B,)
     coeff = jnp.einsum("bwd,bd->bw", g, lbar)
     proj = jnp.einsum("bwd,bw->bd", g, coeff) / s2[:, None]
@@ -134,10 +135,10 @@ class SpatialAttention(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.bn(self.conv1(x))
-        xf = x.astype(jnp.float32)
+        xf = widened(x)
         norm = jnp.sqrt(jnp.sum(jnp.square(xf), axis=-1, keepdims=True))
         normalized = xf / jnp.maximum(norm, 1e-12)
-        score = jax.nn.softplus(self.conv2(jax.nn.relu(x)).astype(jnp.float32))
+        score = jax.nn.softplus(widened(self.conv2(jax.nn.relu(x))))
         return (score * normalized).astype(x.dtype)
 
 
@@ -154,9 +155,9 @@ def _f4_size(size: tuple[int, int], window_sizes: Sequence[int]) -> tuple[int, i
 
 
 def cosine_logits(v: jax.Array, centers: jax.Array) -> jax.Array:
-    """cos(v, c_j) for every class centre: (B, K) x (C, K) -> (B, C), float32."""
-    v = v.astype(jnp.float32)
-    c = centers.astype(jnp.float32)
+    """cos(v, c_j) for every class centre: (B, K) x (C, K) -> (B, C), float32 (float64 for v)."""
+    v = widened(v)
+    c = centers.astype(v.dtype)
     nv = v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
     nc = c / jnp.maximum(jnp.linalg.norm(c, axis=-1, keepdims=True), 1e-12)
     return nv @ nc.T
@@ -243,10 +244,10 @@ class CSCENet(nnx.Module):
             axis=1,
         )  # (B, 52, D)
         f_orth = aie_orthogonal(windows, f_local)  # (B, D)
-        f_g = self.window_fusion(jnp.swapaxes(windows.astype(jnp.float32), 1, 2))[..., 0]
+        f_g = self.window_fusion(jnp.swapaxes(widened(windows), 1, 2))[..., 0]
         f_e = jnp.concatenate([f_g, f_orth], axis=-1)  # (B, 2D): global part first
-        v = self.hash_fc(f_e).astype(jnp.float32)
-        t = jnp.clip(self.threshold_fc(f_e).astype(jnp.float32), -self.signt, self.signt)
+        v = widened(self.hash_fc(f_e))
+        t = jnp.clip(widened(self.threshold_fc(f_e)), -self.signt, self.signt)
         logits = cosine_logits(v, self.centers[...])
         return {
             "f3": f3,

@@ -21,6 +21,7 @@ from flax import nnx
 
 import csce_jax.models.cpu_kernels as cpu_kernels
 from csce_jax.config.schema import choices
+from csce_jax.numerics import widened
 
 Dtype = Any
 
@@ -73,7 +74,7 @@ def batch_norm_train_xla(
     x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Training-mode batch norm, differentiated by autodiff: (float32 y, mean, biased var)."""
-    xf = x.astype(jnp.float32)
+    xf = widened(x)
     axes = tuple(range(x.ndim - 1))
     mean = jnp.mean(xf, axis=axes)
     var = jnp.mean(jnp.square(xf - mean), axis=axes)
@@ -173,7 +174,7 @@ class BatchNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         out_dtype = self.dtype or x.dtype
         if self.use_running_average:
-            xf = x.astype(jnp.float32)
+            xf = widened(x)
             y = (xf - self.mean[...]) * jax.lax.rsqrt(self.var[...] + self.epsilon)
             return (y * self.scale[...] + self.bias[...]).astype(out_dtype)
         train = cpu_kernels.batch_norm_train if self.kernels == "cpu" else batch_norm_train_xla
