@@ -2,7 +2,8 @@
 any) checkpoint restored into abstract targets, checked against the config's hash centres.
 
 ``eval.py``, :func:`csce_jax.load_model`, search and the trainer's resume check read runs
-through it. It never creates, cleans up or deletes anything in a run that may be training.
+through it. It never creates, cleans up or deletes anything in a run that may be training; the
+writing side is :class:`csce_jax.workdir.RunWriter`.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ from csce_jax.run_reader import RunReader
 from csce_jax.state import TrainSetup, abstract_train_state, check_centers, create_train_state
 from csce_jax.train_step import StepOptions
 from csce_jax.train_step import forward_loss as forward_loss  # its former home
-from csce_jax.workdir import RunFolder
+from csce_jax.workdir import RunWriter
 from csce_jax.writers import Writers
 
 PREFETCH = 2  # sharded batches placed on the devices ahead of the step
@@ -105,7 +105,7 @@ class Run:
     """Everything one training run works with, set up by :func:`start_run`."""
 
     config: ml_collections.ConfigDict
-    folder: RunFolder
+    folder: RunWriter
     data: RetrievalData
     setup: TrainSetup
     mesh: jax.sharding.Mesh
@@ -143,7 +143,7 @@ def train_and_evaluate(
             runtime.initialize_distributed(config)
             signals.reinstall()  # after JAX's own SIGTERM handler of a multi-host job
             check_config(config, jax.device_count(), jax.process_count())
-            with RunFolder(workdir, lead=jax.process_index() == 0) as folder:
+            with RunWriter(workdir, lead=jax.process_index() == 0) as folder:
                 run, state = start_run(config, folder, start_over=start_over)
                 if run.finished is not None:
                     return run.finished
@@ -207,7 +207,7 @@ def train_loop(run: Run, state: Any, signals: StopSignals) -> dict[str, Any]:
 
 
 def start_run(
-    config: ml_collections.ConfigDict, folder: RunFolder, *, start_over: bool = False
+    config: ml_collections.ConfigDict, folder: RunWriter, *, start_over: bool = False
 ) -> tuple[Run, Any]:
     """Check the folder and the data, then restore the newest checkpoint or initialise
     (``start_over``: every checkpoint set aside, nothing resumed, no config compared)."""
@@ -268,7 +268,7 @@ def start_run(
     return run, state
 
 
-def saved_run_config(folder: RunFolder) -> dict[str, Any] | None:
+def saved_run_config(folder: RunWriter) -> dict[str, Any] | None:
     """The config recorded in the run's newest readable checkpoint (None: no checkpoint)."""
     if not folder.has_checkpoints():
         return None
@@ -276,7 +276,7 @@ def saved_run_config(folder: RunFolder) -> dict[str, Any] | None:
         return reader.saved_config()
 
 
-def check_restored(folder: RunFolder, config, step: int, meta: dict, fingerprint: str) -> None:
+def check_restored(folder: RunWriter, config, step: int, meta: dict, fingerprint: str) -> None:
     """A restored checkpoint must belong to this config and lie within its steps."""
     where = folder.layout.checkpoints / str(step)
     check_centers(meta, fingerprint, where)
@@ -480,7 +480,7 @@ class ProfileWindow:
     traces what is left of the window. Every step is annotated, so a trace taken from
     outside (``jax.profiler.start_server``) shows the steps too."""
 
-    def __init__(self, config: ml_collections.ConfigDict, folder: RunFolder):
+    def __init__(self, config: ml_collections.ConfigDict, folder: RunWriter):
         self.first, self.stop = (int(x) for x in config.profile_steps)
         self.folder = folder.layout.profile
         self.tracing = False
@@ -534,7 +534,7 @@ def stopped_early(run: Run | None, stop: Preempted) -> dict[str, Any]:
     return {"step": steps[-1] if steps else step, "preempted": True}
 
 
-def saved_steps(folder: RunFolder) -> list[int]:
+def saved_steps(folder: RunWriter) -> list[int]:
     """The whole checkpoints in the run folder (Orbax renames a finished save into place)."""
     ckpt = folder.layout.checkpoints
     return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []

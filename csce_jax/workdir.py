@@ -1,5 +1,6 @@
-"""A run folder: its layout, one trainer at a time, and a record of the config it was started
-and resumed with. (Reading a run: ``csce_jax.run_reader``.)
+"""A run folder's writing side: its layout, one trainer at a time, and a record of the config it
+was started and resumed with. :class:`RunWriter` (here, the trainer's) and
+:class:`csce_jax.run_reader.RunReader` (everything that only reads a run) are the pair.
 
 - **Lock**: ``<workdir>/.lock`` is held with ``flock`` while ``train.py`` runs. A second trainer
   on the same folder is refused at once, naming the process that holds it. The kernel drops
@@ -64,8 +65,9 @@ def config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
-class RunFolder:
-    """The workdir of one training run, locked while open (only the lead process locks)."""
+class RunWriter:
+    """The workdir of one training run, as its trainer writes it: locked while open (only the
+    lead process locks), the config recorded, the resume policy applied."""
 
     def __init__(self, workdir: str | os.PathLike, lead: bool = True):
         self.layout = layout(workdir)
@@ -74,7 +76,7 @@ class RunFolder:
         self._lock_fd: int | None = None
         self._made = False  # this launch created the folder
 
-    def __enter__(self) -> RunFolder:
+    def __enter__(self) -> RunWriter:
         if self.lead:
             self._create()
             self._lock()
@@ -184,3 +186,6 @@ class RunFolder:
         }
         with open(self.layout.history, "a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+RunFolder = RunWriter  # the former name, kept for one release

@@ -25,6 +25,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # compile the same tiny programs. A cache hit gives the same executable, so no result depends
 # on which test filled it.
 os.environ["CSCE_JAX_CACHE"] = str(Path(tempfile.gettempdir()) / f"csce_jax_tests_{os.getuid()}")
+# Every process the suite starts inherits this mark (xdist workers take the controller's); the
+# leftover check at the end counts only marked processes, not a shell beside the suite.
+os.environ.setdefault("CSCE_JAX_TEST_SESSION", f"{os.getpid()}-{time.time_ns()}")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest
@@ -268,6 +271,7 @@ def final_params(workdir, steps, **kw):
 # --- No process left behind ------------------------------------------------------------------
 
 LEFTOVER_GRACE_SECONDS = 15
+SESSION_MARK = "CSCE_JAX_TEST_SESSION"  # set at the top of this file
 
 
 def _processes() -> dict[int, tuple[int, int, int, str]]:
@@ -290,8 +294,17 @@ def children_of(pid: int) -> list[int]:
     return [p for p, (ppid, _, _, _) in _processes().items() if ppid == pid]
 
 
+def _marked(pid: int) -> bool:
+    """Whether process ``pid`` carries this test session's mark in its environment."""
+    mark = f"{SESSION_MARK}={os.environ[SESSION_MARK]}".encode()
+    try:
+        return mark in (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+
+
 def leftover_processes() -> list[str]:
-    """Orphans this test session made: processes of its session id, started after it, whose
+    """Orphans this test session made: processes carrying its mark, started after it, whose
     parent is gone (adopted by init). A worker whose parent a test killed, a server started
     in a subprocess that outlived it."""
     if not Path("/proc/self/stat").exists():
@@ -300,11 +313,11 @@ def leftover_processes() -> list[str]:
     me = procs.get(os.getpid())
     if me is None:
         return []
-    sid, began = me[1], me[2]
+    began = me[2]
     return [
         f"{pid}: {cmd}"
-        for pid, (ppid, s, start, cmd) in procs.items()
-        if s == sid and ppid == 1 and start >= began and cmd
+        for pid, (ppid, _, start, cmd) in procs.items()
+        if ppid == 1 and start >= began and cmd and _marked(pid)
     ]
 
 

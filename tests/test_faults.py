@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from conftest import (
     ROOT,
+    SESSION_MARK,
+    leftover_processes,
     read_rows,
     run_module,
     run_train,
@@ -28,7 +30,7 @@ from csce_jax.data import load_data
 from csce_jax.data.images import load_rgb
 from csce_jax.data.sources import aircraft_sources, folder_source, tfds_source
 from csce_jax.errors import CheckpointError, CodesError, ConfigError, DataError, WorkdirError
-from csce_jax.workdir import RunFolder
+from csce_jax.workdir import RunWriter
 from csce_jax.writers import MetricsLog
 
 SHORT = [
@@ -198,8 +200,8 @@ def test_a_second_trainer_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
             sys.executable,
             "-c",
             "import sys, time; sys.path.insert(0, '.');"
-            "from csce_jax.workdir import RunFolder;"
-            f"f = RunFolder({str(tmp_path)!r}).__enter__(); print('locked', flush=True);"
+            "from csce_jax.workdir import RunWriter;"
+            f"f = RunWriter({str(tmp_path)!r}).__enter__(); print('locked', flush=True);"
             "time.sleep(600)",
         ],
         cwd=ROOT,
@@ -214,7 +216,7 @@ def test_a_second_trainer_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
     assert not (tmp_path / "metrics.jsonl").exists() and saved_steps(tmp_path) == []
     holder.send_signal(signal.SIGKILL)
     holder.wait()
-    with RunFolder(tmp_path):  # the kernel dropped the dead process's lock
+    with RunWriter(tmp_path):  # the kernel dropped the dead process's lock
         fd = os.open(tmp_path / ".lock", os.O_RDWR)
         with pytest.raises(OSError):  # and this process holds it now
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -776,3 +778,21 @@ def test_a_launch_refused_for_missing_data_leaves_no_run_folder(tmp_path):
     with pytest.raises(DataError):
         train_lib.train_and_evaluate(c, tmp_path / "mine")
     assert (tmp_path / "mine").is_dir()  # not made by the launch: kept
+
+
+def test_the_leftover_check_names_an_orphan_of_the_suite_and_no_other_process():
+    """The end-of-suite check: an orphan started from the suite is named; an orphan of
+    another shell (no session mark) is not."""
+    unmarked_env = {k: v for k, v in os.environ.items() if k != SESSION_MARK}
+    start = ["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"]
+    ours = int(subprocess.run(start, capture_output=True, text=True, check=True).stdout)
+    other = int(
+        subprocess.run(start, capture_output=True, text=True, check=True, env=unmarked_env).stdout
+    )
+    try:
+        named = {int(line.split(":")[0]) for line in leftover_processes()}
+        assert ours in named
+        assert other not in named
+    finally:
+        for pid in (ours, other):
+            os.kill(pid, signal.SIGKILL)
