@@ -4,9 +4,9 @@
 import sys
 
 if __name__ == "__main__":
-    from csce_jax.commands.compare import run
+    import runpy
 
-    run()
+    runpy.run_module("csce_jax.commands.compare", run_name="__main__", alter_sys=True)
 else:
     from csce_jax.bridge import compare
 

@@ -272,26 +272,11 @@ def test_list_files_name_bad_bytes_and_keep_paths_as_written(image_tree, tmp_pat
 
 def test_split_lists_command_writes_counts_and_checksums(tmp_path):
     import hashlib
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "csce_jax.commands.splits",
-            "--dataset",
-            "digits",
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    def splits(out):
+        return run_module("-m", "csce_jax.commands.splits", "--dataset", "digits", "--out", out)
+
+    out = splits(str(tmp_path))
     assert out.returncode == 0, out.stderr[-2000:]
     lines = {ln.split()[0]: ln.split() for ln in out.stdout.strip().splitlines()}
     assert lines["train.txt"][1] == "1497" and lines["test.txt"][1] == "300"
@@ -301,22 +286,8 @@ def test_split_lists_command_writes_counts_and_checksums(tmp_path):
     first = text.splitlines()[0].split()
     assert first[0].startswith("digits/query[") and len(first) == 11 and first[1:].count("1") == 1
     again = tmp_path / "again"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "csce_jax.commands.splits",
-            "--dataset",
-            "digits",
-            "--out",
-            str(again),
-        ],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
+    rerun = splits(str(again))
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert (again / "val.txt").read_text() == (tmp_path / "val.txt").read_text()
     bad = run_module(
         "-m",

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 from absl import logging
 
+from csce_jax.data.base import Source, existing_records, text_lines
 from csce_jax.data.images import DataError
-from csce_jax.data.sources import Source, existing_records, text_lines
 
 AIRCRAFT_URL = (
     "https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz"

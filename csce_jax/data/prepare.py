@@ -353,6 +353,6 @@ def _summary(out: Path, splits, jobs, results, bad) -> dict[str, Any]:
 
 
 if __name__ == "__main__":  # the former path of ``csce-prepare``, kept for one release
-    from csce_jax.commands.prepare import run
+    import runpy
 
-    run()
+    runpy.run_module("csce_jax.commands.prepare", run_name="__main__", alter_sys=True)

@@ -56,6 +56,6 @@ def write_lists(cfg, out_dir: str | os.PathLike) -> dict[str, tuple[int, str]]:
 
 
 if __name__ == "__main__":  # the former path of ``csce-splits``, kept for one release
-    from csce_jax.commands.splits import run
+    import runpy
 
-    run()
+    runpy.run_module("csce_jax.commands.splits", run_name="__main__", alter_sys=True)

@@ -87,6 +87,6 @@ def verify_data(
 
 
 if __name__ == "__main__":  # the former path of ``csce-verify``, kept for one release
-    from csce_jax.commands.verify import run
+    import runpy
 
-    run()
+    runpy.run_module("csce_jax.commands.verify", run_name="__main__", alter_sys=True)

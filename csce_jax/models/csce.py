@@ -75,7 +75,7 @@ def aie_orthogonal(windows: jax.Array, local: jax.Array) -> jax.Array:
     mean(L) - G (G^T mean(L)) / s^2, which avoids forming the (B, D, N) projection.
     """
     g = widened(windows)
-    lbar = jnp.mean(widened(local), axis=(1, 2)).astype(g.dtype)  # (B, D)
+    lbar = jnp.mean(widened(local), axis=(1, 2))  # (B, D)
     s2 = jnp.sum(jnp.square(g), axis=(1, 2))  # (B,)
     coeff = jnp.einsum("bwd,bd->bw", g, lbar)
     proj = jnp.einsum("bwd,bw->bd", g, coeff) / s2[:, None]
