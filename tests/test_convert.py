@@ -272,3 +272,21 @@ def test_convert_speaks_in_its_own_words_and_export_needs_a_run(tmp_path):
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert f"error: --src {tmp_path}: not a training run" in out.stderr
     assert "--workdir" not in out.stderr
+
+
+class Opaque:
+    """A class a safe torch.load does not know."""
+
+
+def test_a_damaged_pth_is_told_apart_from_one_holding_python_objects(tmp_path):
+    """Garbage under a .pth name is 'not a whole PyTorch file'; a pickle holding a class of
+    its own is refused by the safe load, and said so."""
+    torch = pytest.importorskip("torch")
+    from csce_jax.errors import ConversionError
+
+    (tmp_path / "junk.pth").write_bytes(b"garbage")
+    with pytest.raises(ConversionError, match="not a whole PyTorch file"):
+        read_state_file(tmp_path / "junk.pth")
+    torch.save({"w": torch.zeros(2), "note": Opaque()}, tmp_path / "objects.pth")
+    with pytest.raises(ConversionError, match="holds Python objects besides tensors"):
+        read_state_file(tmp_path / "objects.pth")

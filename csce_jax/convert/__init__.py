@@ -330,7 +330,7 @@ def read_state_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise
     except Exception as e:  # corrupt or truncated file: said in our words, not the library's
         kind = {".safetensors": "safetensors", ".npz": "numpy .npz"}.get(suffix, "PyTorch")
-        if suffix in (".pth", ".pt", ".bin") and "weights_only" in str(e):
+        if suffix in (".pth", ".pt", ".bin") and "Unsupported global" in str(e):
             raise ConversionError(
                 f"cannot read {path}: it holds Python objects besides tensors, which a safe "
                 "load refuses; save the model's state_dict() alone"
