@@ -95,15 +95,17 @@ def end_to_end(config, workdir: Path) -> dict[str, float]:
 def step_only(config, intervals: int) -> dict[str, float]:
     import jax
 
-    from csce_jax import runtime, sharding, train_lib
+    from csce_jax import builders, runtime, sharding, train_lib
     from csce_jax import state as train_state
     from csce_jax.data import load_data
+    from csce_jax.train_step import make_train_step
 
     runtime.prepare_jax(config)
     data = load_data(config.data)
     mesh = sharding.make_mesh()
     setup = train_state.create_train_state(config, data.num_classes)
-    step = train_lib.make_train_step(setup.graphdef, setup.tx, setup.schedule, config, False, mesh)
+    options = builders.step_options(config, multilabel=False)
+    step = make_train_step(setup.graphdef, setup.tx, setup.schedule, options, mesh)
     host = next(train_lib.make_loader(config, data).batches(0))
     batch = sharding.global_batch(mesh, {k: host[k] for k in ("image", "flip", "label")})
     state = jax.device_put(setup.state, sharding.replicated(mesh))

@@ -64,13 +64,15 @@ def _config(args):
 def jax_side(args, images, labels):
     import jax
 
-    from csce_jax import builders, sharding, train_lib
+    from csce_jax import builders, sharding
     from csce_jax import state as train_state
+    from csce_jax.train_step import make_train_step
 
     c = _config(args)
     mesh = sharding.make_mesh()
     setup = train_state.create_train_state(c, 100)
-    step = train_lib.make_train_step(setup.graphdef, setup.tx, setup.schedule, c, False, mesh)
+    options = builders.step_options(c, multilabel=False)
+    step = make_train_step(setup.graphdef, setup.tx, setup.schedule, options, mesh)
     state = jax.device_put(setup.state, sharding.replicated(mesh))
     batch = sharding.global_batch(mesh, {"image": images, "label": labels})
     start = time.perf_counter()

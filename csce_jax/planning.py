@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from csce_jax import flops, hardware, sharding, state, train_lib
+from csce_jax import flops, hardware, sharding, state
 from csce_jax.builders import balance, step_options
 from csce_jax.config import check_config, resolve_epochs
 from csce_jax.data.datasets import DATASETS
@@ -33,6 +33,7 @@ from csce_jax.encoding import make_encode_step
 from csce_jax.errors import ConfigError
 from csce_jax.models.layers import resolve_kernels
 from csce_jax.targets import Target
+from csce_jax.train_step import make_train_step
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2}
@@ -255,7 +256,7 @@ def compile_train(
     :func:`abstract_run` already made for this config and target."""
     mesh, setup = run or abstract_run(config, target, request)
     options = step_options(config, request.multilabel)
-    step = train_lib.make_train_step(setup.graphdef, setup.tx, setup.schedule, options, mesh)
+    step = make_train_step(setup.graphdef, setup.tx, setup.schedule, options, mesh)
     try:
         compiled, seconds = _compile(step, setup.state, abstract_batch(mesh, config, request))
     except DoesNotFit as e:

@@ -60,6 +60,7 @@ from csce_jax.bridge.sides import check_release_size as check_release_size
 from csce_jax.bridge.sides import initial_state as initial_state
 from csce_jax.data import EvalLoader
 from csce_jax.data.pipeline import apply_flips
+from csce_jax.train_step import make_train_step
 from csce_jax.viz import plot_curves
 
 SERIES = ("loss", "ce", "quant", "grad_norm")
@@ -79,7 +80,7 @@ def train_both(
     float64 side, ``floor`` (PyTorch float32 vs float64) and ``jax_vs_torch64``."""
     mesh = sharding.make_mesh()
     options = builders.step_options(config, data.multilabel)
-    step_fn = train_lib.make_train_step(setup.graphdef, setup.tx, setup.schedule, options, mesh)
+    step_fn = make_train_step(setup.graphdef, setup.tx, setup.schedule, options, mesh)
     jax_state = jax.device_put(setup.state, sharding.replicated(mesh))
     loader = train_lib.make_loader(config, data)
     rows = []
