@@ -54,7 +54,7 @@ def make_train_step(
 ) -> Any:
     """The former home of :func:`csce_jax.train_step.make_train_step`: its form ``(graphdef,
     tx, schedule, config, multilabel, mesh)`` still works and builds the :class:`StepOptions`
-    from the config; the package itself calls ``train_step`` directly."""
+    from the config. The loop builds its step through this name (the seam tests patch)."""
     if not isinstance(options, StepOptions):
         options, mesh = builders.step_options(options, bool(mesh)), former[0]
     return step_lib.make_train_step(graphdef, tx, schedule, options, mesh)
@@ -156,7 +156,7 @@ def train_loop(run: Run, state: Any, signals: StopSignals) -> dict[str, Any]:
     """The steps from ``run.start`` on, then the final evaluation."""
     config = run.config
     options = builders.step_options(config, run.data.multilabel)
-    train_step = step_lib.make_train_step(
+    train_step = make_train_step(
         run.setup.graphdef, run.setup.tx, run.setup.schedule, options, run.mesh
     )
     log_start(run)
