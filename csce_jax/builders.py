@@ -1,5 +1,5 @@
 """Config -> objects: the model (with its centres), the optimiser, and the typed options of
-the loss, the training step and encoding (``fold_key`` is re-exported from ``train_step``).
+the loss, the training step and encoding.
 
 Shared by training, evaluation and search so that all three read a config the same way; the
 library below them takes these objects, or the one config block it needs.
@@ -24,7 +24,6 @@ from csce_jax.models import CSCENet
 from csce_jax.models.layers import resolve_kernels
 from csce_jax.optim import learning_rate_schedule, make_optimizer, with_frozen
 from csce_jax.train_step import StepOptions
-from csce_jax.train_step import fold_key as fold_key  # its former home
 
 
 def view_config(config: ml_collections.ConfigDict, *, train: bool) -> ViewConfig:

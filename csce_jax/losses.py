@@ -8,7 +8,7 @@ reproducible from (seed, step).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -139,16 +139,15 @@ def csce_loss(
     labels: jax.Array,
     margins: jax.Array | float,
     options: LossOptions | None = None,
-    **changes: Any,
 ) -> dict[str, jax.Array]:
     """Total = ce_weight * CE + quan_weight * quantisation; returns {"loss", "ce", "quant"}.
 
     Single-label: ``labels`` are class indices (B,) and ``margins`` per-sample elastic margins
     (see :func:`elastic_margins`). Multi-label: ``labels`` are multi-hot (B, C) and ``margins``
-    the fixed margin m, applied to every positive. ``changes``: fields of ``options`` given
-    by keyword (``multilabel=True``), as the former keyword form of this function took them.
+    the fixed margin m, applied to every positive. ``options``: the loss's settings
+    (:class:`LossOptions`; its defaults when None).
     """
-    o = dataclasses.replace(options or LossOptions(), **changes)
+    o = options or LossOptions()
     num_classes = logits.shape[-1]
     if o.multilabel:
         targets = labels.astype(jnp.float32)

@@ -41,23 +41,10 @@ from csce_jax.errors import CheckpointError, ConfigError, NonFiniteLossError, Wo
 from csce_jax.preemption import MAX_IN_FLIGHT, Preempted, StopSignals
 from csce_jax.run_reader import RunReader
 from csce_jax.state import TrainSetup, abstract_train_state, check_centers, create_train_state
-from csce_jax.train_step import StepOptions
-from csce_jax.train_step import forward_loss as forward_loss  # its former home
 from csce_jax.workdir import RunWriter
 from csce_jax.writers import Writers
 
 PREFETCH = 2  # sharded batches placed on the devices ahead of the step
-
-
-def make_train_step(
-    graphdef: Any, tx: Any, schedule: Any, options: Any, mesh: Any, *former: Any
-) -> Any:
-    """The former home of :func:`csce_jax.train_step.make_train_step`: its form ``(graphdef,
-    tx, schedule, config, multilabel, mesh)`` still works and builds the :class:`StepOptions`
-    from the config. The loop builds its step through this name (the seam tests patch)."""
-    if not isinstance(options, StepOptions):
-        options, mesh = builders.step_options(options, bool(mesh)), former[0]
-    return step_lib.make_train_step(graphdef, tx, schedule, options, mesh)
 
 
 _compiling = threading.Event()
@@ -156,7 +143,7 @@ def train_loop(run: Run, state: Any, signals: StopSignals) -> dict[str, Any]:
     """The steps from ``run.start`` on, then the final evaluation."""
     config = run.config
     options = builders.step_options(config, run.data.multilabel)
-    train_step = make_train_step(
+    train_step = step_lib.make_train_step(
         run.setup.graphdef, run.setup.tx, run.setup.schedule, options, run.mesh
     )
     log_start(run)

@@ -187,5 +187,3 @@ class RunWriter:
         with open(self.layout.history, "a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
 
-
-RunFolder = RunWriter  # the former name, kept for one release

@@ -8,6 +8,8 @@ from conftest import tiny_config
 from flax import nnx
 
 from csce_jax import sharding, train_lib
+from csce_jax.builders import step_options
+from csce_jax.train_step import make_train_step
 from csce_jax import state as train_state
 from csce_jax.models.csce import ASPP
 
@@ -57,7 +59,7 @@ def test_one_training_step_with_aspp_moves_its_weights():
     mesh = sharding.make_mesh()
     setup = train_state.create_train_state(c, 10)
     before = jax.tree.map(np.asarray, setup.state["params"]["aspp"])
-    step = train_lib.make_train_step(setup.graphdef, setup.tx, setup.schedule, c, False, mesh)
+    step = make_train_step(setup.graphdef, setup.tx, setup.schedule, step_options(c, False), mesh)
     rng = np.random.default_rng(0)
     batch = {
         "image": rng.integers(0, 255, (8, 112, 112, 3), dtype=np.uint8),

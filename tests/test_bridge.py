@@ -155,7 +155,7 @@ def test_floor_verdict_and_release_size_check():
     """The median gap within 3x the larger median floor (never below float32's 1e-5) passes,
     whatever one step does; beyond, it fails and names the series. A non-release-size config
     names the flags to change."""
-    from csce_jax import compare_torch as ct
+    from csce_jax.bridge import compare as ct
     from csce_jax.errors import ConfigError
     from csce_jax.presets.default import get_config
 
@@ -184,7 +184,7 @@ def test_floor_verdict_and_release_size_check():
 
 
 def test_compare_torch_starts_from_a_run_folder_through_the_run_reader(trained_run):
-    from csce_jax import compare_torch as ct
+    from csce_jax.bridge import compare as ct
     from csce_jax.config import release_training
 
     with RunReader(trained_run) as run:

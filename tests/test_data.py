@@ -11,7 +11,8 @@ from csce_jax.config import data_config
 from csce_jax.data import DataError, EvalLoader, TrainLoader, ViewConfig, load_data
 from csce_jax.data.digits import digits_sources
 from csce_jax.data.images import load_rgb
-from csce_jax.data.sources import aircraft_sources, folder_source, list_file_source
+from csce_jax.data.official import aircraft_sources
+from csce_jax.data.sources import folder_source, list_file_source
 
 VIEW = ViewConfig(resize=40, crop=32, flip=True)
 

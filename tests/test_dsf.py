@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from csce_jax.hashing import balance_fill, binarize, dynamic_sign, encode, squash
+from csce_jax.hashing import balance_fill, binarize, dynamic_sign, squash
 
 
 def _codes(v, t, **kw):
@@ -153,6 +153,3 @@ def test_bad_estimator_is_named():
     with pytest.raises(ValueError, match="'sigmoid'"):
         dynamic_sign(jnp.ones((1, 4)), jnp.zeros((1, 1)), "sigmoid")
 
-
-def test_the_former_name_of_binarize_still_works():
-    assert encode is binarize

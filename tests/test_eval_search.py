@@ -139,26 +139,24 @@ def test_search_round_trip_and_corrupt_image(trained, tmp_path):
 
 
 def test_search_refuses_a_mismatched_index(trained, tmp_path):
+    """An index whose record names other hash centres than its run now gives is refused, and
+    a file or junk in place of an index folder is named."""
     from csce_jax import search
+    from csce_jax.digest import json_digest
 
-    codes = np.zeros((2, 4), np.uint8)
-    meta = {
-        "bits": 32,
-        "centers": "0" * 16,
-        "workdir": str(trained),
-        "step": 3,
-        "version": 2,  # the single-file index of earlier versions, still read
-    }
-    np.savez(
-        tmp_path / "bad.npz",
-        codes=codes,
-        paths=np.asarray(["a", "b"]),
-        meta=np.asarray(json.dumps(meta)),
-    )
-    with pytest.raises(CodesError, match="was built with 32-bit codes"):
-        search.search(str(tmp_path / "bad.npz"), str(tmp_path / "bad.npz"))
-    with pytest.raises(CodesError, match="not a csce_jax index"):
-        (tmp_path / "junk.npz").write_bytes(b"junk")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        Image.new("RGB", (32, 32), (80 * i, 40, 200 - 60 * i)).save(photos / f"p{i}.png")
+    search.build_index(str(trained), str(tmp_path / "idx"), images=str(photos))
+    manifest = tmp_path / "idx" / "index.json"
+    record = json.loads(manifest.read_text())
+    record["centers"] = "0" * 16
+    manifest.write_text(json.dumps({**record, "digest": json_digest(record)}))
+    with pytest.raises(CodesError, match="was built with 64-bit codes under centres 0000"):
+        search.search(str(tmp_path / "idx"), str(photos / "p0.png"))
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    with pytest.raises(CodesError, match="is a file, not an index folder"):
         search.load_index(str(tmp_path / "junk.npz"))
 
 

@@ -7,6 +7,8 @@ import pytest
 from conftest import tiny_config
 
 from csce_jax import flops, sharding, train_lib
+from csce_jax.builders import step_options
+from csce_jax.train_step import make_train_step
 from csce_jax import state as train_state
 
 
@@ -37,7 +39,7 @@ def test_full_size_count_is_within_five_percent_of_xla_cpu():
         (1,), ("data",), devices=jax.devices()[:1], axis_types=(jax.sharding.AxisType.Auto,)
     )
     setup = train_state.create_train_state(c, 100)
-    step = train_lib.make_train_step(setup.graphdef, setup.tx, setup.schedule, c, False, mesh)
+    step = make_train_step(setup.graphdef, setup.tx, setup.schedule, step_options(c, False), mesh)
     state = jax.device_put(setup.state, sharding.replicated(mesh))
     batch = sharding.global_batch(
         mesh, {"image": np.zeros((2, 224, 224, 3), np.uint8), "label": np.zeros(2, np.int32)}

@@ -1,4 +1,4 @@
-"""Numerical parity with the PyTorch reference (csce_jax/torch_reference.py) through the converter.
+"""Numerical parity with the PyTorch reference (csce_jax/bridge/reference.py) through the converter.
 
 Skipped only where torch is absent; CI installs it (requirements-dev.txt).
 """
@@ -18,10 +18,10 @@ from csce_jax.convert import (  # noqa: E402
     model_from_release,
     normalize_release_keys,
 )
-from csce_jax.hashing import encode, hash_centers  # noqa: E402
-from csce_jax.losses import csce_loss  # noqa: E402
+from csce_jax.hashing import binarize, hash_centers  # noqa: E402
+from csce_jax.losses import LossOptions, csce_loss  # noqa: E402
 from csce_jax.optim import torch_rmsprop, with_frozen  # noqa: E402
-from csce_jax.torch_reference import ReleaseNet, release_dsf, release_loss  # noqa: E402
+from csce_jax.bridge.reference import ReleaseNet, release_dsf, release_loss  # noqa: E402
 
 BITS, CLASSES = 64, 100
 
@@ -100,7 +100,7 @@ def test_eval_mode_parity_full_size(full_size_reference, kernels):
         assert err <= 1e-4, f"{name}: max abs error {err:.3g}"
     # Binary codes: the release's evaluation encoding (raw v, 64-bit balance) bit for bit.
     codes_ref = release_dsf(ref["v"], ref["t"]).numpy()
-    codes_ours = np.asarray(encode(ours["v"], ours["t"], raw_eval_band=True, balance=32))
+    codes_ours = np.asarray(binarize(ours["v"], ours["t"], raw_eval_band=True, balance=32))
     np.testing.assert_array_equal(codes_ours, codes_ref)
 
 
@@ -225,9 +225,7 @@ def _loss(model, x, labels, margins):
         o.threshold,
         jnp.asarray(labels),
         jnp.asarray(margins),
-        estimator="release",
-        balance=32,
-        clip_all_logits=True,
+        LossOptions(estimator="release", balance=32, clip_all_logits=True),
     )
 
 

@@ -24,6 +24,9 @@ from conftest import (
 )
 
 from csce_jax import sharding, train_lib
+from csce_jax.builders import step_options
+from csce_jax import train_step as train_step_lib
+from csce_jax.train_step import make_train_step
 from csce_jax import state as train_state
 from csce_jax.config import check_config
 from csce_jax.data import DataError, load_data
@@ -64,7 +67,7 @@ def test_tfds_data_set_trains_under_mock_data(tmp_path):
 def _one_step(mesh, config, batch):
     data_classes = 10
     setup = train_state.create_train_state(config, data_classes)
-    step = train_lib.make_train_step(setup.graphdef, setup.tx, setup.schedule, config, False, mesh)
+    step = make_train_step(setup.graphdef, setup.tx, setup.schedule, step_options(config, False), mesh)
     state = jax.device_put(setup.state, sharding.replicated(mesh))
     state, metrics = step(state, sharding.global_batch(mesh, batch))
     return jax.tree.map(np.asarray, state["params"]), jax.device_get(metrics)
@@ -435,7 +438,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     c = tiny_config(6)
     c.checkpoint_every_steps = 2
     c.eval_every_steps = 3
-    real = train_lib.make_train_step
+    real = train_step_lib.make_train_step
 
     def poisoned(*args, **kwargs):
         step = real(*args, **kwargs)
@@ -452,7 +455,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 
         return wrapped
 
-    monkeypatch.setattr(train_lib, "make_train_step", poisoned)
+    monkeypatch.setattr(train_step_lib, "make_train_step", poisoned)
     with pytest.raises(NonFiniteLossError, match="step 3.*step 2 in .* is kept"):
         train_lib.train_and_evaluate(c, tmp_path)
     assert saved_steps(tmp_path) == [2]  # the NaN state of step 3 (an eval step) was not saved
@@ -583,7 +586,7 @@ def test_the_step_compiles_once():
     c = tiny_config(linear_optimizer=True)
     mesh = sharding.make_mesh()
     setup = train_state.create_train_state(c, 10)
-    step = train_lib.make_train_step(setup.graphdef, setup.tx, setup.schedule, c, False, mesh)
+    step = make_train_step(setup.graphdef, setup.tx, setup.schedule, step_options(c, False), mesh)
     state = jax.device_put(setup.state, sharding.replicated(mesh))
     rng = np.random.default_rng(0)
     for _ in range(3):

@@ -9,7 +9,5 @@
 - :mod:`csce_jax.bridge.gradients`: one batch, tensor by tensor against float64
   (``csce-compare --gradients``).
 
-Weights move between the two with :mod:`csce_jax.convert`. The former module paths
-(``csce_jax.torch_reference``, ``torch_side``, ``compare_torch``, ``compare_gradients``) are
-the same modules, kept for one release.
+Weights move between the two with :mod:`csce_jax.convert`.
 """

@@ -202,7 +202,7 @@ def compare(
             for k in SERIES
         },
         **scores,
-        "torch_side": "release ResNet_DOLG" if release_dir else "csce_jax.torch_reference",
+        "torch_side": "release ResNet_DOLG" if release_dir else "csce_jax.bridge.reference",
         "floor": floor,
     }
     if floor != "none" and rows:

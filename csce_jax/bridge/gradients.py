@@ -427,7 +427,7 @@ def summarize(config, results: list[dict[str, Any]], release_dir: str | None) ->
         "mode": "gradients",
         "data": config.data.name,
         "points": len(results),
-        "torch_side": "release ResNet_DOLG" if release_dir else "csce_jax.torch_reference",
+        "torch_side": "release ResNet_DOLG" if release_dir else "csce_jax.bridge.reference",
         "port_ok": all(p["ok"] for p in results),
         "failed": sorted({f"{p['name']}: {g}" for p in results for g in p["failed_groups"]}),
         "gradient_flow_mismatch": sorted({n for p in results for n in p["gradient_flow_mismatch"]}),

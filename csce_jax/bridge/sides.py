@@ -1,5 +1,5 @@
-"""The PyTorch side of the comparisons with the release (``compare_torch`` trains it beside ours,
-``compare_gradients`` takes one step of it): the reference network or the release's own, its
+"""The PyTorch side of the comparisons with the release (:mod:`csce_jax.bridge.compare` trains
+it beside ours, :mod:`csce_jax.bridge.gradients` takes one step of it): the reference network or the release's own, its
 loss and optimiser, and the common setup both comparisons start from.
 """
 

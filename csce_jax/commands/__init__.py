@@ -26,8 +26,5 @@ Each is also ``python -m csce_jax.commands.<name>``. The convention:
   flags, imports JAX only after parsing (a quick ``--help``, which exits 0 and lists the
   command's own flags), and calls one library function inside :func:`csce_jax.cli.
   error_boundary`: an input or system error is one ``error:`` line and exit 1.
-- Commands import libraries; no library imports a command or :mod:`csce_jax.cli`. The former
-  ``python -m`` paths (``csce_jax.search``, ``csce_jax.convert``, ``csce_jax.data.prepare``,
-  ``csce_jax.data.verify``, ``csce_jax.data.splits``, ``csce_jax.compare_torch``) still run
-  their command for one release.
+- Commands import libraries; no library imports a command or :mod:`csce_jax.cli`.
 """

@@ -351,8 +351,3 @@ def _summary(out: Path, splits, jobs, results, bad) -> dict[str, Any]:
     )
     return summary
 
-
-if __name__ == "__main__":  # the former path of ``csce-prepare``, kept for one release
-    import runpy
-
-    runpy.run_module("csce_jax.commands.prepare", run_name="__main__", alter_sys=True)

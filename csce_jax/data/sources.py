@@ -22,22 +22,6 @@ from absl import logging
 from csce_jax.data.base import Source, existing_records, text_lines
 from csce_jax.data.images import DataError
 
-# The official-file readers moved to csce_jax.data.official; their former names here still work.
-from csce_jax.data.official import (  # noqa: F401
-    AIRCRAFT_BANNER_ROWS,
-    AIRCRAFT_URL,
-    FLOWERS_CLASSES,
-    FLOWERS_IMAGES,
-    FLOWERS_SIZES,
-    FLOWERS_SPLITS,
-    FLOWERS_URL,
-    NABIRDS_URL,
-    VEGFRU_URL,
-    aircraft_sources,
-    flowers102_sources,
-    nabirds_sources,
-    vegfru_sources,
-)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 

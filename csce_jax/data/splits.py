@@ -54,8 +54,3 @@ def write_lists(cfg, out_dir: str | os.PathLike) -> dict[str, tuple[int, str]]:
         result[fname] = (len(src), hashlib.sha256(text.encode()).hexdigest())
     return result
 
-
-if __name__ == "__main__":  # the former path of ``csce-splits``, kept for one release
-    import runpy
-
-    runpy.run_module("csce_jax.commands.splits", run_name="__main__", alter_sys=True)

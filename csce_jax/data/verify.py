@@ -85,8 +85,3 @@ def verify_data(
         )
     return result
 
-
-if __name__ == "__main__":  # the former path of ``csce-verify``, kept for one release
-    import runpy
-
-    runpy.run_module("csce_jax.commands.verify", run_name="__main__", alter_sys=True)

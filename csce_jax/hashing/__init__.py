@@ -2,7 +2,7 @@
 
 Public contracts: ``hash_centers(num_classes, bits, seed=0)`` and
 ``dynamic_sign(v, t, estimator="ste" | "release")``, ``binarize(v, t)`` (the evaluation's
-codes; ``encode`` is its former name).
+codes).
 """
 
 from csce_jax.hashing.centers import (
@@ -12,7 +12,7 @@ from csce_jax.hashing.centers import (
     pairwise_hamming,
     sylvester_hadamard,
 )
-from csce_jax.hashing.dsf import balance_fill, binarize, dynamic_sign, encode, squash
+from csce_jax.hashing.dsf import balance_fill, binarize, dynamic_sign, squash
 
 __all__ = [
     "balance_fill",
@@ -20,7 +20,6 @@ __all__ = [
     "center_stats",
     "centers_fingerprint",
     "dynamic_sign",
-    "encode",
     "hash_centers",
     "pairwise_hamming",
     "squash",

@@ -39,7 +39,6 @@ from csce_jax.search.collection import Collection
 from csce_jax.search.model import RunEncoder
 
 INDEX_VERSION = 3
-LEGACY_VERSION = 2  # a single .npz file (codes, paths, meta), still read
 DEFAULT_SHARD_SIZE = 50_000
 PLAN_KEYS = ("bits", "centers", "workdir", "step", "collection", "count", "shard_size")
 
@@ -317,25 +316,11 @@ def _check_digests(path: Path, meta: dict[str, Any]) -> None:
             )
 
 
-def _load_legacy(path: Path) -> Index:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            codes, paths = z["codes"], [str(p) for p in z["paths"]]
-            meta = json.loads(str(z["meta"]))
-    except Exception as e:
-        raise CodesError(f"{path} is not a csce_jax index: {e}") from None
-    if meta.get("version") != LEGACY_VERSION:
-        raise CodesError(f"{path}: index version {meta.get('version')}, expected {INDEX_VERSION}")
-    _check_codes(path, codes, meta.get("bits"), len(paths))
-    meta["engine"] = {"name": "scan", "params": {}}
-    return Index(codes, paths, [""] * len(paths), meta, path.parent)
-
-
 def load_index(path: str | os.PathLike) -> Index:
-    """An index folder (or a single-file index of version 2), checked for consistency."""
+    """An index folder, checked for consistency (its manifest, shards and digests)."""
     path = Path(path)
     if path.is_file():
-        return _load_legacy(path)
+        raise CodesError(f"{path} is a file, not an index folder (one holding index.json)")
     manifest = path / "index.json"
     if not manifest.is_file():
         if (path / "plan.json").is_file():
