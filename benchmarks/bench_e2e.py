@@ -9,7 +9,7 @@ input pipeline alone, on a generated JPEG folder of CUB-like sizes (about 500 x 
 Each measurement runs in a fresh process (they share one compilation cache), so none inherits
 another's memory or threads:
 
-- end to end: ``train_lib.train_and_evaluate`` on the folder; images/s of each logging interval
+- end to end: ``loop.train_and_evaluate`` on the folder; images/s of each logging interval
   from its ``metrics.jsonl`` (every ``steps // 8`` steps); median over the intervals after the
   first, which holds the compilation;
 - step only: the same jitted step on one batch already on the devices, timed over intervals of
@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from csce_jax import hostmem  # noqa: E402
+from csce_jax.runtime import hostmem  # noqa: E402
 
 hostmem.apply_environment()
 
@@ -84,10 +84,10 @@ def make_config(args: argparse.Namespace):
 
 
 def end_to_end(config, workdir: Path) -> dict[str, float]:
-    from csce_jax import train_lib
-    from csce_jax.writers import MetricsLog
+    from csce_jax.train import loop
+    from csce_jax.train.writers import MetricsLog
 
-    train_lib.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
     rates = [r["images_per_sec"] for r in MetricsLog(workdir).rows() if "images_per_sec" in r]
     return {"e2e_images_per_sec": statistics.median(rates[1:])}
 
@@ -95,18 +95,21 @@ def end_to_end(config, workdir: Path) -> dict[str, float]:
 def step_only(config, intervals: int) -> dict[str, float]:
     import jax
 
-    from csce_jax import builders, runtime, sharding, train_lib
-    from csce_jax import state as train_state
     from csce_jax.data import load_data
-    from csce_jax.train_step import make_train_step
+    from csce_jax.runs import state as train_state
+    from csce_jax.runs.builders import run_parts
+    from csce_jax.runtime import sharding, startup
+    from csce_jax.train import loop
+    from csce_jax.train.step import make_train_step
 
-    runtime.prepare_jax(config)
+    startup.prepare_jax(config)
     data = load_data(config.data)
     mesh = sharding.make_mesh()
-    setup = train_state.create_train_state(config, data.num_classes)
-    options = builders.step_options(config, multilabel=False)
+    parts = run_parts(config, data.num_classes)
+    setup = train_state.create_train_state(parts.model, parts.tx, parts.schedule)
+    options = parts.step
     step = make_train_step(setup.graphdef, setup.tx, setup.schedule, options, mesh)
-    host = next(train_lib.make_loader(config, data).batches(0))
+    host = next(loop.make_loader(config, data).batches(0))
     batch = sharding.global_batch(mesh, {k: host[k] for k in ("image", "flip", "label")})
     state = jax.device_put(setup.state, sharding.replicated(mesh))
     rates = []
@@ -120,8 +123,8 @@ def step_only(config, intervals: int) -> dict[str, float]:
 
 
 def input_only(config, batches: int) -> dict[str, float]:
-    from csce_jax import train_lib
     from csce_jax.data import load_data
+    from csce_jax.train import loop
 
     out = {}
     for processes in (False, True):
@@ -129,7 +132,7 @@ def input_only(config, batches: int) -> dict[str, float]:
             c = config.copy_and_resolve_references()
             c.data.num_workers, c.data.worker_processes = count, processes
             c.total_steps = batches + 1  # the loader's length
-            it = train_lib.make_loader(c, load_data(c.data)).batches(0)
+            it = loop.make_loader(c, load_data(c.data)).batches(0)
             next(it)  # workers started, first batch out
             start = time.perf_counter()
             for _ in range(batches):

@@ -11,7 +11,7 @@ thread, batch 64) for the same images and view (shorter side to 256, random 224 
   disk, decoded at read time).
 
 Each phase runs in a fresh process, under ``train.py``'s host allocator setting
-(``csce_jax.hostmem``), so its peak resident memory is its own; the record sets are prepared
+(``csce_jax.runtime.hostmem``), so its peak resident memory is its own; the record sets are prepared
 first (their writing speed is reported too). Images: generated photo-like JPEGs with
 the shorter side 256-400 px, or ``--folder`` (e.g. a Flowers-102 ``jpg/`` folder).
 
@@ -123,7 +123,7 @@ def main() -> None:
     p.add_argument("--phase-prepared", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.phase_images:
-        from csce_jax import hostmem
+        from csce_jax.runtime import hostmem
 
         hostmem.apply_environment()  # as train.py does, before the loader's threads start
         run_phase(Path(args.phase_images), args.phase_prepared, args.repeats)

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import median_time, report
 
-from csce_jax import metrics
+from csce_jax.retrieval import metrics
 from csce_jax.search import engines
 
 

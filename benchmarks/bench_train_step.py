@@ -13,14 +13,14 @@ standard fast form on tensor cores); ``--no-jax`` / ``--no-torch`` time one side
   python benchmarks/bench_train_step.py --preset demo     # the digits demo's model and batch
 
 Both frameworks run in one process, under the same host allocator: ``train.py``'s setting
-(``csce_jax.hostmem``: freed memory kept for reuse); ``CSCE_JAX_HOST_ALLOCATOR=default`` runs
+(``csce_jax.runtime.hostmem``: freed memory kept for reuse); ``CSCE_JAX_HOST_ALLOCATOR=default`` runs
 both on glibc's default instead.
 
-FLOPs are the analytic count of ``csce_jax.flops`` (forward + backward of the same network,
+FLOPs are the analytic count of ``csce_jax.train.flops`` (forward + backward of the same network,
 so they serve both frameworks; ``model_gflops_per_image``), beside XLA's own count of the
 compiled step where the backend counts everything (the CPU; ``xla_gflops_per_image``, null on
 GPU, whose count leaves out cuDNN's convolutions). MFU = FLOPs / step time / the device's
-dense peak for the dtype (TF32 tensor-core peak for float32), where ``csce_jax.flops`` knows it.
+dense peak for the dtype (TF32 tensor-core peak for float32), where ``csce_jax.train.flops`` knows it.
 Last line: JSON with images/s, peak memory and ``train_ratio_vs_torch`` /
 ``encode_ratio_vs_torch`` (ours over the reference's; above 1 means we are faster).
 """
@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # First, as in train.py: one process-wide allocator setting, shared by both frameworks.
-from csce_jax import hostmem  # noqa: E402
+from csce_jax.runtime import hostmem  # noqa: E402
 
 hostmem.apply_environment()
 
@@ -64,14 +64,17 @@ def _config(args):
 def jax_side(args, images, labels):
     import jax
 
-    from csce_jax import builders, sharding
-    from csce_jax import state as train_state
-    from csce_jax.train_step import make_train_step
+    from csce_jax.runs import builders
+    from csce_jax.runs import state as train_state
+    from csce_jax.runs.builders import run_parts
+    from csce_jax.runtime import sharding
+    from csce_jax.train.step import make_train_step
 
     c = _config(args)
     mesh = sharding.make_mesh()
-    setup = train_state.create_train_state(c, 100)
-    options = builders.step_options(c, multilabel=False)
+    parts = run_parts(c, 100)
+    setup = train_state.create_train_state(parts.model, parts.tx, parts.schedule)
+    options = parts.step
     step = make_train_step(setup.graphdef, setup.tx, setup.schedule, options, mesh)
     state = jax.device_put(setup.state, sharding.replicated(mesh))
     batch = sharding.global_batch(mesh, {"image": images, "label": labels})
@@ -196,13 +199,13 @@ def main() -> None:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (args.batch, args.size, args.size, 3), dtype=np.uint8)
     labels = rng.integers(0, 100, args.batch).astype(np.int32)
-    from csce_jax import runtime
+    from csce_jax.runtime import startup
 
-    runtime.set_xla_flags(_config(args))  # before JAX starts its backends
+    startup.set_xla_flags(_config(args))  # before JAX starts its backends
     import jax
 
-    from csce_jax.flops import model_flops_per_image, peak_flops
     from csce_jax.models.layers import resolve_kernels
+    from csce_jax.train.flops import model_flops_per_image, peak_flops
 
     device = str(jax.devices()[0].device_kind)
     peak = peak_flops(jax.devices()[0], args.dtype)

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from csce_jax.data.base import Source
 from csce_jax.data.digits import digits_images
-from csce_jax.data.sources import Source
 from csce_jax.search import build_index, queries, server
 
 

@@ -2,7 +2,7 @@
 
 ``csce_jax.load_model(path_or_workdir)`` and ``csce_jax.encode(model, images)`` are the public
 Python API (``csce_jax.api``). They are imported on first use, so that ``train.py`` can tune
-the host allocator (``csce_jax.hostmem``) before JAX starts any thread.
+the host allocator (``csce_jax.runtime.hostmem``) before JAX starts any thread.
 """
 
 from typing import Any

@@ -21,13 +21,15 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from csce_jax import builders, convert, sharding
+from csce_jax import convert
+from csce_jax.data.base import Source
 from csce_jax.data.pipeline import ViewConfig, Workers
-from csce_jax.data.sources import Source
-from csce_jax.encoding import EncodeOptions, Encoder
 from csce_jax.errors import ConversionError
 from csce_jax.models import CSCENet
-from csce_jax.run_reader import RunReader
+from csce_jax.retrieval.encoder import EncodeOptions, Encoder
+from csce_jax.runs import builders
+from csce_jax.runs.reader import RunReader
+from csce_jax.runtime import sharding
 
 DEFAULT_RESIZE_RATIO = 256 / 224  # the release's evaluation resize for its 224 crop
 
@@ -50,7 +52,7 @@ class LoadedModel:
         return self.model(images)
 
     def encoder(self, batch: int = 1) -> tuple[Encoder, Any]:
-        """The :class:`csce_jax.encoding.Encoder` of this model on this host's devices (the
+        """The :class:`csce_jax.retrieval.encoder.Encoder` of this model on this host's devices (the
         encoder of ``eval.py`` and search) for batches of about ``batch`` images, and the
         weights it takes; built once per batch size and settings, then kept warm."""
         mesh = sharding.make_mesh(local=True)
@@ -155,7 +157,7 @@ def encode(
 ) -> np.ndarray:
     """Binary codes (N, bits) int8 in {-1, +1} of uint8 RGB images (N, H, W, 3) or a list of
     (H, W[, 3]) arrays of any size, prepared and encoded by the encoder of ``eval.py``
-    (:class:`csce_jax.encoding.Encoder`): shorter side to ``resize``, centre crop."""
+    (:class:`csce_jax.retrieval.encoder.Encoder`): shorter side to ``resize``, centre crop."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be at least 1")
     source = _as_source(images)

@@ -1,7 +1,7 @@
 """The project's error types: each names the file, key or value at fault and what would fix it.
 
 Entry points turn any of these into one ``error: ...`` line and a non-zero exit
-(:func:`csce_jax.cli.error_boundary`); a traceback means a bug, not bad input.
+(:func:`csce_jax.commands.cli.error_boundary`); a traceback means a bug, not bad input.
 """
 
 from __future__ import annotations

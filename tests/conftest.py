@@ -32,9 +32,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest
 
-from csce_jax import runtime
+from csce_jax.runtime import startup
 
-runtime.enable_compilation_cache("auto")
+startup.enable_compilation_cache("auto")
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"width": 1 / 16, "depths": (1, 1, 1, 1)}
@@ -242,13 +242,17 @@ def saved_steps(workdir):
 
 def restore_state(workdir, config, step=None):
     """(step, state) of a run's newest (or ``step``) checkpoint, restored with ``config``."""
-    from csce_jax import sharding, state
-    from csce_jax.checkpointing import Checkpoints
     from csce_jax.data import load_data
+    from csce_jax.runs import state
+    from csce_jax.runs.builders import run_parts
+    from csce_jax.runs.checkpoints import Checkpoints
+    from csce_jax.runtime import sharding
 
     data = load_data(config.data)
+    parts = run_parts(config, data.num_classes, abstract=True)
+    repl = sharding.replicated(sharding.make_mesh())
     abstract = state.abstract_train_state(
-        config, data.num_classes, sharding.replicated(sharding.make_mesh())
+        parts.model, parts.tx, parts.schedule, parts.fingerprint, repl
     )
     ckpts = Checkpoints(workdir, read_only=True)
     try:

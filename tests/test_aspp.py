@@ -7,11 +7,11 @@ import pytest
 from conftest import tiny_config
 from flax import nnx
 
-from csce_jax import sharding, train_lib
-from csce_jax.builders import step_options
-from csce_jax.train_step import make_train_step
-from csce_jax import state as train_state
 from csce_jax.models.csce import ASPP
+from csce_jax.runs import state as train_state
+from csce_jax.runs.builders import run_parts
+from csce_jax.runtime import sharding
+from csce_jax.train.step import make_train_step
 
 
 def test_aspp_keeps_the_shape_and_splits_channels_four_ways():
@@ -57,9 +57,10 @@ def test_one_training_step_with_aspp_moves_its_weights():
     c = tiny_config()
     c.model.use_aspp = True
     mesh = sharding.make_mesh()
-    setup = train_state.create_train_state(c, 10)
+    parts = run_parts(c, 10)
+    setup = train_state.create_train_state(parts.model, parts.tx, parts.schedule)
     before = jax.tree.map(np.asarray, setup.state["params"]["aspp"])
-    step = make_train_step(setup.graphdef, setup.tx, setup.schedule, step_options(c, False), mesh)
+    step = make_train_step(setup.graphdef, setup.tx, setup.schedule, parts.step, mesh)
     rng = np.random.default_rng(0)
     batch = {
         "image": rng.integers(0, 255, (8, 112, 112, 3), dtype=np.uint8),

@@ -10,7 +10,6 @@ from conftest import run_module
 from flax import nnx
 
 import csce_jax
-from csce_jax import metrics
 from csce_jax.convert import (
     convert_file,
     flat_arrays,
@@ -22,7 +21,8 @@ from csce_jax.data.digits import digits_sources
 from csce_jax.errors import ConversionError
 from csce_jax.hashing import binarize, hash_centers
 from csce_jax.models import CSCENet
-from csce_jax.run_reader import RunReader
+from csce_jax.retrieval import metrics
+from csce_jax.runs.reader import RunReader
 
 
 def _model(seed=0, classes=10, bits=64):
@@ -156,6 +156,7 @@ def test_floor_verdict_and_release_size_check():
     whatever one step does; beyond, it fails and names the series. A non-release-size config
     names the flags to change."""
     from csce_jax.bridge import compare as ct
+    from csce_jax.bridge import sides
     from csce_jax.errors import ConfigError
     from csce_jax.presets.default import get_config
 
@@ -180,17 +181,17 @@ def test_floor_verdict_and_release_size_check():
     tiny = ct.floor_verdict(rows((2e-6, 3e-6, 1e-6), floor64=1e-8, nudged=1e-9, others=1e-6))
     assert tiny["within_floor"] and tiny["median_gap_over_floor"]["quant"] == pytest.approx(0.2)
     with pytest.raises(ConfigError, match=r"--config.model.width=1.0 .*--config.data.crop=224"):
-        ct.check_release_size(get_config())
+        sides.check_release_size(get_config())
 
 
 def test_compare_torch_starts_from_a_run_folder_through_the_run_reader(trained_run):
-    from csce_jax.bridge import compare as ct
+    from csce_jax.bridge import sides
     from csce_jax.config import release_training
 
     with RunReader(trained_run) as run:
         config = release_training(run.config())
         restored = run.weights(config)
-    setup = ct.initial_state(config, 10, str(trained_run))
+    setup = sides.initial_state(config, 10, str(trained_run))
     got = jax.tree.leaves((setup.state["params"], setup.state["rest"]))
     want = jax.tree.leaves(restored.pair)
     assert len(got) == len(want)
@@ -279,10 +280,10 @@ def test_compare_gradients_flags_a_planted_porting_error(tmp_path, monkeypatch, 
     """A BatchNorm whose variance lacks the epsilon, or the loss reaching v through the DSF's
     surrogate (the release stops it): the port is failed, by whole groups of gradients."""
     pytest.importorskip("torch")
-    from csce_jax import builders
     from csce_jax.bridge.gradients import compare_gradients
     from csce_jax.models import layers
     from csce_jax.presets.default import get_config
+    from csce_jax.runs import builders
 
     if error == "batchnorm_without_epsilon":
         init = layers.BatchNorm.__init__

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from csce_jax.checkpointing import Checkpoints
+from csce_jax.runs.checkpoints import Checkpoints
 
 
 def _state(value):

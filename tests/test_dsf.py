@@ -152,4 +152,3 @@ def test_binarize_uses_one_band_definition():
 def test_bad_estimator_is_named():
     with pytest.raises(ValueError, match="'sigmoid'"):
         dynamic_sign(jnp.ones((1, 4)), jnp.zeros((1, 1)), "sigmoid")
-

@@ -9,10 +9,10 @@ import pytest
 from conftest import ROOT
 from PIL import Image
 
-from csce_jax import metrics, viz
 from csce_jax.data.digits import digits_images
 from csce_jax.errors import CodesError
-from csce_jax.run_reader import RunReader
+from csce_jax.retrieval import metrics, pictures
+from csce_jax.runs.reader import RunReader
 
 
 @pytest.fixture
@@ -47,8 +47,8 @@ def test_eval_writes_every_output(trained):
     )
     assert abs(again - result["map"]) < 1e-12
     for name, size in (
-        ("pr_curve.png", viz.PR_CURVE_SIZE),
-        ("retrieval_grid.png", ((viz.GRID_CELL + 8) * 11 + 12, (viz.GRID_CELL + 8) * 5)),
+        ("pr_curve.png", pictures.PR_CURVE_SIZE),
+        ("retrieval_grid.png", ((pictures.GRID_CELL + 8) * 11 + 12, (pictures.GRID_CELL + 8) * 5)),
     ):
         with Image.open(ev / name) as img:
             assert img.format == "PNG" and img.size == size, name
@@ -142,7 +142,7 @@ def test_search_refuses_a_mismatched_index(trained, tmp_path):
     """An index whose record names other hash centres than its run now gives is refused, and
     a file or junk in place of an index folder is named."""
     from csce_jax import search
-    from csce_jax.digest import json_digest
+    from csce_jax.utils.digest import json_digest
 
     photos = tmp_path / "photos"
     photos.mkdir()

@@ -23,16 +23,19 @@ from conftest import (
 )
 from PIL import Image
 
-from csce_jax import cli, eval_lib, metrics, train_lib
-from csce_jax.checkpointing import Checkpoints
+from csce_jax.commands import cli
 from csce_jax.config import check_config
 from csce_jax.data import load_data
 from csce_jax.data.images import load_rgb
 from csce_jax.data.official import aircraft_sources
 from csce_jax.data.sources import folder_source, tfds_source
 from csce_jax.errors import CheckpointError, CodesError, ConfigError, DataError, WorkdirError
-from csce_jax.workdir import RunWriter
-from csce_jax.writers import MetricsLog
+from csce_jax.retrieval import evaluator, metrics
+from csce_jax.runs import report
+from csce_jax.runs.checkpoints import Checkpoints
+from csce_jax.runs.writer import RunWriter
+from csce_jax.train import loop
+from csce_jax.train.writers import MetricsLog
 
 SHORT = [
     "--config.total_steps=2",
@@ -64,7 +67,7 @@ def _plausible_damage(step_folder):
 @pytest.mark.parametrize("tamper", ["deleted", "not json", "edited to the new rate"])
 def test_the_resume_policy_reads_the_checkpoint_not_config_json(tmp_path, tamper):
     c = tiny_config(2)
-    train_lib.train_and_evaluate(c, tmp_path)
+    loop.train_and_evaluate(c, tmp_path)
     record = tmp_path / "config.json"
     if tamper == "deleted":
         record.unlink()
@@ -77,20 +80,20 @@ def test_the_resume_policy_reads_the_checkpoint_not_config_json(tmp_path, tamper
     c2 = tiny_config(4)
     c2.optimizer.lr = c.optimizer.lr * 10
     with pytest.raises(WorkdirError, match=r"optimizer\.lr"):
-        train_lib.train_and_evaluate(c2, tmp_path)
+        loop.train_and_evaluate(c2, tmp_path)
     assert saved_steps(tmp_path) == [2]
 
 
 @pytest.mark.slow
 def test_damaged_checkpoint_data_are_refused_and_the_run_goes_on_from_a_sound_one(tmp_path, caplog):
-    from csce_jax.run_reader import RunReader
+    from csce_jax.runs.reader import RunReader
 
     c = tiny_config(4)
     c.checkpoint_every_steps, c.eval_every_steps, c.keep_checkpoints = 2, 4, 2
     whole = tmp_path / "whole"
-    train_lib.train_and_evaluate(tiny_config(6), whole)  # the same run, never interrupted
+    loop.train_and_evaluate(tiny_config(6), whole)  # the same run, never interrupted
     run = tmp_path / "run"
-    train_lib.train_and_evaluate(c, run)
+    loop.train_and_evaluate(c, run)
     assert saved_steps(run) == [2, 4]
     _plausible_damage(run / "checkpoints" / "4")
     # Readers: step 4 (the best, the only scored one) is refused; the newest sound one is used.
@@ -105,7 +108,7 @@ def test_damaged_checkpoint_data_are_refused_and_the_run_goes_on_from_a_sound_on
     c.total_steps = 6
     caplog.clear()
     with caplog.at_level("INFO"):
-        train_lib.train_and_evaluate(c, run)
+        loop.train_and_evaluate(c, run)
     assert "resumed from step 2" in caplog.text
     (aside,) = (run / "corrupt_checkpoints").iterdir()
     assert aside.name.startswith("4-")
@@ -123,11 +126,11 @@ def _final_params(workdir, steps):
 def test_a_junk_step_folder_holds_no_slot_of_the_keep_policy(tmp_path):
     c = tiny_config(2)
     c.keep_checkpoints = 1
-    train_lib.train_and_evaluate(c, tmp_path)
+    loop.train_and_evaluate(c, tmp_path)
     (tmp_path / "checkpoints" / "1").mkdir()  # a junk numeric folder below the newest step
     (tmp_path / "checkpoints" / "1" / "junk").write_text("not a checkpoint")
     c.total_steps = 4
-    train_lib.train_and_evaluate(c, tmp_path)
+    loop.train_and_evaluate(c, tmp_path)
     assert 1 not in saved_steps(tmp_path) and 4 in saved_steps(tmp_path)
     assert [p.name.split("-")[0] for p in (tmp_path / "corrupt_checkpoints").iterdir()] == ["1"]
 
@@ -137,7 +140,7 @@ def test_no_readable_checkpoint_record_stops_the_run_and_start_over_is_explicit(
     start again from step 0 by itself; ``start_over`` sets them aside and trains from 0."""
     c = tiny_config(2)
     c.checkpoint_every_steps = 1
-    train_lib.train_and_evaluate(c, tmp_path)
+    loop.train_and_evaluate(c, tmp_path)
     assert saved_steps(tmp_path) == [1, 2]
     for step in (1, 2):
         metadata = tmp_path / "checkpoints" / str(step) / "meta" / "metadata"
@@ -146,13 +149,13 @@ def test_no_readable_checkpoint_record_stops_the_run_and_start_over_is_explicit(
     rows = read_rows(tmp_path)
     c.total_steps = 3
     with pytest.raises(CheckpointError) as refused:
-        train_lib.train_and_evaluate(c, tmp_path)
+        loop.train_and_evaluate(c, tmp_path)
     message = str(refused.value)
     assert "\n" not in message and "step 1: " in message and "step 2: " in message
     assert "--start_over" in message and "nothing was moved" in message
     assert saved_steps(tmp_path) == [1, 2] and not (tmp_path / "corrupt_checkpoints").exists()
     assert read_rows(tmp_path) == rows  # nothing rewritten
-    out = train_lib.train_and_evaluate(c, tmp_path, start_over=True)
+    out = loop.train_and_evaluate(c, tmp_path, start_over=True)
     assert out["step"] == 3
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "corrupt_checkpoints").iterdir()) == [
         "1",
@@ -201,7 +204,7 @@ def test_a_second_trainer_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
             sys.executable,
             "-c",
             "import sys, time; sys.path.insert(0, '.');"
-            "from csce_jax.workdir import RunWriter;"
+            "from csce_jax.runs.writer import RunWriter;"
             f"f = RunWriter({str(tmp_path)!r}).__enter__(); print('locked', flush=True);"
             "time.sleep(600)",
         ],
@@ -226,7 +229,7 @@ def test_a_second_trainer_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
 
 @pytest.mark.slow
 def test_a_refused_resume_writes_nothing_and_allowed_changes_are_recorded(tmp_path):
-    train_lib.train_and_evaluate(tiny_config(2), tmp_path)  # what SHORT gives through train.py
+    loop.train_and_evaluate(tiny_config(2), tmp_path)  # what SHORT gives through train.py
     config_before = (tmp_path / "config.json").read_bytes()
     history_before = (tmp_path / "config_history.jsonl").read_bytes()
     rows_before = (tmp_path / "metrics.jsonl").read_bytes()
@@ -241,7 +244,7 @@ def test_a_refused_resume_writes_nothing_and_allowed_changes_are_recorded(tmp_pa
         assert (tmp_path / "metrics.jsonl").read_bytes() == rows_before
     c = tiny_config(2)
     c.total_steps = 3
-    train_lib.train_and_evaluate(c, tmp_path)
+    loop.train_and_evaluate(c, tmp_path)
     history = [json.loads(x) for x in (tmp_path / "config_history.jsonl").read_text().splitlines()]
     assert [h["start_step"] for h in history] == [0, 2]
     assert history[1]["changes"] == {"total_steps": [2, 3]}
@@ -253,24 +256,22 @@ def test_a_corrupt_best_checkpoint_falls_back_and_keeps_the_final_row(tmp_path, 
     # Evaluations at steps 2 and 4, the final one, then at 6 and the final one of the resumed
     # run: the first evaluation (step 2) stays the best.
     scores = iter([0.9, 0.5, 0.5, 0.3, 0.3])
-    real = train_lib.retrieval.score
-    monkeypatch.setattr(
-        train_lib.retrieval, "score", lambda *a, **k: {**real(*a, **k), "map": next(scores)}
-    )
+    real = evaluator.score
+    monkeypatch.setattr(evaluator, "score", lambda *a, **k: {**real(*a, **k), "map": next(scores)})
     c = tiny_config(4)
     c.eval_every_steps = c.checkpoint_every_steps = 2
     c.keep_checkpoints = 1
-    train_lib.train_and_evaluate(c, tmp_path)
+    loop.train_and_evaluate(c, tmp_path)
     assert saved_steps(tmp_path) == [2, 4]  # latest 1 + the best
     for f in (tmp_path / "checkpoints" / "2" / "weights").rglob("*"):
         if f.is_file() and f.stat().st_size > 64:
             f.write_bytes(f.read_bytes()[:16])
     c.total_steps = 6  # resume past the finished run: the final row is recomputed
-    final = train_lib.train_and_evaluate(c, tmp_path)
+    final = loop.train_and_evaluate(c, tmp_path)
     assert final["best_step"] == 6 and np.isfinite(final["query_map"])
     rows = read_rows(tmp_path)
     assert rows[-1] == json.loads(json.dumps(final, sort_keys=True))
-    again = train_lib.train_and_evaluate(c, tmp_path)  # a finished run: nothing redone or lost
+    again = loop.train_and_evaluate(c, tmp_path)  # a finished run: nothing redone or lost
     assert again == rows[-1] and read_rows(tmp_path) == rows
 
 
@@ -284,7 +285,7 @@ def test_a_failed_save_stops_the_run_naming_path_and_cause(tmp_path, monkeypatch
     c = tiny_config(4)
     c.checkpoint_every_steps = 2
     with pytest.raises(CheckpointError, match=r"step 2 in .*checkpoints: No space left on device"):
-        train_lib.train_and_evaluate(c, tmp_path)
+        loop.train_and_evaluate(c, tmp_path)
     assert max(r["step"] for r in read_rows(tmp_path)) == 2  # it did not train on
 
 
@@ -326,7 +327,7 @@ def test_metrics_truncation_leaves_no_temporary_file_when_the_disk_is_full(tmp_p
     for step in (1, 2, 3):
         log.write({"step": step, "loss": 1.0})
     original = (tmp_path / "metrics.jsonl").read_bytes()
-    from csce_jax import atomic
+    from csce_jax.utils import atomic
 
     class FullDisk:  # the file is created (0 bytes), its first write fails
         def __init__(self, path, mode):
@@ -417,7 +418,7 @@ def test_scoring_codes_refuses_malformed_input(tmp_path, case, message):
     topk = {"topk_negative": -5, "topk_zero": 0}.get(case)
     p = _codes_files(tmp_path, q, d, ql, dl)
     with pytest.raises(CodesError, match=message):
-        eval_lib.score_npy(p["q"], p["d"], p["ql"], p["dl"], topk, bits)
+        report.score_npy(p["q"], p["d"], p["ql"], p["dl"], topk, bits)
     if case == "topk_negative":  # eval.py passes -5 on (only -1 means the whole database)
         out = run_module(
             "eval.py",
@@ -480,7 +481,7 @@ def test_a_search_index_works_from_any_folder_and_refuses_tampering(finished_run
 
 
 def test_a_thin_strip_that_would_resize_to_gigabytes_is_refused_and_verify_reports_it(tmp_path):
-    from csce_jax.data.sources import Source
+    from csce_jax.data.base import Source
     from csce_jax.data.verify import check_sources
 
     strip = tmp_path / "strip.png"
@@ -554,7 +555,7 @@ def test_an_empty_validation_split_is_flagged_in_the_log_and_metrics(tmp_path, c
     c = tiny_config(2)
     c.data.val_fraction = 0.0
     with caplog.at_level("WARNING"):
-        final = train_lib.train_and_evaluate(c, tmp_path)
+        final = loop.train_and_evaluate(c, tmp_path)
     assert "selected on the QUERY set" in caplog.text
     rows = read_rows(tmp_path)
     assert rows[0]["select_on"] == "query" and "validation split is empty" in rows[0]["warning"]
@@ -615,7 +616,7 @@ def test_skipped_images_are_counted_once_per_run(tmp_path, caplog):
     c.total_steps = 6  # enough batches to meet every training image
     c.eval_every_steps = c.checkpoint_every_steps = 6
     with caplog.at_level("WARNING"):
-        final = train_lib.train_and_evaluate(c, tmp_path / "run")
+        final = loop.train_and_evaluate(c, tmp_path / "run")
     assert final["skipped_images"] == 2
     # Each image is logged once, though the training loader and every split's encoding meet it.
     warned = [r for r in caplog.records if "skipped unreadable image" in r.getMessage()]
@@ -646,7 +647,7 @@ def test_verify_finds_corrupt_images_up_front(tmp_path):
     c = _folder_config(root)
     c.data.verify = True
     with pytest.raises(DataError, match=r"1 unreadable image\(s\).*broken.jpg.*data_report.json"):
-        train_lib.train_and_evaluate(c, tmp_path / "run")
+        loop.train_and_evaluate(c, tmp_path / "run")
     assert saved_steps(tmp_path / "run") == []
 
 
@@ -719,7 +720,7 @@ def test_checkpoint_folder_opened_read_only_needs_checkpoints(tmp_path):
 def test_only_the_closed_event_loop_tracebacks_are_dropped(capsys, monkeypatch):
     import sys
 
-    from csce_jax import cli
+    from csce_jax.commands import cli
 
     monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
     monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
@@ -734,12 +735,12 @@ def test_only_the_closed_event_loop_tracebacks_are_dropped(capsys, monkeypatch):
 
 
 def test_precision_at_k_keys_are_written_in_numeric_order(tmp_path):
-    from csce_jax.atomic import write_json_atomically
+    from csce_jax.utils.atomic import write_json_atomically
 
     rng = np.random.default_rng(0)
     codes = np.where(rng.random((600, 16)) > 0.5, 1, -1).astype(np.int8)
     labels = rng.integers(0, 3, 600)
-    result = eval_lib.retrieval.score(
+    result = evaluator.score(
         {"codes": codes[:10], "labels": labels[:10]},
         {"codes": codes, "labels": labels},
         None,
@@ -760,11 +761,11 @@ def test_a_launch_refused_for_missing_data_leaves_no_run_folder(tmp_path):
     c = tiny_config(1)
     c.data.name, c.data.list_dir = "lists", str(tmp_path / "no_lists")
     with pytest.raises(DataError):
-        train_lib.train_and_evaluate(c, tmp_path / "run")
+        loop.train_and_evaluate(c, tmp_path / "run")
     assert not (tmp_path / "run").exists()
     (tmp_path / "mine").mkdir()
     with pytest.raises(DataError):
-        train_lib.train_and_evaluate(c, tmp_path / "mine")
+        loop.train_and_evaluate(c, tmp_path / "mine")
     assert (tmp_path / "mine").is_dir()  # not made by the launch: kept
 
 

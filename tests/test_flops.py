@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from csce_jax import flops, sharding, train_lib
-from csce_jax.builders import step_options
-from csce_jax.train_step import make_train_step
-from csce_jax import state as train_state
+from csce_jax.runs import state as train_state
+from csce_jax.runs.builders import run_parts
+from csce_jax.runtime import sharding
+from csce_jax.train import flops
+from csce_jax.train.step import make_train_step
 
 
 def test_products_are_counted_exactly():
@@ -38,8 +39,9 @@ def test_full_size_count_is_within_five_percent_of_xla_cpu():
     mesh = jax.make_mesh(
         (1,), ("data",), devices=jax.devices()[:1], axis_types=(jax.sharding.AxisType.Auto,)
     )
-    setup = train_state.create_train_state(c, 100)
-    step = make_train_step(setup.graphdef, setup.tx, setup.schedule, step_options(c, False), mesh)
+    parts = run_parts(c, 100)
+    setup = train_state.create_train_state(parts.model, parts.tx, parts.schedule)
+    step = make_train_step(setup.graphdef, setup.tx, setup.schedule, parts.step, mesh)
     state = jax.device_put(setup.state, sharding.replicated(mesh))
     batch = sharding.global_batch(
         mesh, {"image": np.zeros((2, 224, 224, 3), np.uint8), "label": np.zeros(2, np.int32)}

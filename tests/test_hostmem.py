@@ -1,4 +1,4 @@
-"""csce_jax.hostmem: glibc keeps freed blocks, so a second step's buffers do not fault again."""
+"""csce_jax.runtime.hostmem: glibc keeps freed blocks, so a second step's buffers do not fault again."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from csce_jax import hostmem
+from csce_jax.runtime import hostmem
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # the page faults of the second round (what every training step after the first one pays).
 PROBE = """
 import json, resource, sys
-from csce_jax import hostmem
+from csce_jax.runtime import hostmem
 tuned = hostmem.keep_freed_memory(sys.argv[1])
 import numpy as np
 def faults():

@@ -12,7 +12,6 @@ import pytest
 from conftest import run_module
 from flax import nnx
 
-from csce_jax import runtime
 from csce_jax.errors import ConfigError
 from csce_jax.models.cpu_kernels import (
     batch_norm_train,
@@ -20,6 +19,7 @@ from csce_jax.models.cpu_kernels import (
     pointwise_or_general_conv,
 )
 from csce_jax.models.layers import batch_norm_train_xla, max_pool_3x3_s2, resolve_kernels
+from csce_jax.runtime import startup
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -174,32 +174,32 @@ def test_auto_kernels_follow_the_platform_a_program_is_compiled_for():
 
 
 def test_the_cpu_kernels_get_their_xla_flag_only_on_gpu_hosts():
-    off = runtime.TRITON_GEMM_OFF
-    assert runtime.xla_flags_for("cpu", True, "") == off
+    off = startup.TRITON_GEMM_OFF
+    assert startup.xla_flags_for("cpu", True, "") == off
     assert (
-        runtime.xla_flags_for("cpu", True, "--xla_dump_to=/tmp/x") == f"--xla_dump_to=/tmp/x {off}"
+        startup.xla_flags_for("cpu", True, "--xla_dump_to=/tmp/x") == f"--xla_dump_to=/tmp/x {off}"
     )
-    assert runtime.xla_flags_for("cpu", True, "--xla_gpu_enable_triton_gemm=true") is None
-    assert runtime.xla_flags_for("cpu", False, "") is None  # a CPU or TPU host needs nothing
-    assert runtime.xla_flags_for("xla", True, "") is None
-    assert runtime.xla_flags_for("auto", True, "") is None
+    assert startup.xla_flags_for("cpu", True, "--xla_gpu_enable_triton_gemm=true") is None
+    assert startup.xla_flags_for("cpu", False, "") is None  # a CPU or TPU host needs nothing
+    assert startup.xla_flags_for("xla", True, "") is None
+    assert startup.xla_flags_for("auto", True, "") is None
 
 
 def test_the_flag_is_set_before_jax_starts_and_jax_runs_with_it():
     code = (
         "import os\n"
-        "from csce_jax import runtime\n"
+        "from csce_jax.runtime import startup\n"
         "from csce_jax.presets.default import get_config\n"
-        "runtime.gpu_present = lambda: True  # as on a GPU host\n"
+        "startup.gpu_present = lambda: True  # as on a GPU host\n"
         "c = get_config()\n"
         "c.model.kernels = 'cpu'\n"
-        "runtime.set_xla_flags(c)\n"
+        "startup.set_xla_flags(c)\n"
         "import jax.numpy as jnp\n"
         "print(os.environ['XLA_FLAGS'], float(jnp.ones(3).sum()))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     out = run_module("-c", code, env=env)
-    assert out.stdout.split() == [runtime.TRITON_GEMM_OFF, "3.0"]
+    assert out.stdout.split() == [startup.TRITON_GEMM_OFF, "3.0"]
 
 
 def test_a_gpu_backend_started_without_the_flag_is_refused(monkeypatch):
@@ -209,12 +209,12 @@ def test_a_gpu_backend_started_without_the_flag_is_refused(monkeypatch):
     c.model.kernels = "cpu"
     jax.devices()  # the backends have started
     monkeypatch.setenv("XLA_FLAGS", "")
-    monkeypatch.setattr(runtime, "gpu_present", lambda: True)
+    monkeypatch.setattr(startup, "gpu_present", lambda: True)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # backends already started
     with pytest.raises(ConfigError, match="xla_gpu_enable_triton_gemm=false"):
-        runtime.set_xla_flags(c)
+        startup.set_xla_flags(c)
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-    runtime.set_xla_flags(c)  # on a CPU backend nothing is needed
+    startup.set_xla_flags(c)  # on a CPU backend nothing is needed
     assert os.environ["XLA_FLAGS"] == ""
 
 
@@ -224,7 +224,7 @@ def test_a_tpu_host_gets_no_gpu_flag(monkeypatch):
     c = get_config()
     c.model.kernels = "cpu"
     monkeypatch.setenv("XLA_FLAGS", "")
-    monkeypatch.setattr(runtime, "accelerator_present", lambda: True)  # /dev/accel0 or vfio
-    monkeypatch.setattr(runtime, "gpu_present", lambda: False)
-    runtime.set_xla_flags(c)
+    monkeypatch.setattr(startup, "accelerator_present", lambda: True)  # /dev/accel0 or vfio
+    monkeypatch.setattr(startup, "gpu_present", lambda: False)
+    startup.set_xla_flags(c)
     assert os.environ["XLA_FLAGS"] == ""

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from csce_jax.hashing.dsf import balance_fill
-from csce_jax.losses import LossOptions, csce_loss, elastic_margins, margin_logits
+from csce_jax.hashing.loss import LossOptions, csce_loss, elastic_margins, margin_logits
 
 RNG = np.random.default_rng(0)
 B, C, K = 6, 5, 16
@@ -65,8 +65,12 @@ def test_single_label_loss_matches_numpy(margin_type, quan_type, clip_all):
         jnp.asarray(T),
         jnp.asarray(LABELS),
         jnp.asarray(MARGINS),
-        LossOptions(margin_type=margin_type, quan_type=quan_type, clip_all_logits=clip_all),
-        estimator="release",
+        LossOptions(
+            margin_type=margin_type,
+            quan_type=quan_type,
+            clip_all_logits=clip_all,
+            estimator="release",
+        ),
     )
     np.testing.assert_allclose(float(out["ce"]), ce, rtol=1e-5)
     np.testing.assert_allclose(float(out["quant"]), q, rtol=1e-5, atol=1e-7)
@@ -155,8 +159,8 @@ def test_csce_loss_takes_typed_options():
 
 
 def test_the_step_options_come_from_the_config():
-    from csce_jax import builders
     from csce_jax.presets.default import get_config
+    from csce_jax.runs import builders
 
     c = get_config()
     c.loss.margin, c.loss.scale, c.model.remat, c.seed = 0.3, 12.0, True, 5

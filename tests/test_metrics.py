@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from csce_jax import metrics
+from csce_jax.retrieval import metrics
 
 
 def ref_rank(q, db):
@@ -177,7 +177,7 @@ def test_the_radius_curve_gives_precision_over_answering_queries_and_their_share
     """``precision`` counts a query that retrieves nothing within r as 0; ``precision_answered``
     averages over the queries that retrieve something, ``answered`` is their share, so the
     first is the product of the other two; the picture draws both."""
-    from csce_jax import viz
+    from csce_jax.retrieval import pictures
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 5, 400)
@@ -190,5 +190,5 @@ def test_the_radius_curve_gives_precision_over_answering_queries_and_their_share
     )
     r = next(i for i, a in enumerate(curve["answered"]) if 0 < a < 1)  # some queries answered
     assert curve["precision_answered"][r] > curve["precision"][r]
-    viz.plot_pr_curve(curve, str(tmp_path / "pr.png"), "test")
+    pictures.plot_pr_curve(curve, str(tmp_path / "pr.png"), "test")
     assert (tmp_path / "pr.png").stat().st_size > 1000

@@ -12,8 +12,8 @@ import pytest
 from conftest import run_job
 from test_search import _clustered_codes, _photos
 
-from csce_jax import metrics
 from csce_jax.errors import CodesError
+from csce_jax.retrieval import metrics
 from csce_jax.search import build_index, engines, load_index, milvus, queries
 
 pytest.importorskip("pymilvus")

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from csce_jax.losses import csce_loss
+from csce_jax.hashing.loss import csce_loss
 
 
 def _batch_stats(model):

@@ -12,6 +12,7 @@ from flax import nnx
 
 torch = pytest.importorskip("torch")
 
+from csce_jax.bridge.reference import ReleaseNet, release_dsf, release_loss  # noqa: E402
 from csce_jax.convert import (  # noqa: E402
     export_torch_state_dict,
     load_torch_state_dict,
@@ -19,9 +20,8 @@ from csce_jax.convert import (  # noqa: E402
     normalize_release_keys,
 )
 from csce_jax.hashing import binarize, hash_centers  # noqa: E402
-from csce_jax.losses import LossOptions, csce_loss  # noqa: E402
-from csce_jax.optim import torch_rmsprop, with_frozen  # noqa: E402
-from csce_jax.bridge.reference import ReleaseNet, release_dsf, release_loss  # noqa: E402
+from csce_jax.hashing.loss import LossOptions, csce_loss  # noqa: E402
+from csce_jax.runs.optimizer import torch_rmsprop, with_frozen  # noqa: E402
 
 BITS, CLASSES = 64, 100
 

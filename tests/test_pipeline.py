@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from csce_jax.data import EvalLoader, TrainLoader, ViewConfig, Workers
-from csce_jax.data.sources import Source
+from csce_jax.data.base import Source
 
 VIEW = ViewConfig(resize=20, crop=16, flip=True)
 
@@ -112,7 +112,7 @@ def test_worker_processes_give_the_threads_batches(source):
 LEAVES_THE_LOADER_EARLY = """import numpy as np
 
 from csce_jax.data import TrainLoader, ViewConfig, Workers
-from csce_jax.data.sources import Source
+from csce_jax.data.base import Source
 
 
 def main():
@@ -187,7 +187,7 @@ def test_training_order_is_grains_shuffled_stream():
     """The per-epoch cache gives grain's own order: range(n).shuffle(seed).repeat()."""
     import grain
 
-    from csce_jax.data.sources import Source
+    from csce_jax.data.base import Source
 
     n = 37
     src = Source(list(range(n)), np.zeros(n, np.int32), [str(i) for i in range(n)], "order")

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from conftest import run_module, tiny_config
 
-from csce_jax import hardware, planning, runtime, targets
 from csce_jax.errors import ConfigError
+from csce_jax.planning import plan, targets
+from csce_jax.runtime import chips, startup
 
 targets.libtpu_without_a_tpu(["v5e:2x2"])  # quiet, and shared by the suite's two workers
 
@@ -21,8 +22,8 @@ needs_libtpu = pytest.mark.skipif(
 
 
 def _request(config, per_device=2, per_device_eval=4):
-    classes, multilabel = planning.data_shape(config)
-    return planning.Request(per_device, per_device_eval, classes, multilabel)
+    classes, multilabel = plan.data_shape(config)
+    return plan.Request(per_device, per_device_eval, classes, multilabel)
 
 
 def test_cloud_tpu_slice_names_map_to_their_topologies():
@@ -50,11 +51,11 @@ def test_bad_and_gpu_targets_are_refused_in_one_line():
 
 
 def test_chips_are_told_apart_by_their_exact_device_kind():
-    assert hardware.chip_of("TPU v5").name == "v5p"  # not v5e's "TPU v5 lite"
-    assert hardware.chip_of("TPU v5 lite").name == "v5e"
-    assert hardware.chip_of("TPU v6 lite").name == "v6e"
-    assert hardware.chip_of("NVIDIA H100 80GB HBM3").name == "H100"
-    assert hardware.chip_of("cpu") is None
+    assert chips.chip_of("TPU v5").name == "v5p"  # not v5e's "TPU v5 lite"
+    assert chips.chip_of("TPU v5 lite").name == "v5e"
+    assert chips.chip_of("TPU v6 lite").name == "v6e"
+    assert chips.chip_of("NVIDIA H100 80GB HBM3").name == "H100"
+    assert chips.chip_of("cpu") is None
 
 
 def test_collectives_are_read_from_the_program_text():
@@ -69,20 +70,20 @@ def test_collectives_are_read_from_the_program_text():
             '  %dot = f32[16,10]{0,1} convolution(%v, %c), metadata={op_name="x/dot_general"}',
         ]
     )
-    assert planning.collectives(hlo) == {
+    assert plan.collectives(hlo) == {
         "all-reduce": {"count": 2, "bytes": 16 + 24 + 16},
         "all-gather": {"count": 1, "bytes": 256},
     }
-    assert planning.convolution_dtypes(hlo) == {"bf16": 1}
+    assert plan.convolution_dtypes(hlo) == {"bf16": 1}
 
 
 def test_the_step_bound_is_the_slower_of_compute_and_memory():
-    v5e = hardware.chip_named("v5e")
-    bound = planning.step_bound(197e12, 819e9 * 2, v5e, "bfloat16")
+    v5e = chips.chip_named("v5e")
+    bound = plan.step_bound(197e12, 819e9 * 2, v5e, "bfloat16")
     assert bound["compute_bound_s"] == pytest.approx(1.0)
     assert bound["memory_bound_s"] == pytest.approx(2.0)
     assert bound["bound_s"] == pytest.approx(2.0)
-    assert planning.step_bound(1e9, 1e9, None, "float32")["bound_s"] is None
+    assert plan.step_bound(1e9, 1e9, None, "float32")["bound_s"] is None
 
 
 def test_the_batch_search_finds_the_largest_fitting_batch_in_few_compiles(monkeypatch):
@@ -101,11 +102,11 @@ def test_the_batch_search_finds_the_largest_fitting_batch_in_few_compiles(monkey
             return {"compile_error": "RESOURCE_EXHAUSTED: ...", "total_bytes": memory(b)}
         return {"total_bytes": min(memory(b), int(0.89 * 16 * 2**30))}  # and flattens near it
 
-    monkeypatch.setattr(planning, "compile_train", fake_compile)
+    monkeypatch.setattr(plan, "compile_train", fake_compile)
     target = targets.resolve("cpu:4")
-    target = targets.Target("fake", "tpu", target.devices, "fake", hardware.chip_named("v5e"))
+    target = targets.Target("fake", "tpu", target.devices, "fake", chips.chip_named("v5e"))
     c = tiny_config()
-    found = planning.fit_batch(c, target, _request(c, per_device=16))
+    found = plan.fit_batch(c, target, _request(c, per_device=16))
     largest = max(b for b in range(1, 4096) if memory(b) <= 16 * 2**30)
     assert found["largest_per_device_batch"] == largest
     assert found["compiles"] == len(compiled) <= 16, found["measured"]
@@ -114,7 +115,7 @@ def test_the_batch_search_finds_the_largest_fitting_batch_in_few_compiles(monkey
 def test_a_cpu_target_reports_exact_arguments_and_flops_near_the_analytic_count():
     c = tiny_config()
     request = _request(c)
-    report = planning.plan_target(c, targets.resolve("cpu:4"), request)
+    report = plan.plan_target(c, targets.resolve("cpu:4"), request)
     train, enc = report["train"], report["encode"]
     crop = c.data.crop
     batch_bytes = request.per_device_batch * (crop * crop * 3 + 1 + 4)  # image, flip, label
@@ -133,7 +134,7 @@ def test_a_cpu_target_reports_exact_arguments_and_flops_near_the_analytic_count(
 def _params(config):
     from flax import nnx
 
-    from csce_jax import builders
+    from csce_jax.runs import builders
 
     model = nnx.eval_shape(lambda: builders.create_model(config, 10))
     return nnx.state(model, nnx.Param)
@@ -145,7 +146,7 @@ def test_the_demo_compiles_for_a_tpu_slice_with_xla_layers_and_bf16_convolutions
     c.model.dtype = "bfloat16"
     request = _request(c, per_device=16, per_device_eval=16)
     target = targets.resolve("v5e:2x2")
-    report = planning.plan_target(c, target, request)
+    report = plan.plan_target(c, target, request)
     train, enc = report["train"], report["encode"]
     assert (report["platform"], report["chip"], report["devices"]) == ("tpu", "v5e", 4)
     assert report["kernels"] == "xla"  # "auto" never gives a TPU the CPU-tuned layers
@@ -175,7 +176,7 @@ def test_the_demo_compiles_for_a_multi_host_topology():
     request = _request(c, per_device=16, per_device_eval=4)
     target = targets.resolve("v5e:4x4")
     assert (target.hosts, target.devices_per_host) == (4, 4)
-    report = planning.plan_target(c, target, request)
+    report = plan.plan_target(c, target, request)
     assert report["global_batch"] == 256 and report["host_batch"] == 64
     assert report["train"]["flops_xla_over_analytic"] == pytest.approx(1.0, abs=0.1)
     assert "all-gather" in report["encode"]["collectives"]
@@ -227,25 +228,25 @@ def test_a_tpu_vm_job_joins_with_no_arguments(monkeypatch):
     calls = []
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
-    monkeypatch.setattr(runtime, "accelerator_present", lambda: True)
+    monkeypatch.setattr(startup, "accelerator_present", lambda: True)
     c = tiny_config()
     c.distributed = True
-    runtime.initialize_distributed(c)
+    startup.initialize_distributed(c)
     assert calls == [
         {
-            "initialization_timeout": runtime.JOIN_TIMEOUT_S,
-            "heartbeat_timeout_seconds": runtime.HEARTBEAT_TIMEOUT_S,
+            "initialization_timeout": startup.JOIN_TIMEOUT_S,
+            "heartbeat_timeout_seconds": startup.HEARTBEAT_TIMEOUT_S,
         }
     ]
 
 
 def test_data_sets_give_their_class_count_and_lists_need_one():
     c = tiny_config()
-    assert planning.data_shape(c) == (10, False)
+    assert plan.data_shape(c) == (10, False)
     c.data.name = "coco"
-    assert planning.data_shape(c) == (80, True)
+    assert plan.data_shape(c) == (80, True)
     c.data.name = "lists"
     with pytest.raises(ConfigError, match="--num_classes"):
-        planning.data_shape(c)
-    assert planning.data_shape(c, 37) == (37, False)
-    assert np.isfinite(planning.DEFAULT_MARGIN)
+        plan.data_shape(c)
+    assert plan.data_shape(c, 37) == (37, False)
+    assert np.isfinite(plan.DEFAULT_MARGIN)

@@ -16,9 +16,9 @@ import pytest
 from conftest import run_job
 from PIL import Image
 
-from csce_jax import metrics
 from csce_jax.data.digits import digits_images
 from csce_jax.errors import CodesError
+from csce_jax.retrieval import metrics
 from csce_jax.search import build_index, engines, load_index, queries, server
 
 
@@ -143,7 +143,7 @@ def test_an_interrupted_index_resumes_without_redoing_finished_shards(
     (partial / "shards" / "00002.npz").unlink()
     with pytest.raises(CodesError, match="unfinished index"):
         load_index(partial)
-    from csce_jax.search.model import RunEncoder
+    from csce_jax.search.encoder import RunEncoder
 
     encoded = []
     real = RunEncoder.encode

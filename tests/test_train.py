@@ -23,16 +23,23 @@ from conftest import (
     tiny_config,
 )
 
-from csce_jax import sharding, train_lib
-from csce_jax.builders import step_options
-from csce_jax import train_step as train_step_lib
-from csce_jax.train_step import make_train_step
-from csce_jax import state as train_state
 from csce_jax.config import check_config
 from csce_jax.data import DataError, load_data
 from csce_jax.errors import ConfigError, NonFiniteLossError
-from csce_jax.optim import torch_rmsprop
-from csce_jax.preemption import MAX_IN_FLIGHT
+from csce_jax.runs import state as train_state
+from csce_jax.runs.builders import run_parts
+from csce_jax.runs.optimizer import torch_rmsprop
+from csce_jax.runtime import sharding
+from csce_jax.train import loop
+from csce_jax.train import step as train_step_lib
+from csce_jax.train.preemption import MAX_IN_FLIGHT
+from csce_jax.train.step import make_train_step
+
+
+def initial_params(config, num_classes: int):
+    """The parameters a fresh run of ``config`` starts from."""
+    parts = run_parts(config, num_classes)
+    return train_state.create_train_state(parts.model, parts.tx, parts.schedule).state["params"]
 
 
 def test_three_step_run_through_the_entry_point(trained_run):
@@ -59,15 +66,16 @@ def test_tfds_data_set_trains_under_mock_data(tmp_path):
     c.data.allow_size_mismatch = True
     c.data.val_fraction = 0.0
     with tfds.testing.mock_data(num_examples=16):
-        final = train_lib.train_and_evaluate(c, tmp_path)
+        final = loop.train_and_evaluate(c, tmp_path)
     assert final["num_query"] == 16 and final["num_database"] == 16
     assert saved_steps(tmp_path) == [2]
 
 
 def _one_step(mesh, config, batch):
     data_classes = 10
-    setup = train_state.create_train_state(config, data_classes)
-    step = make_train_step(setup.graphdef, setup.tx, setup.schedule, step_options(config, False), mesh)
+    parts = run_parts(config, data_classes)
+    setup = train_state.create_train_state(parts.model, parts.tx, parts.schedule)
+    step = make_train_step(setup.graphdef, setup.tx, setup.schedule, parts.step, mesh)
     state = jax.device_put(setup.state, sharding.replicated(mesh))
     state, metrics = step(state, sharding.global_batch(mesh, batch))
     return jax.tree.map(np.asarray, state["params"]), jax.device_get(metrics)
@@ -105,7 +113,7 @@ def test_one_device_equals_four_devices():
     p1_perm, _ = _one_step(one, c, {k: v[perm] for k, v in batch.items()})
     p4, m4 = _one_step(sharding.make_mesh(), c, batch)
     np.testing.assert_allclose(float(m1["loss"]), float(m4["loss"]), rtol=1e-6)
-    p0 = jax.tree.map(np.asarray, train_state.create_train_state(c, 10).state["params"])
+    p0 = jax.tree.map(np.asarray, initial_params(c, 10))
     # Float32 reduction order alone (the same batch reordered on one device) moves this untrained
     # tiny network's early-layer updates by a few percent; four devices may differ no more.
     noise, noise_all = _update_gaps(p0, p1, p1_perm)
@@ -364,8 +372,8 @@ def test_a_run_counted_in_epochs_trains_whole_passes(tmp_path):
     c.batch_size, c.epochs = 64, 1
     c.total_steps = c.eval_every_steps = c.checkpoint_every_steps = 0
     check_config(c, 4, 1)
-    final = train_lib.train_and_evaluate(c, tmp_path)
-    fit = len(train_lib.load_data(c.data).fit)
+    final = loop.train_and_evaluate(c, tmp_path)
+    fit = len(loop.load_data(c.data).fit)
     assert final["step"] == fit // 64 and saved_steps(tmp_path) == [fit // 64]
     recorded = json.loads((tmp_path / "config.json").read_text())
     assert recorded["total_steps"] == fit // 64 and recorded["epochs"] == 1
@@ -457,7 +465,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 
     monkeypatch.setattr(train_step_lib, "make_train_step", poisoned)
     with pytest.raises(NonFiniteLossError, match="step 3.*step 2 in .* is kept"):
-        train_lib.train_and_evaluate(c, tmp_path)
+        loop.train_and_evaluate(c, tmp_path)
     assert saved_steps(tmp_path) == [2]  # the NaN state of step 3 (an eval step) was not saved
     step, restored = restore_state(tmp_path, c)
     assert step == 2
@@ -480,7 +488,7 @@ def test_non_finite_from_the_start_saves_nothing_and_a_rerun_trains(tmp_path):
     assert saved_steps(tmp_path) == []
     c = tiny_config(4)
     c.eval_every_steps = 3
-    final = train_lib.train_and_evaluate(c, tmp_path)  # nothing to resume: a fresh, finite run
+    final = loop.train_and_evaluate(c, tmp_path)  # nothing to resume: a fresh, finite run
     assert np.isfinite(final["query_map"]) and read_rows(tmp_path)[-1] == json.loads(
         json.dumps(final, sort_keys=True)
     )
@@ -543,7 +551,7 @@ def two_process_run(tmp_path_factory):
 def test_two_processes_match_one_process_with_four_devices(tmp_path, two_process_run):
     run_train(tmp_path, *MULTI_STEPS)  # one process, the suite's 4 fake devices
     c = tiny_config(4, linear_optimizer=True)
-    p0 = jax.tree.map(np.asarray, train_state.create_train_state(c, 10).state["params"])
+    p0 = jax.tree.map(np.asarray, initial_params(c, 10))
     gaps, gap_all = _update_gaps(
         p0,
         final_params(tmp_path, 4, linear_optimizer=True),
@@ -574,7 +582,7 @@ def test_a_signal_to_one_process_stops_the_whole_job_at_one_step(tmp_path, two_p
 
 
 def test_a_bad_process_setting_is_refused():
-    from csce_jax.runtime import initialize_distributed
+    from csce_jax.runtime.startup import initialize_distributed
 
     c = tiny_config()
     c.coordinator_address, c.num_processes, c.process_id = "127.0.0.1:1", 2, 2
@@ -585,8 +593,9 @@ def test_a_bad_process_setting_is_refused():
 def test_the_step_compiles_once():
     c = tiny_config(linear_optimizer=True)
     mesh = sharding.make_mesh()
-    setup = train_state.create_train_state(c, 10)
-    step = make_train_step(setup.graphdef, setup.tx, setup.schedule, step_options(c, False), mesh)
+    parts = run_parts(c, 10)
+    setup = train_state.create_train_state(parts.model, parts.tx, parts.schedule)
+    step = make_train_step(setup.graphdef, setup.tx, setup.schedule, parts.step, mesh)
     state = jax.device_put(setup.state, sharding.replicated(mesh))
     rng = np.random.default_rng(0)
     for _ in range(3):
@@ -632,7 +641,7 @@ def test_bfloat16_step_tracks_float32():
 def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
     c = tiny_config(4)
     c.checkpoint_every_steps, c.eval_every_steps, c.keep_checkpoints = 2, 4, 3
-    train_lib.train_and_evaluate(c, tmp_path)
+    loop.train_and_evaluate(c, tmp_path)
     folder = tmp_path / "checkpoints"
     assert saved_steps(tmp_path) == [2, 4]
     for f in (folder / "4").rglob("*"):  # truncate every array file of step 4
@@ -640,7 +649,7 @@ def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
             f.write_bytes(f.read_bytes()[:16])
     c.total_steps = 6
     with caplog.at_level("INFO"):
-        train_lib.train_and_evaluate(c, tmp_path)
+        loop.train_and_evaluate(c, tmp_path)
     assert "cannot restore checkpoint" in caplog.text and str(folder / "4") in caplog.text
     assert "resumed from step 2" in caplog.text
     rows = read_rows(tmp_path)
@@ -664,7 +673,7 @@ def test_sigterm_inside_a_gc_callback_stops_at_the_next_phase_without_a_tracebac
     import gc
     import signal
 
-    from csce_jax.preemption import Preempted, StopSignals
+    from csce_jax.train.preemption import Preempted, StopSignals
 
     def collect_callback(phase, info):
         del info
@@ -691,8 +700,8 @@ def test_the_eta_leaves_out_the_compile_and_counts_the_evaluations_due(monkeypat
     """Steps of 1 s after a 100 s compiling first step, evaluations of 30 s: at step 10 of 20
     (evaluation every 5) the ETA is 10 steps + 2 validations + the final query evaluation."""
     now = [1000.0]
-    monkeypatch.setattr(train_lib.time, "time", lambda: now[0])
-    clock = train_lib.Clock(0)
+    monkeypatch.setattr(loop.time, "time", lambda: now[0])
+    clock = loop.Clock(0)
     now[0] += 100.0  # step 1 compiles
     clock.first_step_seconds = 100.0
     now[0] += 4.0  # steps 2..5
@@ -705,9 +714,9 @@ def test_the_eta_leaves_out_the_compile_and_counts_the_evaluations_due(monkeypat
     clock.lap(10)
     config = tiny_config(20)
     config.eval_every_steps = 5
-    assert train_lib.evaluations_left(config, 10) == 3
-    assert clock.eta(10, 20, train_lib.evaluations_left(config, 10)) == "00:01:40"
-    assert train_lib.evaluations_left(config, 20) == 1  # the final query evaluation
+    assert loop.evaluations_left(config, 10) == 3
+    assert clock.eta(10, 20, loop.evaluations_left(config, 10)) == "00:01:40"
+    assert loop.evaluations_left(config, 20) == 1  # the final query evaluation
 
 
 def test_a_profile_window_writes_a_trace_into_the_run_folder(tmp_path):
@@ -715,7 +724,7 @@ def test_a_profile_window_writes_a_trace_into_the_run_folder(tmp_path):
     the trace lands in ``<workdir>/profile/`` and the run's numbers are unchanged."""
     c = tiny_config(4)
     c.profile_steps = (2, 4)
-    out = train_lib.train_and_evaluate(c, tmp_path)
+    out = loop.train_and_evaluate(c, tmp_path)
     traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 0
     assert out["step"] == 4

@@ -52,16 +52,16 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from csce_jax import builders, retrieval, sharding, train_lib
-from csce_jax.atomic import write_text_atomically
-from csce_jax.bridge.sides import RELEASE_SIZE as RELEASE_SIZE  # the names this module had
 from csce_jax.bridge.sides import TorchSide, comparison_setup, step_margins
-from csce_jax.bridge.sides import check_release_size as check_release_size
-from csce_jax.bridge.sides import initial_state as initial_state
 from csce_jax.data import EvalLoader
 from csce_jax.data.pipeline import apply_flips
-from csce_jax.train_step import make_train_step
-from csce_jax.viz import plot_curves
+from csce_jax.retrieval.evaluator import RetrievalEvaluator
+from csce_jax.retrieval.pictures import plot_curves
+from csce_jax.runs import builders
+from csce_jax.runtime import sharding
+from csce_jax.train import loop
+from csce_jax.train.step import make_train_step
+from csce_jax.utils.atomic import write_text_atomically
 
 SERIES = ("loss", "ce", "quant", "grad_norm")
 FLOOR_FACTOR = 3.0
@@ -82,7 +82,7 @@ def train_both(
     options = builders.step_options(config, data.multilabel)
     step_fn = make_train_step(setup.graphdef, setup.tx, setup.schedule, options, mesh)
     jax_state = jax.device_put(setup.state, sharding.replicated(mesh))
-    loader = train_lib.make_loader(config, data)
+    loader = loop.make_loader(config, data)
     rows = []
     # Closed when left early: the decoding workers stop and their shared batches are freed.
     with contextlib.closing(loader.batches(0)) as batches:
@@ -146,13 +146,19 @@ def score_sides(config, data, setup, torch_sides: dict[str, TorchSide]) -> dict[
     bits that differ between JAX and PyTorch float32 (and between PyTorch float32 and 64)."""
     mesh = sharding.make_mesh()
     encoder = builders.make_encoder(config, setup.eval_graphdef, mesh)
-    weights = (setup.state["params"], setup.state["rest"])
+    scoring = RetrievalEvaluator(encoder, data.query, data.database, data.topk)
+    ours = dict(
+        zip(
+            ("query", "database"),
+            scoring.encode((setup.state["params"], setup.state["rest"])),
+            strict=True,
+        )
+    )
     view = builders.view_config(config, train=False)
     codes: dict[str, dict[str, np.ndarray]] = {n: {} for n in ("jax", *torch_sides)}
-    labels = {}
+    labels = {split: ours[split]["labels"] for split in ours}
     for split, src in (("query", data.query), ("database", data.database)):
-        ours = encoder.encode(weights, src)
-        codes["jax"][split], labels[split] = ours["codes"], ours["labels"]
+        codes["jax"][split] = ours[split]["codes"]
         for name, side in torch_sides.items():
             loader = EvalLoader(src, global_batch=config.eval_batch_size, view=view)
             codes[name][split] = side.encode(loader)["codes"]
@@ -160,7 +166,7 @@ def score_sides(config, data, setup, torch_sides: dict[str, TorchSide]) -> dict[
     for name, c in codes.items():
         query = {"codes": c["query"], "labels": labels["query"]}
         database = {"codes": c["database"], "labels": labels["database"]}
-        out[f"map_{name}"] = retrieval.score(query, database, data.topk)["map"]
+        out[f"map_{name}"] = scoring.score(query, database)["map"]
 
     def differing(a: str, b: str) -> int:
         return int(sum(np.sum(codes[a][s] != codes[b][s]) for s in ("query", "database")))

@@ -6,7 +6,7 @@ Trajectories part after the first RMSprop step whatever the port does (each step
 lr * sign(g), and the elements whose gradient is below float32's noise step either way), so
 this mode judges one step instead. From one set of weights and one batch (the training
 loader's first, with its flips and elastic margins), three sides compute the release recipe's
-loss and its gradient: ours in float32 (:func:`csce_jax.train_step.forward_loss`, the training
+loss and its gradient: ours in float32 (:func:`csce_jax.train.step.forward_loss`, the training
 step's own loss), PyTorch in float32 and PyTorch in float64 (``csce_jax.bridge.reference`` or,
 with ``--release_dir``, the release's own network). Each float32 side is measured against
 float64, tensor by tensor (relative Frobenius error), for:
@@ -55,12 +55,14 @@ import optax
 from absl import logging
 from flax import nnx
 
-from csce_jax import builders, convert, train_lib
-from csce_jax.atomic import write_text_atomically
+from csce_jax import convert
 from csce_jax.bridge.sides import TorchSide, comparison_setup, step_margins
 from csce_jax.data.pipeline import apply_flips
-from csce_jax.state import model_of
-from csce_jax.train_step import forward_loss
+from csce_jax.runs import builders
+from csce_jax.runs.state import model_of
+from csce_jax.train import loop
+from csce_jax.train.step import forward_loss
+from csce_jax.utils.atomic import write_text_atomically
 
 GROUP_FACTOR = 2.0  # our group median error may be this many times PyTorch float32's
 FLOAT32_FLOOR = 1e-6  # relative errors below this are float32 rounding of a few operations
@@ -157,7 +159,7 @@ def _torch_names(setup, params, rest) -> dict[str, np.ndarray]:
 
 
 def our_point(setup, config, multilabel: bool, batch: dict[str, np.ndarray], momenta) -> SidePoint:
-    """Our float32 side: the training step's own loss (:func:`csce_jax.train_step.forward_loss`), its
+    """Our float32 side: the training step's own loss (:func:`csce_jax.train.step.forward_loss`), its
     gradient, the outputs and batch statistics of its forward."""
     loss = builders.loss_options(config, multilabel)
     params, rest = setup.state["params"], setup.state["rest"]
@@ -351,7 +353,7 @@ def loader_batches(config, data, count: int) -> list[dict[str, np.ndarray]]:
     elastic margins (the training step's own draw, from (seed, step))."""
     out = []
     # Closed when left early: its decoding workers stop and their shared batches are freed.
-    with contextlib.closing(train_lib.make_loader(config, data).batches(0)) as batches:
+    with contextlib.closing(loop.make_loader(config, data).batches(0)) as batches:
         hosts = [host for _, host in zip(range(count), batches, strict=False)]
     for step, host in enumerate(hosts):
         margins = step_margins(config, step, len(host["label"]), multilabel=data.multilabel)
@@ -408,7 +410,7 @@ def compare_gradients(
     out.mkdir(parents=True, exist_ok=True)
     report = {"summary": summary, "explanation": EXPLANATION, "points": results}
     write_text_atomically(out / "gradients.json", json.dumps(report, indent=2))
-    from csce_jax.viz import plot_group_errors
+    from csce_jax.retrieval.pictures import plot_group_errors
 
     plot_group_errors(
         [(p["name"], p["groups"]) for p in results],

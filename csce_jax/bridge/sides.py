@@ -13,14 +13,15 @@ import jax
 import ml_collections
 import numpy as np
 
-from csce_jax import convert, state
+from csce_jax import convert
 from csce_jax.config import check_config, release_training, resolve_epochs
 from csce_jax.data import EvalLoader, RetrievalData, load_data
 from csce_jax.errors import ConfigError
-from csce_jax.losses import elastic_margins
+from csce_jax.hashing.loss import elastic_margins
 from csce_jax.models.csce import normalize_images
-from csce_jax.run_reader import RunReader
-from csce_jax.train_step import fold_key
+from csce_jax.runs import builders, state
+from csce_jax.runs.reader import RunReader
+from csce_jax.train.step import fold_key
 
 RELEASE_SIZE = {
     "model.width": 1.0,
@@ -196,9 +197,11 @@ class TorchSide:
 def initial_state(config, num_classes: int, init: str) -> state.TrainSetup:
     """Our seeded initialisation, or ``init``: a weights file, or a run folder (its best
     checkpoint's weights, read through the run reader)."""
-    if not init or not Path(init).is_dir():
-        return state.create_train_state(config, num_classes, init_from=init)
-    setup = state.create_train_state(config, num_classes)
+    from_run = bool(init) and Path(init).is_dir()
+    parts = builders.run_parts(config, num_classes, init_from="" if from_run else init)
+    setup = state.create_train_state(parts.model, parts.tx, parts.schedule)
+    if not from_run:
+        return setup
     with RunReader(init) as run:
         restored = run.weights(config)
     setup.state["params"], setup.state["rest"] = jax.device_get(restored.pair)

@@ -17,14 +17,14 @@ console script            module                               what it does
 Each is also ``python -m csce_jax.commands.<name>``. The convention:
 
 - A command that reads a config (``--config NAME|path.py[:args]`` and ``--config.a.b=value``)
-  uses absl flags through :func:`csce_jax.cli.flags_parser`, so that every config error is one
+  uses absl flags through :func:`csce_jax.commands.cli.flags_parser`, so that every config error is one
   line and every key is checked against the schema (``python -m csce_jax.config`` lists
   them); ``csce-splits`` uses the same parser without a config. A command made of
   sub-commands (``csce-search index|query|serve``, ``csce-convert DIRECTION``) uses argparse,
   whose sub-parsers absl lacks.
 - ``run()`` (absl) or ``main(argv)`` (argparse) is the console script's target. It defines the
   flags, imports JAX only after parsing (a quick ``--help``, which exits 0 and lists the
-  command's own flags), and calls one library function inside :func:`csce_jax.cli.
+  command's own flags), and calls one library function inside :func:`csce_jax.commands.cli.
   error_boundary`: an input or system error is one ``error:`` line and exit 1.
-- Commands import libraries; no library imports a command or :mod:`csce_jax.cli`.
+- Commands import libraries; no library imports a command or :mod:`csce_jax.commands.cli`.
 """

@@ -9,7 +9,7 @@ import json
 
 from absl import app, flags, logging
 
-from csce_jax import cli
+from csce_jax.commands import cli
 
 
 def main(argv: list[str]) -> None:

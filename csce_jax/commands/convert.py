@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from csce_jax import cli
 from csce_jax import convert as _convert
+from csce_jax.commands import cli
 from csce_jax.errors import ConversionError
 
 

@@ -12,8 +12,9 @@ import sys
 
 from absl import app, flags, logging
 
-from csce_jax import cli, hostmem
-from csce_jax.atomic import json_text
+from csce_jax.commands import cli
+from csce_jax.runtime import hostmem
+from csce_jax.utils.atomic import json_text
 
 FLAGS = flags.FLAGS
 
@@ -38,13 +39,13 @@ def _define_flags() -> None:
     flags.DEFINE_integer("bits", None, "code length when the .npy codes are packed")
 
 
-def _score_npy(eval_lib) -> dict:
+def _score_npy(report) -> dict:
     missing = [f for f in ("db_codes", "query_labels", "db_labels") if not getattr(FLAGS, f)]
     if missing:
         raise app.UsageError(f"--query_codes also needs --{', --'.join(missing)}")
     topk = None if FLAGS.topk == -1 else FLAGS.topk  # any other value <= 0 is refused
     return cli.error_boundary(
-        eval_lib.score_npy,
+        report.score_npy,
         FLAGS.query_codes,
         FLAGS.db_codes,
         FLAGS.query_labels,
@@ -58,10 +59,10 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
-    from csce_jax import eval_lib  # JAX loads here, after the flags (a quick --help)
+    from csce_jax.runs import report  # JAX loads here, after the flags (a quick --help)
 
     if FLAGS.query_codes:
-        result = _score_npy(eval_lib)
+        result = _score_npy(report)
     else:
         if not FLAGS.workdir:
             raise app.UsageError("--workdir is required (or --query_codes ...)")
@@ -69,7 +70,7 @@ def main(argv: list[str]) -> None:
             raise app.UsageError("--weights needs --config (the architecture and data set)")
         cli.quiet_library_logs()
         result = cli.error_boundary(
-            eval_lib.run_eval,
+            report.run_eval,
             FLAGS.workdir,
             FLAGS.config,
             step=FLAGS.step,

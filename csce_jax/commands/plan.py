@@ -19,7 +19,7 @@ from typing import Any
 
 from absl import app, flags, logging
 
-from csce_jax import cli
+from csce_jax.commands import cli
 
 FLAGS = flags.FLAGS
 
@@ -50,14 +50,14 @@ def _spread(total: int, devices: int) -> int:
 
 def plan_all(config, names: list[str]) -> list[dict[str, Any]]:
     """The report of every target, in order (``--fit`` adds its search to each)."""
-    from csce_jax import planning, targets
+    from csce_jax.planning import plan, targets
 
-    classes, multilabel = planning.data_shape(config, FLAGS.num_classes)
+    classes, multilabel = plan.data_shape(config, FLAGS.num_classes)
     reports = []
     for name in names:
         target = targets.resolve(name)
         devices = len(target.devices)
-        request = planning.Request(
+        request = plan.Request(
             per_device_batch=FLAGS.per_device_batch or _spread(config.batch_size, devices),
             per_device_eval_batch=FLAGS.per_device_eval_batch
             or _spread(config.eval_batch_size, devices),
@@ -66,13 +66,13 @@ def plan_all(config, names: list[str]) -> list[dict[str, Any]]:
             margin=FLAGS.margin,
         )
         logging.info("%s: %d %s device(s), compiling", name, devices, target.device_kind)
-        report = planning.plan_target(config, target, request, encode=FLAGS.encode)
+        report = plan.plan_target(config, target, request, encode=FLAGS.encode)
         if FLAGS.fit:
             train = report["train"]
             known = (
                 {} if "compile_error" in train else {request.per_device_batch: train["total_bytes"]}
             )
-            report["fit"] = planning.fit_batch(config, target, request, log=_log_fit, known=known)
+            report["fit"] = plan.fit_batch(config, target, request, log=_log_fit, known=known)
         reports.append(report)
         print(format_report(report), flush=True)
     return reports
@@ -140,7 +140,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"--margin {FLAGS.margin}: must be in [0, 1)")
     logging.set_verbosity(logging.INFO)
     cli.quiet_library_logs()
-    from csce_jax import targets
+    from csce_jax.planning import targets
 
     targets.libtpu_without_a_tpu(FLAGS.target)
 
@@ -152,7 +152,7 @@ def main(argv: list[str]) -> None:
     reports = cli.error_boundary(plan_all, FLAGS.config, FLAGS.target)
     summary = {"config": cli.config_spec(sys.argv[1:])[0], "targets": reports}
     if FLAGS.out:
-        from csce_jax.atomic import write_json_atomically
+        from csce_jax.utils.atomic import write_json_atomically
 
         cli.error_boundary(write_json_atomically, FLAGS.out, summary)
     print(json.dumps(summary, sort_keys=True))

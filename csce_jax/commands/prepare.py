@@ -9,7 +9,7 @@ import os
 
 from absl import app, flags, logging
 
-from csce_jax import cli
+from csce_jax.commands import cli
 from csce_jax.data.prepare import prepare
 
 

@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from csce_jax import cli
+from csce_jax.commands import cli
 from csce_jax.config import apply_overrides, base_config, load_config_file
 from csce_jax.errors import CodesError
 from csce_jax.search import __doc__ as DOC
@@ -69,8 +69,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _index(args: argparse.Namespace, overrides: list[str]) -> dict:
-    from csce_jax import runtime
-    from csce_jax.run_reader import run_config
+    from csce_jax.runs.reader import run_config
+    from csce_jax.runtime import startup
     from csce_jax.search.build import build_index
 
     given = load_config_file(args.config) if args.config else None
@@ -78,7 +78,7 @@ def _index(args: argparse.Namespace, overrides: list[str]) -> dict:
     # one shard set per host), and JAX joins the job before the run is read.
     job = given if given is not None else base_config()
     apply_overrides(job, overrides)
-    runtime.initialize_distributed(job)
+    startup.initialize_distributed(job)
     config = run_config(args.workdir, given)
     apply_overrides(config, overrides)
     params = {n: getattr(args, n) for n in ENGINE_PARAMS if getattr(args, n) is not None}

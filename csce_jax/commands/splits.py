@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from csce_jax import cli
+from csce_jax.commands import cli
 from csce_jax.config import data_config
 from csce_jax.data.datasets import DATASETS
 from csce_jax.data.splits import write_lists

@@ -17,7 +17,8 @@ import sys
 
 from absl import app, flags, logging
 
-from csce_jax import cli, hostmem
+from csce_jax.commands import cli
+from csce_jax.runtime import hostmem
 
 FLAGS = flags.FLAGS
 
@@ -27,14 +28,14 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
     cli.quiet_library_logs()
-    from csce_jax import train_lib  # JAX loads here, after the flags (a quick --help)
+    from csce_jax.train import first_compile, loop  # JAX loads here, after the flags
 
     final = cli.error_boundary(
-        train_lib.train_and_evaluate, FLAGS.config, FLAGS.workdir, start_over=FLAGS.start_over
+        loop.train_and_evaluate, FLAGS.config, FLAGS.workdir, start_over=FLAGS.start_over
     )
     print(json.dumps(final, sort_keys=True))
     if final.get("preempted"):
-        if train_lib.compile_in_flight():
+        if first_compile.compile_in_flight():
             # Stopped during the first compile: XLA would abort at interpreter exit under the
             # still-running compilation, so leave now (logs and files are already flushed).
             logging.flush()
@@ -47,7 +48,7 @@ def main(argv: list[str]) -> None:
 def run() -> None:
     """The command: allocator and early signals first, then the flags, then training."""
     hostmem.apply_environment()  # before any thread allocates (see hostmem)
-    from csce_jax import preemption
+    from csce_jax.train import preemption
 
     preemption.install_early()  # a Ctrl-C or SIGTERM while the libraries load is not lost
     flags.DEFINE_string(

@@ -9,7 +9,7 @@ from typing import Any
 
 from absl import app, flags
 
-from csce_jax import cli
+from csce_jax.commands import cli
 from csce_jax.data.datasets import load_data
 from csce_jax.data.verify import check_sources, splits_of, write_report
 

@@ -34,11 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from csce_jax.atomic import write_file_atomically
 from csce_jax.errors import ConversionError
 from csce_jax.models import CSCENet
 from csce_jax.models.csce import num_windows
 from csce_jax.models.resnet import downsampled_size
+from csce_jax.utils.atomic import write_file_atomically
 
 # Our top-level names -> the release's (the backbone's names are torchvision's, unprefixed).
 _TOP_LEVEL = {

@@ -31,7 +31,7 @@ from flax import nnx
 from csce_jax.config.schema import choices
 from csce_jax.convert import load_flat_arrays, load_torch_state_dict, read_state_file
 from csce_jax.errors import ConfigError, ConversionError
-from csce_jax.runtime import cache_dir
+from csce_jax.runtime.startup import cache_dir
 
 TORCHVISION_WEIGHTS = {
     "IMAGENET1K_V1": "https://download.pytorch.org/models/resnet50-0676ba61.pth",

@@ -163,56 +163,75 @@ def _digits(cfg):
     return {"train": train, "query": query}
 
 
+_DOCUMENTED = dict(multilabel=False, topk=None)  # fine-grained: one label, mAP over all
+_LISTED = dict(sizes=None, database_is_train=False)  # DeepHash list files: sizes not enforced
+
 DATASETS: dict[str, DatasetSpec] = {
-    "digits": DatasetSpec(10, False, None, {"train": 1497, "query": 300}, _digits),
+    "digits": DatasetSpec(
+        num_classes=10, **_DOCUMENTED, sizes={"train": 1497, "query": 300}, load=_digits
+    ),
     "cub200": DatasetSpec(
-        200,
-        False,
-        None,
-        {"train": 5994, "query": 5794},
-        _tfds("caltech_birds2011", "train", "test"),
+        num_classes=200,
+        **_DOCUMENTED,
+        sizes={"train": 5994, "query": 5794},
+        load=_tfds("caltech_birds2011", "train", "test"),
     ),
     "stanford_dogs": DatasetSpec(
-        120, False, None, {"train": 12000, "query": 8580}, _tfds("stanford_dogs", "train", "test")
+        num_classes=120,
+        **_DOCUMENTED,
+        sizes={"train": 12000, "query": 8580},
+        load=_tfds("stanford_dogs", "train", "test"),
     ),
     "cars196": DatasetSpec(
-        196, False, None, {"train": 8144, "query": 8041}, _tfds("cars196", "train", "test")
+        num_classes=196,
+        **_DOCUMENTED,
+        sizes={"train": 8144, "query": 8041},
+        load=_tfds("cars196", "train", "test"),
     ),
     "food101": DatasetSpec(
-        101, False, None, {"train": 75750, "query": 25250}, _tfds("food101", "train", "validation")
+        num_classes=101,
+        **_DOCUMENTED,
+        sizes={"train": 75750, "query": 25250},
+        load=_tfds("food101", "train", "validation"),
     ),
     "oxford_flowers102": DatasetSpec(
-        102, False, None, {"train": 1020, "val": 1020, "query": 6149}, _flowers
+        num_classes=102,
+        **_DOCUMENTED,
+        sizes={"train": 1020, "val": 1020, "query": 6149},
+        load=_flowers,
     ),
     "aircraft": DatasetSpec(
-        100,
-        False,
-        None,
-        {"train": 6667, "query": 3333},
-        _manual(official.aircraft_sources, official.AIRCRAFT_URL),
+        num_classes=100,
+        **_DOCUMENTED,
+        sizes={"train": 6667, "query": 3333},
+        load=_manual(official.aircraft_sources, official.AIRCRAFT_URL),
     ),
     "nabirds": DatasetSpec(
-        555,
-        False,
-        None,
-        {"train": 23929, "query": 24633},
-        _manual(official.nabirds_sources, official.NABIRDS_URL),
+        num_classes=555,
+        **_DOCUMENTED,
+        sizes={"train": 23929, "query": 24633},
+        load=_manual(official.nabirds_sources, official.NABIRDS_URL),
     ),
     "vegfru": DatasetSpec(
-        292,
-        False,
-        None,
-        {"train": 29200, "query": 116931},
-        _manual(official.vegfru_sources, official.VEGFRU_URL),
+        num_classes=292,
+        **_DOCUMENTED,
+        sizes={"train": 29200, "query": 116931},
+        load=_manual(official.vegfru_sources, official.VEGFRU_URL),
     ),
     # The release's protocol: any DeepHash list files, and its three data sets as presets (class
     # count and cut-off fixed). Published list files differ in counts between releases, so no
     # size is enforced; `csce-splits` prints counts and checksums.
-    "lists": DatasetSpec(0, None, None, None, _lists(), database_is_train=False),
-    "imagenet100": DatasetSpec(100, False, 1000, None, _lists(100, False), database_is_train=False),
-    "nuswide21": DatasetSpec(21, True, 5000, None, _lists(21, True), database_is_train=False),
-    "coco": DatasetSpec(80, True, 5000, None, _lists(80, True), database_is_train=False),
-    "folder": DatasetSpec(0, False, None, None, _folder),
+    "lists": DatasetSpec(num_classes=0, multilabel=None, topk=None, **_LISTED, load=_lists()),
+    "imagenet100": DatasetSpec(
+        num_classes=100, multilabel=False, topk=1000, **_LISTED, load=_lists(100, False)
+    ),
+    "nuswide21": DatasetSpec(
+        num_classes=21, multilabel=True, topk=5000, **_LISTED, load=_lists(21, True)
+    ),
+    "coco": DatasetSpec(
+        num_classes=80, multilabel=True, topk=5000, **_LISTED, load=_lists(80, True)
+    ),
+    "folder": DatasetSpec(num_classes=0, **_DOCUMENTED, sizes=None, load=_folder),
 }
 
 
@@ -285,40 +304,14 @@ def load_data(cfg: Any) -> RetrievalData:
     splits = spec.load(cfg)
     train, query = splits["train"], splits["query"]
     database = train if spec.database_is_train else splits["database"]
-    counts = {"train": len(train), "query": len(query), "database": len(database)}
-    if "val" in splits:
-        counts["val"] = len(splits["val"])
-    if spec.sizes and not cfg.allow_size_mismatch:
-        wrong = {k: (counts[k], v) for k, v in spec.sizes.items() if counts.get(k, v) != v}
-        if wrong:
-            detail = ", ".join(f"{k}: found {a}, documented {b}" for k, (a, b) in wrong.items())
-            raise DataError(
-                f"{cfg.name}: split sizes do not match the documented ones ({detail}); "
-                "set data.allow_size_mismatch=True if that is intended"
-            )
+    _check_sizes(cfg, spec, splits, database)
     num_classes = splits.get("num_classes") or spec.num_classes or int(train.labels.max()) + 1
     multilabel = splits.get("multilabel", spec.multilabel)
     for src in {id(s): s for s in (train, query, database, splits.get("val"))}.values():
         if src is not None:
             _check_labels(cfg.name, src, num_classes, multilabel)
-    if "val" in splits:  # the data set's own validation split
-        val = splits["val"]
-        keep = _without(train, val)
-        fit = train if len(keep) == len(train) else train.subset(keep, f"{train.name}:fit")
-    else:
-        keep, held = stratified_split(train.labels, cfg.val_fraction, cfg.split_seed)
-        fit = train.subset(keep, f"{train.name}:fit") if len(held) else train
-        val = train.subset(held, f"{train.name}:val") if len(held) else None
-    shared = _shared_images(query, database)
-    if shared:
-        logging.warning(
-            "data %s: %d of the %d query images are also in the database: each finds itself at "
-            "distance 0, so the mAP is not the published protocol's (queries apart from the "
-            "database)",
-            cfg.name,
-            shared,
-            len(query),
-        )
+    fit, val = _fit_and_validation(cfg, train, splits.get("val"))
+    _warn_shared(cfg.name, query, database)
     logging.info(
         "data %s: train %d (fit %d, val %d), database %d, query %d",
         cfg.name,
@@ -329,13 +322,56 @@ def load_data(cfg: Any) -> RetrievalData:
         len(query),
     )
     return RetrievalData(
-        cfg.name,
-        num_classes,
-        multilabel,
-        spec.topk if cfg.topk == 0 else (None if cfg.topk < 0 else cfg.topk),
-        train,
-        fit,
-        val,
-        database,
-        query,
+        name=cfg.name,
+        num_classes=num_classes,
+        multilabel=multilabel,
+        topk=spec.topk if cfg.topk == 0 else (None if cfg.topk < 0 else cfg.topk),
+        train=train,
+        fit=fit,
+        val=val,
+        database=database,
+        query=query,
     )
+
+
+def _check_sizes(cfg: Any, spec: DatasetSpec, splits: dict[str, Any], database: S.Source) -> None:
+    """The splits must have the data set's documented sizes (unless allowed to differ)."""
+    counts = {k: len(splits[k]) for k in ("train", "query", "val") if k in splits}
+    counts["database"] = len(database)
+    if not spec.sizes or cfg.allow_size_mismatch:
+        return
+    wrong = {k: (counts[k], v) for k, v in spec.sizes.items() if counts.get(k, v) != v}
+    if wrong:
+        detail = ", ".join(f"{k}: found {a}, documented {b}" for k, (a, b) in wrong.items())
+        raise DataError(
+            f"{cfg.name}: split sizes do not match the documented ones ({detail}); "
+            "set data.allow_size_mismatch=True if that is intended"
+        )
+
+
+def _fit_and_validation(
+    cfg: Any, train: S.Source, val: S.Source | None
+) -> tuple[S.Source, S.Source | None]:
+    """(the training images of the gradient steps, the validation queries): the data set's
+    own validation split taken out of ``train``, else a seeded stratified one carved from it."""
+    if val is not None:
+        keep = _without(train, val)
+        return (train if len(keep) == len(train) else train.subset(keep, f"{train.name}:fit")), val
+    keep, held = stratified_split(train.labels, cfg.val_fraction, cfg.split_seed)
+    if not len(held):
+        return train, None
+    return train.subset(keep, f"{train.name}:fit"), train.subset(held, f"{train.name}:val")
+
+
+def _warn_shared(name: str, query: S.Source, database: S.Source) -> None:
+    """Say when query images are also database images (not the published protocol)."""
+    shared = _shared_images(query, database)
+    if shared:
+        logging.warning(
+            "data %s: %d of the %d query images are also in the database: each finds itself at "
+            "distance 0, so the mAP is not the published protocol's (queries apart from the "
+            "database)",
+            name,
+            shared,
+            len(query),
+        )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from csce_jax.data.sources import Source
+from csce_jax.data.base import Source
 
 QUERY_PER_CLASS = 30
 SPLIT_SEED = 20221012

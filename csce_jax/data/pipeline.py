@@ -21,15 +21,15 @@ import os
 import signal
 import threading
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import grain
 import numpy as np
 from absl import flags, logging
 
+from csce_jax.data.base import Source
 from csce_jax.data.images import DataError, center_crop, random_window, resized_rgb
-from csce_jax.data.sources import Source
-from csce_jax.processes import exit_with_parent
+from csce_jax.runtime.workers import exit_with_parent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,6 +230,25 @@ def _start_decoding_process(worker_index: int, num_workers: int) -> None:
     exit_with_parent()
 
 
+class LoaderArgs(TypedDict, total=False):
+    """The keywords both loaders take besides the source: the global batch, the view, this
+    host's place in the job, the host decoding, and whether unreadable images are skipped."""
+
+    global_batch: int
+    view: ViewConfig
+    process_index: int
+    process_count: int
+    workers: Workers
+    skip_corrupt: bool
+
+
+class TrainLoaderArgs(LoaderArgs, total=False):
+    """:class:`TrainLoader`'s keywords: the shared ones, the number of steps and the seed."""
+
+    num_steps: int
+    seed: int
+
+
 class _HostLoader:
     """What both loaders share: this host's share of each global batch of ``source``, decoded
     by ``workers``, with unreadable images skipped (and noted) where ``skip_corrupt``."""
@@ -237,12 +256,13 @@ class _HostLoader:
     def __init__(
         self,
         source: Source,
+        *,
         global_batch: int,
         view: ViewConfig,
-        process_index: int,
-        process_count: int,
-        workers: Workers,
-        skip_corrupt: bool,
+        process_index: int = 0,
+        process_count: int = 1,
+        workers: Workers = Workers(),
+        skip_corrupt: bool = False,
     ):
         if global_batch % process_count:
             raise ValueError(f"global batch {global_batch} not divisible by {process_count} hosts")
@@ -268,21 +288,9 @@ class TrainLoader(_HostLoader):
     release's random flip mirrors (:func:`apply_flips`; the training step does it on the
     devices)."""
 
-    def __init__(
-        self,
-        source: Source,
-        *,
-        global_batch: int,
-        num_steps: int,
-        seed: int,
-        view: ViewConfig,
-        process_index: int = 0,
-        process_count: int = 1,
-        workers: Workers = Workers(),
-        skip_corrupt: bool = False,
-    ):
-        share = (process_index, process_count, workers, skip_corrupt)
-        super().__init__(source, global_batch, view, *share)
+    def __init__(self, source: Source, *, num_steps: int, seed: int, **shared: Unpack[LoaderArgs]):
+        super().__init__(source, **shared)
+        global_batch = self.global_batch
         if len(source) < global_batch:
             raise DataError(
                 f"{source.name}: {len(source)} records, fewer than one batch of {global_batch}"
@@ -337,20 +345,9 @@ class EvalLoader(_HostLoader):
     """Host batches {"image", "label", "index"} over a whole split; the last is padded with
     blank images of index -1 (so every host runs the same steps), as are skipped images."""
 
-    def __init__(
-        self,
-        source: Source,
-        *,
-        global_batch: int,
-        view: ViewConfig,
-        process_index: int = 0,
-        process_count: int = 1,
-        workers: Workers = Workers(),
-        skip_corrupt: bool = False,
-    ):
-        share = (process_index, process_count, workers, skip_corrupt)
-        super().__init__(source, global_batch, view, *share)
-        self.num_steps = max(1, math.ceil(len(source) / global_batch))
+    def __init__(self, source: Source, **shared: Unpack[LoaderArgs]):
+        super().__init__(source, **shared)
+        self.num_steps = max(1, math.ceil(len(source) / self.global_batch))
 
     def _example(self, q: int) -> dict[str, Any]:
         pos = _stream_position(q, self.global_batch, self.host_batch, self.process_index)

@@ -34,13 +34,13 @@ from typing import Any
 import numpy as np
 
 import csce_jax.data.records as R
-from csce_jax.atomic import write_file_atomically, write_text_atomically
+from csce_jax.data.base import Source
 from csce_jax.data.datasets import DATASETS, RetrievalData, load_data
 from csce_jax.data.images import resized_rgb
-from csce_jax.data.sources import Source
 from csce_jax.errors import DataError
-from csce_jax.processes import start_niced_worker
-from csce_jax.progress import Progress
+from csce_jax.runtime.workers import start_niced_worker
+from csce_jax.utils.atomic import write_file_atomically, write_text_atomically
+from csce_jax.utils.progress import Progress
 
 VIEW_NAMES = ("train", "fit", "val", "database", "query")
 
@@ -350,4 +350,3 @@ def _summary(out: Path, splits, jobs, results, bad) -> dict[str, Any]:
         flush=True,
     )
     return summary
-

@@ -247,7 +247,7 @@ def load_prepared(data_cfg: Any) -> dict[str, Any]:
     """The fields of a record set's ``RetrievalData`` (``data.prepared``: name, class count,
     label kind, cut-off and the five views as sources), checked against the config's data
     settings; no image file is read."""
-    from csce_jax.data.sources import Source
+    from csce_jax.data.base import Source
 
     folder = Path(data_cfg.prepared)
     manifest = read_manifest(folder)

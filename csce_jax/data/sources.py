@@ -22,7 +22,6 @@ from absl import logging
 from csce_jax.data.base import Source, existing_records, text_lines
 from csce_jax.data.images import DataError
 
-
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 

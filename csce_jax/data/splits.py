@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from csce_jax.atomic import write_text_atomically
+from csce_jax.data.base import Source
 from csce_jax.data.datasets import load_data
-from csce_jax.data.sources import Source
+from csce_jax.utils.atomic import write_text_atomically
 
 
 def list_lines(source: Source, num_classes: int, root: str | None = None) -> list[str]:
@@ -53,4 +53,3 @@ def write_lists(cfg, out_dir: str | os.PathLike) -> dict[str, tuple[int, str]]:
         write_text_atomically(out_dir / fname, text)
         result[fname] = (len(src), hashlib.sha256(text.encode()).hexdigest())
     return result
-

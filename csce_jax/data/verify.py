@@ -18,12 +18,12 @@ from typing import Any
 
 import ml_collections
 
-from csce_jax.atomic import write_text_atomically
+from csce_jax.data.base import Source
 from csce_jax.data.datasets import RetrievalData
 from csce_jax.data.images import load_rgb
-from csce_jax.data.sources import Source
 from csce_jax.errors import DataError
-from csce_jax.progress import Progress
+from csce_jax.utils.atomic import write_text_atomically
+from csce_jax.utils.progress import Progress
 
 
 def _check(source: Source, i: int, resize: int) -> tuple[str, str] | None:
@@ -84,4 +84,3 @@ def verify_data(
             "them, or set data.skip_corrupt=True to train without them"
         )
     return result
-

@@ -86,4 +86,3 @@ def binarize(
     """
     x = v if raw_eval_band else squash(v)
     return dynamic_sign(x, t, "release", balance=balance)
-

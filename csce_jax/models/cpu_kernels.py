@@ -22,7 +22,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from csce_jax.numerics import widened
+from csce_jax.models.dtypes import widened
 
 
 def pointwise_or_general_conv(

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from csce_jax.models.dtypes import widened
 from csce_jax.models.layers import BatchNorm, conv, linear, resolve_kernels, torch_uniform_init
 from csce_jax.models.resnet import RESNET50_DEPTHS, ResNet, downsampled_size
-from csce_jax.numerics import widened
 
 Dtype = Any
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

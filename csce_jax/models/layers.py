@@ -21,7 +21,7 @@ from flax import nnx
 
 import csce_jax.models.cpu_kernels as cpu_kernels
 from csce_jax.config.schema import choices
-from csce_jax.numerics import widened
+from csce_jax.models.dtypes import widened
 
 Dtype = Any
 

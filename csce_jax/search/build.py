@@ -9,15 +9,15 @@ import jax
 import ml_collections
 
 from csce_jax.errors import CodesError
-from csce_jax.run_reader import run_config
+from csce_jax.runs.reader import run_config
 from csce_jax.search import collection, engines, milvus
+from csce_jax.search.encoder import RunEncoder
 from csce_jax.search.index import (
     DEFAULT_SHARD_SIZE,
     encode_shards,
     finish_index,
     insert_into_milvus,
 )
-from csce_jax.search.model import RunEncoder
 
 
 def choose_collection(

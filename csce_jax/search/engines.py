@@ -1,6 +1,6 @@
 """Search engines over packed binary codes: our exact scan, and faiss's binary indexes.
 
-- ``scan``: XOR + popcount over every code (``csce_jax.metrics.search_topk``); exact, ties in
+- ``scan``: XOR + popcount over every code (``csce_jax.retrieval.metrics.search_topk``); exact, ties in
   index order; no build step. The default, right up to a few million codes.
 - ``faiss-flat``: ``faiss.IndexBinaryFlat``, the same exact scan in faiss (same hits, ties in
   index order).
@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from csce_jax.atomic import write_file_atomically
-from csce_jax.digest import file_digest
 from csce_jax.errors import CodesError
 from csce_jax.search import milvus
+from csce_jax.utils.atomic import write_file_atomically
+from csce_jax.utils.digest import file_digest
 
 ENGINES = ("scan", "faiss-flat", "faiss-ivf", "faiss-hnsw", "milvus")
 FAISS_INSTALL = "pip install faiss-cpu==1.15.1"
@@ -90,7 +90,7 @@ class Engine:
         return idx.astype(np.int64), dist.astype(np.int64)
 
     def _search_among(self, packed_queries, k, among):
-        from csce_jax.metrics import search_topk
+        from csce_jax.retrieval.metrics import search_topk
 
         if not len(among):
             empty = np.zeros((len(packed_queries), 0), np.int64)
@@ -196,7 +196,7 @@ def load(
         return MilvusEngine(codes, bits, record, store, rows)
     check_engine(name, params)
     if name == "scan":
-        from csce_jax.metrics import CodeScanner
+        from csce_jax.retrieval.metrics import CodeScanner
 
         return Engine(name, codes, bits, params, CodeScanner(codes, bits))
     if name == "faiss-flat":

@@ -29,14 +29,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from csce_jax.atomic import write_file_atomically, write_json_atomically
-from csce_jax.digest import file_digest, json_digest
 from csce_jax.errors import CodesError
-from csce_jax.metrics import pack_codes
-from csce_jax.progress import Progress
+from csce_jax.retrieval.metrics import pack_codes
 from csce_jax.search import engines, milvus
 from csce_jax.search.collection import Collection
-from csce_jax.search.model import RunEncoder
+from csce_jax.search.encoder import RunEncoder
+from csce_jax.utils.atomic import write_file_atomically, write_json_atomically
+from csce_jax.utils.digest import file_digest, json_digest
+from csce_jax.utils.progress import Progress
 
 INDEX_VERSION = 3
 DEFAULT_SHARD_SIZE = 50_000

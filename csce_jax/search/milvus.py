@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from csce_jax.atomic import write_json_atomically
 from csce_jax.errors import CodesError
+from csce_jax.utils.atomic import write_json_atomically
 
 INSTALL = "pip install pymilvus==2.6.17 milvus-lite==2.5.1 'setuptools<81'"
 LITE_FILE = "milvus.db"

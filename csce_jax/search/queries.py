@@ -12,13 +12,13 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from csce_jax.atomic import write_text_atomically
 from csce_jax.errors import CodesError
-from csce_jax.metrics import pack_codes
+from csce_jax.retrieval.metrics import pack_codes
+from csce_jax.retrieval.pictures import hits_strip
 from csce_jax.search import collection
+from csce_jax.search.encoder import RunEncoder
 from csce_jax.search.index import Index, load_index
-from csce_jax.search.model import RunEncoder
-from csce_jax.viz import hits_strip
+from csce_jax.utils.atomic import write_text_atomically
 
 HIT_FIELDS = ("rank", "distance", "index", "label", "path")
 

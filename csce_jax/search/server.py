@@ -31,7 +31,7 @@ from PIL import Image
 
 from csce_jax.data.images import MAX_RESIZED_PIXELS, load_rgb, resized_size
 from csce_jax.errors import CodesError, CsceError
-from csce_jax.metrics import unpack_codes
+from csce_jax.retrieval.metrics import unpack_codes
 from csce_jax.search.queries import Searcher
 
 MAX_UPLOAD_BYTES = 20 * 2**20

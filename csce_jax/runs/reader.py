@@ -3,7 +3,7 @@ any) checkpoint restored into abstract targets, checked against the config's has
 
 ``eval.py``, :func:`csce_jax.load_model`, search and the trainer's resume check read runs
 through it. It never creates, cleans up or deletes anything in a run that may be training; the
-writing side is :class:`csce_jax.workdir.RunWriter`.
+writing side is :class:`csce_jax.runs.writer.RunWriter`.
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from csce_jax import builders, sharding, state
-from csce_jax.checkpointing import Checkpoints, abstract_on
 from csce_jax.config.files import read_config_json
 from csce_jax.config.schema import from_json
-from csce_jax.encoding import Encoder
 from csce_jax.errors import CheckpointError, WorkdirError
-from csce_jax.workdir import layout
+from csce_jax.retrieval.encoder import Encoder
+from csce_jax.runs import builders, state
+from csce_jax.runs.checkpoints import Checkpoints, abstract_on
+from csce_jax.runs.writer import layout
+from csce_jax.runtime import sharding
 
 
 @dataclasses.dataclass
@@ -37,7 +38,7 @@ class Restored:
 
     @property
     def pair(self) -> tuple[Any, Any]:
-        """``(params, rest)``, what :class:`csce_jax.encoding.Encoder` takes."""
+        """``(params, rest)``, what :class:`csce_jax.retrieval.encoder.Encoder` takes."""
         return self.weights["params"], self.weights["rest"]
 
     def model(self) -> nnx.Module:
@@ -101,8 +102,7 @@ class RunReader:
         log says so); an explicit ``step`` that does not restore is an error."""
         num_classes = self.num_classes()
         model = nnx.eval_shape(lambda: builders.create_model(config, num_classes))
-        eval_graphdef = nnx.graphdef(nnx.view(model, use_running_average=True))
-        _, params, rest = nnx.split(model, nnx.Param, ...)
+        _, eval_graphdef, params, rest = state.split_model(model)
         mesh = mesh if mesh is not None else sharding.make_mesh()
         target = abstract_on({"params": params, "rest": rest}, sharding.replicated(mesh))
         ckpts = self.checkpoints
@@ -110,9 +110,8 @@ class RunReader:
             raise CheckpointError(f"no checkpoint in {ckpts.directory}")
         wanted = step if step is not None else ckpts.best_step() or ckpts.steps()[-1]
         got, weights, meta = ckpts.restore_weights(target, wanted, fallback=step is None)
-        state.check_centers(
-            meta, state.config_fingerprint(config, num_classes), ckpts.directory / str(got)
-        )
+        fingerprint = builders.config_fingerprint(config, num_classes)
+        state.check_centers(meta, fingerprint, ckpts.directory / str(got))
         return Restored(eval_graphdef, weights, got, meta)
 
     def encoding(

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from csce_jax import metrics
+from csce_jax.data.base import Source
 from csce_jax.data.images import center_crop, load_rgb
 from csce_jax.data.pipeline import ViewConfig, resized_image
-from csce_jax.data.sources import Source
+from csce_jax.retrieval import metrics
 
 PR_CURVE_SIZE = (600, 450)  # pixels of pr_curve.png
 GRID_CELL = 96  # pixels per image in retrieval_grid.png (plus a 4-pixel frame)

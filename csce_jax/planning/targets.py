@@ -25,8 +25,8 @@ from typing import Any
 
 import jax
 
-from csce_jax import hardware, hostmem
 from csce_jax.errors import ConfigError
+from csce_jax.runtime import chips, hostmem
 
 # Cloud TPU slice names count chips (v5e, v6e) or TensorCores (v4, v5p: two per chip).
 CORES_PER_CHIP = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}
@@ -55,7 +55,7 @@ class Target:
     platform: str  # "tpu", "cpu" or "gpu"
     devices: tuple[Any, ...]
     topology: str  # JAX's topology name, or the platform and count
-    chip: hardware.Chip | None
+    chip: chips.Chip | None
 
     @property
     def device_kind(self) -> str:
@@ -128,7 +128,7 @@ def _tpu(name: str) -> Target:
             problem = f'libtpu is not installed (pip install "jax[tpu]=={jax.__version__}")'
         raise ConfigError(f"--target {name}: cannot describe this TPU slice: {problem}") from None
     devices = tuple(desc.devices)
-    return Target(name, "tpu", devices, topology, hardware.chip_of(devices[0].device_kind))
+    return Target(name, "tpu", devices, topology, chips.chip_of(devices[0].device_kind))
 
 
 def libtpu_without_a_tpu(names: list[str]) -> None:
@@ -164,7 +164,7 @@ def _local(name: str) -> Target:
     platform = devices[0].platform
     platform = "gpu" if platform in ("cuda", "rocm") else platform
     kind = devices[0].device_kind
-    return Target(name, platform, devices, f"{platform} x {len(devices)}", hardware.chip_of(kind))
+    return Target(name, platform, devices, f"{platform} x {len(devices)}", chips.chip_of(kind))
 
 
 def _gpu(name: str) -> Target:
@@ -175,7 +175,7 @@ def _gpu(name: str) -> Target:
     except Exception:  # every failure here means the same: no GPU topology
         raise ConfigError(f"--target {name}: {GPU_REFUSAL}") from None
     devices = tuple(desc.devices)
-    return Target(name, "gpu", devices, name, hardware.chip_of(devices[0].device_kind))
+    return Target(name, "gpu", devices, name, chips.chip_of(devices[0].device_kind))
 
 
 def resolve(name: str) -> Target:

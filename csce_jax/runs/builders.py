@@ -1,8 +1,10 @@
-"""Config -> objects: the model (with its centres), the optimiser, and the typed options of
-the loss, the training step and encoding.
+"""Config -> a run's parts: the model (with its centres), the optimiser, and the typed options of
+the loss, the training step, encoding and the training loader.
 
-Shared by training, evaluation and search so that all three read a config the same way; the
-library below them takes these objects, or the one config block it needs.
+:func:`run_parts` is the one call a run makes; the functions it is made of serve the readers
+that need one part (a run's encoder, the model of a weights file). Training, evaluation, search,
+``csce-plan`` and the PyTorch comparison all read a config through this module, so that all of
+them read it the same way; the libraries below take these objects, never the config.
 """
 
 from __future__ import annotations
@@ -16,14 +18,46 @@ import numpy as np
 import optax
 from flax import nnx
 
-from csce_jax.data.pipeline import ViewConfig, Workers
-from csce_jax.encoding import EncodeOptions, Encoder
-from csce_jax.hashing import hash_centers
-from csce_jax.losses import LossOptions
+from csce_jax.convert.pretrained import initialize_from
+from csce_jax.data.pipeline import TrainLoaderArgs, ViewConfig, Workers
+from csce_jax.hashing import centers_fingerprint, hash_centers
+from csce_jax.hashing.loss import LossOptions
 from csce_jax.models import CSCENet
 from csce_jax.models.layers import resolve_kernels
-from csce_jax.optim import learning_rate_schedule, make_optimizer, with_frozen
-from csce_jax.train_step import StepOptions
+from csce_jax.retrieval.encoder import EncodeOptions, Encoder
+from csce_jax.runs.optimizer import learning_rate_schedule, make_optimizer, with_frozen
+from csce_jax.runs.parts import RunParts, StepOptions
+
+
+def run_parts(
+    config: ml_collections.ConfigDict,
+    num_classes: int,
+    multilabel: bool = False,
+    *,
+    abstract: bool = False,
+    platform: str | None = None,
+    init_from: str = "",
+) -> RunParts:
+    """Every part of a run of ``config`` on ``num_classes`` classes. ``abstract``: the model's
+    leaves are shapes only (a restore or compile target; nothing is allocated); ``platform``:
+    where its programs run (see :func:`create_model`); ``init_from``: a weights file loaded into
+    the (concrete) model, with ``model.init_scope``."""
+    if abstract:
+        model = nnx.eval_shape(lambda: create_model(config, num_classes, platform=platform))
+    else:
+        model = create_model(config, num_classes, platform=platform)
+        if init_from:
+            initialize_from(model, init_from, scope=config.model.init_scope)
+    tx, schedule = create_optimizer(config)
+    return RunParts(
+        model=model,
+        tx=tx,
+        schedule=schedule,
+        fingerprint=config_fingerprint(config, num_classes),
+        step=step_options(config, multilabel),
+        encode=encode_options(config),
+        train_loader=train_loader_args(config),
+    )
 
 
 def view_config(config: ml_collections.ConfigDict, *, train: bool) -> ViewConfig:
@@ -37,11 +71,21 @@ def decode_workers(config: ml_collections.ConfigDict) -> Workers:
     return Workers(config.data.num_workers, config.data.worker_processes)
 
 
-def make_encoder(
-    config: ml_collections.ConfigDict, graphdef: Any, mesh: jax.sharding.Mesh
-) -> Encoder:
-    """The encoder of ``config``'s evaluation: its batch, view, decoding and DSF settings."""
-    options = EncodeOptions(
+def train_loader_args(config: ml_collections.ConfigDict) -> TrainLoaderArgs:
+    """The training loader's settings: batch, steps, seed, view, decoding, corrupt images."""
+    return TrainLoaderArgs(
+        global_batch=config.batch_size,
+        num_steps=config.total_steps,
+        seed=config.seed,
+        view=view_config(config, train=True),
+        workers=decode_workers(config),
+        skip_corrupt=config.data.skip_corrupt,
+    )
+
+
+def encode_options(config: ml_collections.ConfigDict) -> EncodeOptions:
+    """How ``config``'s evaluation encodes: its batch, view, decoding and DSF settings."""
+    return EncodeOptions(
         batch=config.eval_batch_size,
         view=view_config(config, train=False),
         workers=decode_workers(config),
@@ -49,7 +93,13 @@ def make_encoder(
         raw_eval_band=config.release_compat.raw_eval_band,
         balance=balance(config),
     )
-    return Encoder(graphdef, options, mesh)
+
+
+def make_encoder(
+    config: ml_collections.ConfigDict, graphdef: Any, mesh: jax.sharding.Mesh
+) -> Encoder:
+    """The encoder of ``config``'s evaluation for the model structure ``graphdef``."""
+    return Encoder(graphdef, encode_options(config), mesh)
 
 
 def compute_dtype(config: ml_collections.ConfigDict) -> Any:
@@ -87,6 +137,11 @@ def create_model(
     )
 
 
+def config_fingerprint(config: ml_collections.ConfigDict, num_classes: int) -> str:
+    """The fingerprint of the hash centres this config gives for ``num_classes`` classes."""
+    return centers_fingerprint(hash_centers(num_classes, config.bits, seed=config.centers_seed))
+
+
 def create_optimizer(
     config: ml_collections.ConfigDict,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -106,7 +161,7 @@ def balance(config: ml_collections.ConfigDict) -> float | None:
 
 
 def loss_options(config: ml_collections.ConfigDict, multilabel: bool) -> LossOptions:
-    """The options of :func:`csce_jax.losses.csce_loss` for this config."""
+    """The options of :func:`csce_jax.hashing.loss.csce_loss` for this config."""
     lc = config.loss
     return LossOptions(
         multilabel=bool(multilabel),
@@ -124,7 +179,7 @@ def loss_options(config: ml_collections.ConfigDict, multilabel: bool) -> LossOpt
 
 
 def step_options(config: ml_collections.ConfigDict, multilabel: bool) -> StepOptions:
-    """The options of the training step (:mod:`csce_jax.train_step`) for this config."""
+    """The options of the training step (:mod:`csce_jax.train.step`) for this config."""
     return StepOptions(
         seed=int(config.seed),
         margin=float(config.loss.margin),

@@ -7,33 +7,39 @@ Nothing is run and no weight or image is made: the steps are lowered on abstract
 trainer would compile them there (the same ``make_train_step`` and ``make_encode_step``, the
 same ('data',) mesh over every device of every host, the same shardings). Per device, the
 report gives the argument, temporary, output and code bytes against the chip's memory; the
-FLOPs per step by XLA's cost analysis beside our analytic count (``csce_jax.flops``); a
+FLOPs per step by XLA's cost analysis beside our analytic count (``csce_jax.train.flops``); a
 step-time lower bound from the chip's peak FLOP/s and memory bandwidth
-(``csce_jax.hardware``); and the collectives of the compiled program.
+(``csce_jax.runtime.chips``); and the collectives of the compiled program.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental.compilation_cache import compilation_cache
 
-from csce_jax import flops, hardware, sharding, state
-from csce_jax.builders import balance, step_options
 from csce_jax.config import check_config, resolve_epochs
 from csce_jax.data.datasets import DATASETS
-from csce_jax.encoding import make_encode_step
 from csce_jax.errors import ConfigError
 from csce_jax.models.layers import resolve_kernels
-from csce_jax.targets import Target
-from csce_jax.train_step import make_train_step
+from csce_jax.planning.targets import Target
+from csce_jax.retrieval.encoder import make_encode_step
+from csce_jax.runs.builders import run_parts
+from csce_jax.runs.parts import RunParts
+from csce_jax.runs.state import TrainSetup, abstract_train_state
+from csce_jax.runtime import chips, sharding
+from csce_jax.train import flops
+from csce_jax.train.step import make_train_step
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2}
@@ -150,7 +156,7 @@ def _cost(compiled: Any) -> dict[str, float]:
     return cost or {}
 
 
-def program_figures(compiled: Any, chip: hardware.Chip | None, dtype: str) -> dict[str, Any]:
+def program_figures(compiled: Any, chip: chips.Chip | None, dtype: str) -> dict[str, Any]:
     """Per-device memory, FLOPs, bytes accessed, collectives and the step-time lower bound of
     one compiled program."""
     mem = compiled.memory_analysis()
@@ -178,14 +184,14 @@ def program_figures(compiled: Any, chip: hardware.Chip | None, dtype: str) -> di
 def step_bound(
     flops_per_device: float | None,
     bytes_accessed: float | None,
-    chip: hardware.Chip | None,
+    chip: chips.Chip | None,
     dtype: str,
 ) -> dict[str, float | None]:
     """The step can take no less than its FLOPs at the chip's peak, nor than its memory
     traffic at the chip's bandwidth: the larger of the two (None where the chip is unknown)."""
     if chip is None or not flops_per_device:
         return {"bound_s": None, "compute_bound_s": None, "memory_bound_s": None}
-    compute = flops_per_device / hardware.peak(chip, dtype)
+    compute = flops_per_device / chips.peak(chip, dtype)
     memory = (bytes_accessed or 0.0) / chip.hbm_bytes_per_s
     return {"bound_s": max(compute, memory), "compute_bound_s": compute, "memory_bound_s": memory}
 
@@ -201,15 +207,27 @@ class DoesNotFit(Exception):
 _REQUIRED = re.compile(r"\(([\d.]+)([KMGT])\) exceeds available")
 
 
+@contextlib.contextmanager
+def _without_compilation_cache() -> Iterator[None]:
+    """JAX's persistent compilation cache off for the block, as it was after. JAX decides once,
+    at a process's first compile, whether the cache is used: the reset makes it decide again."""
+    before = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", before)
+        compilation_cache.reset_cache()
+
+
 def _compile(fn: Any, *args: Any) -> tuple[Any, float]:
     """Lower and compile; JAX's persistent cache is left out: a program for devices this host
     does not have can be written to it but not read back (each later read warns). A program
     too large for the device raises :class:`DoesNotFit` (XLA:TPU refuses to compile it)."""
-    from jax._src.config import enable_compilation_cache
-
     start = time.perf_counter()
     try:
-        with enable_compilation_cache(False):
+        with _without_compilation_cache():
             compiled = fn.lower(*args).compile()
     except jax.errors.JaxRuntimeError as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -232,31 +250,44 @@ def _same_layout(shardings: Any, expected: Any) -> bool:
     return all(s.is_equivalent_to(e.sharding, len(e.shape)) for s, e in pairs)
 
 
+@dataclasses.dataclass
+class AbstractRun:
+    """A run laid on a target's devices without allocating it: the trainer's mesh over them,
+    the training state (shapes and shardings only) with the layers of the target's platform,
+    and the run's parts (the step's and encoding's options)."""
+
+    mesh: jax.sharding.Mesh
+    setup: TrainSetup
+    parts: RunParts
+
+
 def abstract_run(
     config: ml_collections.ConfigDict, target: Target, request: Request
-) -> tuple[jax.sharding.Mesh, state.TrainSetup]:
-    """The trainer's mesh over ``target``'s devices and the training state laid on it,
-    abstract (shapes and shardings only), with the layers of the target's platform."""
+) -> AbstractRun:
+    """The run of ``config`` on ``target``'s devices, abstract (see :class:`AbstractRun`)."""
     mesh = sharding.make_mesh(devices=target.devices)
-    setup = state.abstract_train_state(
-        config, request.num_classes, sharding.replicated(mesh), platform=target.platform
+    parts = run_parts(
+        config, request.num_classes, request.multilabel, abstract=True, platform=target.platform
     )
-    return mesh, setup
+    setup = abstract_train_state(
+        parts.model, parts.tx, parts.schedule, parts.fingerprint, sharding.replicated(mesh)
+    )
+    return AbstractRun(mesh, setup, parts)
 
 
 def compile_train(
     config: ml_collections.ConfigDict,
     target: Target,
     request: Request,
-    run: tuple[jax.sharding.Mesh, state.TrainSetup] | None = None,
+    run: AbstractRun | None = None,
 ) -> dict[str, Any]:
     """The training step compiled for ``target``: its figures, compile time, and whether the
     checkpoint's layout (the state restored into replicated abstract targets) is the step's
     own input and output layout, so a restored state needs no reshard. ``run``: the
     :func:`abstract_run` already made for this config and target."""
-    mesh, setup = run or abstract_run(config, target, request)
-    options = step_options(config, request.multilabel)
-    step = make_train_step(setup.graphdef, setup.tx, setup.schedule, options, mesh)
+    run = run or abstract_run(config, target, request)
+    mesh, setup = run.mesh, run.setup
+    step = make_train_step(setup.graphdef, setup.tx, setup.schedule, run.parts.step, mesh)
     try:
         compiled, seconds = _compile(step, setup.state, abstract_batch(mesh, config, request))
     except DoesNotFit as e:
@@ -277,16 +308,14 @@ def compile_encode(
     config: ml_collections.ConfigDict,
     target: Target,
     request: Request,
-    run: tuple[jax.sharding.Mesh, state.TrainSetup] | None = None,
+    run: AbstractRun | None = None,
 ) -> dict[str, Any]:
     """The encoding step (forward, DSF, and the all-gather of codes and indices every host
     reads) compiled for ``target`` (``run``: as for :func:`compile_train`)."""
-    mesh, setup = run or abstract_run(config, target, request)
+    run = run or abstract_run(config, target, request)
+    mesh, setup, encode = run.mesh, run.setup, run.parts.encode
     step = make_encode_step(
-        setup.eval_graphdef,
-        mesh,
-        raw_eval_band=config.release_compat.raw_eval_band,
-        bal=balance(config),
+        setup.eval_graphdef, mesh, raw_eval_band=encode.raw_eval_band, bal=encode.balance
     )
     b, crop, spec = config.eval_batch_size, config.data.crop, sharding.data_sharded(mesh)
     weights = (setup.state["params"], setup.state["rest"])

@@ -8,12 +8,12 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from csce_jax import state
+from csce_jax.data.base import Source
 from csce_jax.data.pipeline import Workers
-from csce_jax.data.sources import Source
-from csce_jax.encoding import Encoder
 from csce_jax.errors import CodesError
-from csce_jax.run_reader import RunReader
+from csce_jax.retrieval.encoder import Encoder
+from csce_jax.runs import builders
+from csce_jax.runs.reader import RunReader
 from csce_jax.search.collection import full_path
 
 
@@ -51,7 +51,7 @@ class RunEncoder:
         self.config = config
         self.meta: dict[str, Any] = {
             "bits": int(config.bits),
-            "centers": state.config_fingerprint(config, num_classes),
+            "centers": builders.config_fingerprint(config, num_classes),
             "workdir": str(full_path(workdir)),
             "step": int(got_step),
         }

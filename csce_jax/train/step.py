@@ -1,14 +1,13 @@
-"""The training step: one pure, jitted function of (state, batch), and the options it takes.
+"""The training step: one pure, jitted function of (state, batch) and the loss it differentiates.
 
-The step reads no config: :class:`StepOptions` (built from a config by
-``builders.step_options``) carries what it needs, so that a compiled step depends on these
+The step reads no config: :class:`~csce_jax.runs.parts.StepOptions` (built from a config by
+:func:`csce_jax.runs.builders.run_parts`) carries what it needs, so that a compiled step depends on these
 values only and the same step serves training, ``csce-plan`` and the PyTorch comparison. Its
 randomness (the elastic margins) comes from ``fold_in(key(seed), step)``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -16,22 +15,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from csce_jax import sharding
-from csce_jax.losses import LossOptions, csce_loss, elastic_margins
+from csce_jax.hashing.loss import LossOptions, csce_loss, elastic_margins
 from csce_jax.models.csce import CSCEOutput
-
-
-@dataclasses.dataclass(frozen=True)
-class StepOptions:
-    """What the training step needs besides the model and optimiser: the seed of its per-step
-    keys, the elastic margin's mean and spread (a multi-label loss uses the mean as a fixed
-    margin), rematerialisation, and the loss's options."""
-
-    seed: int = 0
-    margin: float = 0.15
-    margin_std: float = 0.125
-    remat: bool = False
-    loss: LossOptions = dataclasses.field(default_factory=LossOptions)
+from csce_jax.runs.parts import StepOptions
+from csce_jax.runtime import sharding
 
 
 def fold_key(seed: int, step: jax.Array) -> jax.Array:

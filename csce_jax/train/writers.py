@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from csce_jax.atomic import write_text_atomically
-from csce_jax.workdir import layout
+from csce_jax.runs.writer import layout
+from csce_jax.utils.atomic import write_text_atomically
 
 
 class MetricsLog:

@@ -7,12 +7,12 @@ import os
 from pathlib import Path
 
 import jax
+import jax.extend.backend
 import ml_collections
 from absl import logging
-from jax._src import xla_bridge
 
 from csce_jax.errors import ConfigError
-from csce_jax.hostmem import accelerator_present, gpu_present
+from csce_jax.runtime.hostmem import accelerator_present, gpu_present
 
 # The CPU-tuned layers (model.kernels="cpu") give XLA:GPU dots that its Triton GEMM fusion
 # cannot tile: compiling the training step aborts in triton_tiling_propagation.cc. With Triton
@@ -44,7 +44,7 @@ def set_xla_flags(config: ml_collections.ConfigDict) -> None:
     wanted = xla_flags_for(config.model.kernels, gpu_present(), flags)
     if wanted is None:
         return
-    if xla_bridge.backends_are_initialized():
+    if backends_started():
         if jax.default_backend() == "gpu":
             raise ConfigError(
                 f"model.kernels='cpu' on a GPU needs XLA_FLAGS={TRITON_GEMM_OFF} before JAX "
@@ -54,6 +54,14 @@ def set_xla_flags(config: ml_collections.ConfigDict) -> None:
         return
     os.environ["XLA_FLAGS"] = wanted
     logging.info("model.kernels=cpu on a GPU host: XLA_FLAGS=%r", wanted)
+
+
+def backends_started() -> bool:
+    """Whether JAX has created its backends (XLA_FLAGS no longer applies then). JAX has no
+    public query for it; every backend is reached through ``jax.extend.backend.get_backend``,
+    whose cache holds an entry for each backend asked for."""
+    cache_info = getattr(jax.extend.backend.get_backend, "cache_info", None)
+    return bool(cache_info is not None and cache_info().currsize)
 
 
 def prepare_jax(config: ml_collections.ConfigDict) -> None:

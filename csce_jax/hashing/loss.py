@@ -1,6 +1,6 @@
 """The CSCE-Net loss (the release's "OrthoHashLoss"): margin cross-entropy plus quantisation.
 
-Pure functions of arrays, computed in float32 (float64 for float64 inputs, ``numerics``). The
+Pure functions of arrays, computed in float32 (float64 for float64 inputs, :mod:`csce_jax.models.dtypes`). The
 per-sample elastic margin is drawn from a JAX key by :func:`elastic_margins`, so a step is
 reproducible from (seed, step).
 """
@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from csce_jax.hashing.dsf import Estimator, dynamic_sign, squash
-from csce_jax.numerics import widened
+from csce_jax.models.dtypes import widened
 
 ARC_CLIP = 0.99999
 

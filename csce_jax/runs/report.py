@@ -1,5 +1,5 @@
 """Scoring: every figure ``eval.py`` reports, for a run's checkpoint, a weights file, or codes
-made elsewhere (``.npy``), with the metric of ``csce_jax.metrics``."""
+made elsewhere (``.npy``), with the metric of ``csce_jax.retrieval.metrics``."""
 
 from __future__ import annotations
 
@@ -10,14 +10,17 @@ import jax
 import ml_collections
 import numpy as np
 
-from csce_jax import metrics, retrieval, runtime, state, viz
-from csce_jax.atomic import write_file_atomically, write_json_atomically
-from csce_jax.builders import make_encoder, view_config
 from csce_jax.data import load_data
 from csce_jax.errors import CodesError, ConfigError
-from csce_jax.run_reader import RunReader
-from csce_jax.sharding import make_mesh, replicated
-from csce_jax.workdir import layout
+from csce_jax.retrieval import evaluator, metrics, pictures
+from csce_jax.retrieval.encoder import Encoder
+from csce_jax.retrieval.evaluator import RetrievalEvaluator
+from csce_jax.runs import builders, state
+from csce_jax.runs.reader import RunReader
+from csce_jax.runs.writer import layout
+from csce_jax.runtime import startup
+from csce_jax.runtime.sharding import make_mesh, replicated
+from csce_jax.utils.atomic import write_file_atomically, write_json_atomically
 
 
 def save_codes(out_dir: Path, name: str, enc: dict[str, np.ndarray]) -> None:
@@ -51,20 +54,19 @@ def run_eval(
         config = config if reader is None else reader.config(config)
         if prepared:
             config.data.prepared = prepared
-        runtime.prepare_jax(config)  # before JAX starts its backends
+        startup.prepare_jax(config)  # before JAX starts its backends
         run = None if reader is None else reader.encoding(config, step)
     finally:
         if reader is not None:
             reader.close()
     data = load_data(config.data)
     if run is None:
-        mesh = make_mesh()
-        graphdef, weights = state.weights_from_file(config, data.num_classes, weights_file)
-        pair = jax.device_put((weights["params"], weights["rest"]), replicated(mesh))
-        encoder, got_step = make_encoder(config, graphdef, mesh), f"weights file {weights_file}"
+        encoder, pair = file_encoding(config, data.num_classes, weights_file)
+        got_step: int | str = f"weights file {weights_file}"
     else:
         encoder, pair, got_step = run.encoder, run.weights, run.step
-    query, database = retrieval.encode_pair(encoder, pair, data.query, data.database)
+    scoring = RetrievalEvaluator(encoder, data.query, data.database, data.topk, curves=True)
+    query, database = scoring.encode(pair)
     out_dir = layout(workdir).eval
     out_dir.mkdir(parents=True, exist_ok=True)
     save_codes(out_dir, "query", query)
@@ -72,26 +74,39 @@ def run_eval(
     result: dict[str, Any] = {"checkpoint_step": got_step, "data": config.data.name}
     if export_only:
         return {**result, "bits": config.bits, "written_to": str(out_dir)}
-    result.update(retrieval.score(query, database, data.topk, curves=True))
+    result.update(scoring.score(query, database))
     write_figures(out_dir, result, data, query, database, config, grid_queries)
     return {**result, "written_to": str(out_dir)}
+
+
+def file_encoding(
+    config: ml_collections.ConfigDict, num_classes: int, weights_file: str
+) -> tuple[Encoder, tuple[Any, Any]]:
+    """The encoder of ``config``'s evaluation and the weights of ``weights_file`` (converted or
+    PyTorch) on this host's devices."""
+    mesh = make_mesh()
+    graphdef, weights = state.weights_from_file(
+        builders.create_model(config, num_classes), weights_file
+    )
+    pair = jax.device_put((weights["params"], weights["rest"]), replicated(mesh))
+    return builders.make_encoder(config, graphdef, mesh), pair
 
 
 def write_figures(out_dir: Path, result, data, query, database, config, grid_queries: int) -> None:
     """``pr_curve.png``, ``retrieval_grid.png`` (``grid_queries`` evenly spaced queries) and
     ``metrics.json``."""
     title = f"{config.data.name}, {config.bits} bits, step {result['checkpoint_step']}"
-    viz.plot_pr_curve(result["pr_curve"], str(out_dir / "pr_curve.png"), title)
+    pictures.plot_pr_curve(result["pr_curve"], str(out_dir / "pr_curve.png"), title)
     n = len(query["index"])
     rows = np.linspace(0, n - 1, min(grid_queries, n), dtype=int)
-    viz.retrieval_grid(
+    pictures.retrieval_grid(
         data.query,
         data.database,
         query,
         database,
         [int(query["index"][r]) for r in rows],
         str(out_dir / "retrieval_grid.png"),
-        view_config(config, train=False),
+        builders.view_config(config, train=False),
     )
     write_json_atomically(out_dir / "metrics.json", result)
 
@@ -194,6 +209,6 @@ def score_npy(
         )
     if topk is not None and topk <= 0:
         raise CodesError(f"--topk {topk}: must be positive (or -1 for the whole database)")
-    return retrieval.score(
+    return evaluator.score(
         {"codes": q, "labels": ql}, {"codes": d, "labels": dl}, topk, curves=True
     )

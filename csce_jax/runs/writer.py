@@ -1,6 +1,6 @@
 """A run folder's writing side: its layout, one trainer at a time, and a record of the config it
 was started and resumed with. :class:`RunWriter` (here, the trainer's) and
-:class:`csce_jax.run_reader.RunReader` (everything that only reads a run) are the pair.
+:class:`csce_jax.runs.reader.RunReader` (everything that only reads a run) are the pair.
 
 - **Lock**: ``<workdir>/.lock`` is held with ``flock`` while ``train.py`` runs. A second trainer
   on the same folder is refused at once, naming the process that holds it. The kernel drops
@@ -28,9 +28,9 @@ from typing import Any
 
 import ml_collections
 
-from csce_jax.atomic import write_text_atomically
 from csce_jax.config.schema import flatten, resumable
 from csce_jax.errors import WorkdirError
+from csce_jax.utils.atomic import write_text_atomically
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,4 +186,3 @@ class RunWriter:
         }
         with open(self.layout.history, "a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
-

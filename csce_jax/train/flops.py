@@ -25,7 +25,8 @@ import jax
 from flax import nnx
 from jax.extend import core as jax_core
 
-from csce_jax import builders, hardware
+from csce_jax.runs import builders
+from csce_jax.runtime import chips
 
 
 def _conv_flops(eqn) -> int:
@@ -88,9 +89,9 @@ def model_flops_per_image(
 
 
 def peak_flops(device: jax.Device, dtype: str) -> float | None:
-    """The device's dense peak FLOP/s for ``dtype`` (:mod:`csce_jax.hardware`), if known."""
-    chip = hardware.chip_of(getattr(device, "device_kind", "") or "")
-    return hardware.peak(chip, dtype) if chip is not None else None
+    """The device's dense peak FLOP/s for ``dtype`` (:mod:`csce_jax.runtime.chips`), if known."""
+    chip = chips.chip_of(getattr(device, "device_kind", "") or "")
+    return chips.peak(chip, dtype) if chip is not None else None
 
 
 def mfu(flops_per_image: float, images_per_sec: float, devices: int, peak: float | None):

@@ -1,6 +1,6 @@
 """Training: the loop around the jitted step (resume, logging, evaluation, checkpoints, stopping).
 
-The step (:mod:`csce_jax.train_step`, built from the config's :class:`StepOptions`) is a pure
+The step (:mod:`csce_jax.train.step`, built from the config's :class:`StepOptions`) is a pure
 function of (state, batch) under ``jax.jit`` on a ('data',) mesh over every
 device of every host: parameters replicated, the batch sharded, the state donated; its randomness
 (the elastic margins) comes from ``fold_in(key(seed), step)``. The data order is a function of
@@ -21,7 +21,6 @@ import json
 import math
 import os
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -30,61 +29,28 @@ import jax
 import ml_collections
 from absl import logging
 
-from csce_jax import builders, flops, hostmem, retrieval, runtime, sharding
-from csce_jax import train_step as step_lib
-from csce_jax.checkpointing import Checkpoints
 from csce_jax.config import check_config, resolve_epochs
 from csce_jax.data import RetrievalData, TrainLoader, load_data
 from csce_jax.data.verify import verify_data
-from csce_jax.encoding import Encoder
 from csce_jax.errors import CheckpointError, ConfigError, NonFiniteLossError, WorkdirError
-from csce_jax.preemption import MAX_IN_FLIGHT, Preempted, StopSignals
-from csce_jax.run_reader import RunReader
-from csce_jax.state import TrainSetup, abstract_train_state, check_centers, create_train_state
-from csce_jax.workdir import RunWriter
-from csce_jax.writers import Writers
+from csce_jax.retrieval.encoder import Encoder
+from csce_jax.retrieval.evaluator import RetrievalEvaluator
+from csce_jax.runs import builders
+from csce_jax.runs.checkpoints import Checkpoints
+from csce_jax.runs.parts import RunParts
+from csce_jax.runs.reader import RunReader
+from csce_jax.runs.state import TrainSetup, abstract_train_state, check_centers, create_train_state
+from csce_jax.runs.writer import RunWriter
+from csce_jax.runtime import hostmem, sharding, startup
+from csce_jax.train import flops
+from csce_jax.train import step as step_lib
+from csce_jax.train.clock import Clock, evaluations_left
+from csce_jax.train.first_compile import compile_first
+from csce_jax.train.preemption import MAX_IN_FLIGHT, Preempted, StopSignals
+from csce_jax.train.profile import ProfileWindow
+from csce_jax.train.writers import Writers
 
 PREFETCH = 2  # sharded batches placed on the devices ahead of the step
-
-
-_compiling = threading.Event()
-
-
-def compile_in_flight() -> bool:
-    """Whether :func:`compile_first` left a compilation running (it was interrupted): the
-    process must then end with ``os._exit``, as XLA aborts when the interpreter finalises
-    under a running compilation."""
-    return _compiling.is_set()
-
-
-def compile_first(train_step: Any, state: Any, batch: dict[str, jax.Array]) -> None:
-    """Compile the training step for ``(state, batch)`` in a helper thread while the main
-    thread waits in short, interruptible sleeps: a compile can take minutes, and a stop signal
-    must not wait for it. The jitted call reuses the executable (no second compilation).
-    A step that cannot be lowered ahead of time (a wrapper around the jitted step) is left to
-    compile at its first call."""
-    if not hasattr(train_step, "lower"):
-        return
-    failure: list[BaseException] = []
-    done = threading.Event()
-
-    def build() -> None:
-        try:
-            train_step.lower(state, batch).compile()
-        except BaseException as e:  # handed to the main thread
-            failure.append(e)
-        finally:
-            _compiling.clear()
-            done.set()
-
-    _compiling.set()
-    threading.Thread(target=build, name="compile-train-step", daemon=True).start()
-    # Short waits, not Thread.join: a signal handler raising inside join can leave the
-    # thread marked as finished while it still runs.
-    while not done.wait(0.1):
-        pass
-    if failure:
-        raise failure[0]
 
 
 @dataclasses.dataclass
@@ -94,11 +60,13 @@ class Run:
     config: ml_collections.ConfigDict
     folder: RunWriter
     data: RetrievalData
+    parts: RunParts
     setup: TrainSetup
     mesh: jax.sharding.Mesh
     ckpts: Checkpoints
     writers: Writers
-    encoder: Encoder
+    select: RetrievalEvaluator  # the periodic evaluation that selects the best checkpoint
+    final: RetrievalEvaluator  # query against database: the run's final row
     loader: TrainLoader
     start: int
     best_map: float = -math.inf
@@ -113,7 +81,7 @@ class Run:
         return "query" if on_query else "validation"
 
     def skipped_images(self) -> int:
-        return len(self.loader.corrupt.names | self.encoder.skipped)
+        return len(self.loader.corrupt.names | self.select.encoder.skipped)
 
 
 def train_and_evaluate(
@@ -126,8 +94,8 @@ def train_and_evaluate(
     with StopSignals(config.log_every_steps) as signals:
         try:
             signals.enter("start-up")  # a signal while train.py was importing stops here
-            runtime.prepare_jax(config)
-            runtime.initialize_distributed(config)
+            startup.prepare_jax(config)
+            startup.initialize_distributed(config)
             signals.reinstall()  # after JAX's own SIGTERM handler of a multi-host job
             check_config(config, jax.device_count(), jax.process_count())
             with RunWriter(workdir, lead=jax.process_index() == 0) as folder:
@@ -142,14 +110,13 @@ def train_and_evaluate(
 def train_loop(run: Run, state: Any, signals: StopSignals) -> dict[str, Any]:
     """The steps from ``run.start`` on, then the final evaluation."""
     config = run.config
-    options = builders.step_options(config, run.data.multilabel)
     train_step = step_lib.make_train_step(
-        run.setup.graphdef, run.setup.tx, run.setup.schedule, options, run.mesh
+        run.setup.graphdef, run.setup.tx, run.setup.schedule, run.parts.step, run.mesh
     )
     log_start(run)
     clock = Clock(run.start)
     in_flight: collections.deque = collections.deque()
-    profile = ProfileWindow(config, run.folder)
+    profile = ProfileWindow(config.profile_steps, run.folder.layout.profile)
     with (
         contextlib.closing(device_batches(run)) as batches,  # closing stops the decoders
         contextlib.closing(profile),
@@ -199,60 +166,91 @@ def start_run(
     """Check the folder and the data, then restore the newest checkpoint or initialise
     (``start_over``: every checkpoint set aside, nothing resumed, no config compared)."""
     data = load_data(config.data)
-    per_epoch = resolve_epochs(config, len(data.fit))
-    if config.epochs:
-        logging.info(
-            "%d epochs of %d steps (%d training images, batch %d): %d steps",
-            config.epochs,
-            per_epoch,
-            len(data.fit),
-            config.batch_size,
-            config.total_steps,
-        )
+    log_epochs(config, len(data.fit))
     changes = {}
     if not start_over:  # before anything is written
         changes = folder.check_resume(config, saved_run_config(folder))
     if config.data.verify:
         verify_data(data, config.data, report=folder.layout.data_report)
     mesh = sharding.make_mesh()
-    repl = sharding.replicated(mesh)
     ckpts = Checkpoints(folder.path, keep=config.keep_checkpoints)
     ckpts.set_aside_unreadable(start_over=start_over)  # every process: reading is collective
-    abstract = abstract_train_state(config, data.num_classes, repl)
-    restored = ckpts.restore_state(abstract.state) if folder.has_checkpoints() else None
-    if restored is None:
-        setup = create_train_state(config, data.num_classes, init_from=config.model.init_from)
-        start, state, meta = 0, jax.device_put(setup.state, repl), {}
-    else:
-        setup, (start, state, meta) = abstract, restored
-        check_restored(folder, config, start, meta, setup.fingerprint)
-        logging.info("resumed from step %d (%s)", start, ckpts.directory / str(start))
+    resuming = bool(ckpts.steps())
+    parts = builders.run_parts(
+        config,
+        data.num_classes,
+        data.multilabel,
+        abstract=resuming,
+        init_from="" if resuming else config.model.init_from,
+    )
+    setup, start, state = initial_state(folder, config, ckpts, parts, mesh)
     folder.record_config(config, start, changes)
     writers = Writers(folder.path, active=folder.lead)
-    run = Run(
-        config,
-        folder,
-        data,
-        setup,
-        mesh,
-        ckpts,
-        writers,
-        builders.make_encoder(config, setup.eval_graphdef, mesh),
-        make_loader(config, data),
-        start,
+    encoder = Encoder(setup.eval_graphdef, parts.encode, mesh)
+    final = RetrievalEvaluator(encoder, data.query, data.database, data.topk)
+    on_query = data.val is None or config.release_compat.select_on_query
+    select = final if on_query else RetrievalEvaluator(encoder, data.val, data.fit, data.topk)
+    loader = TrainLoader(
+        data.fit,
+        **parts.train_loader,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
     )
-    run.best_step, run.best_map = ckpts.best()
-    if start == config.total_steps and writers.log.final_row() is not None:
-        run.finished = writers.log.final_row()
-        logging.info("%s has finished already: %s", folder.path, run.finished)
-        ckpts.close()
-        writers.close()
-    else:
-        writers.log.truncate_after(start)
-    run.peak_flops = flops.peak_flops(jax.devices()[0], config.model.dtype)
-    if run.peak_flops:  # MFU is logged only where the peak is known (not on a CPU)
-        run.train_flops = flops.model_flops_per_image(config, data.num_classes)["train"]
+    run = Run(
+        config, folder, data, parts, setup, mesh, ckpts, writers, select, final, loader, start
+    )
+    resume_records(run)
     return run, state
+
+
+def log_epochs(config: ml_collections.ConfigDict, fit: int) -> None:
+    """Resolve ``config.epochs`` into steps (for ``fit`` training images) and say so."""
+    per_epoch = resolve_epochs(config, fit)
+    if config.epochs:
+        logging.info(
+            "%d epochs of %d steps (%d training images, batch %d): %d steps",
+            config.epochs,
+            per_epoch,
+            fit,
+            config.batch_size,
+            config.total_steps,
+        )
+
+
+def initial_state(
+    folder: RunWriter,
+    config: ml_collections.ConfigDict,
+    ckpts: Checkpoints,
+    parts: RunParts,
+    mesh: jax.sharding.Mesh,
+) -> tuple[TrainSetup, int, Any]:
+    """(setup, first step, state on the devices): the newest restorable checkpoint into the
+    parts' abstract state, else the parts' fresh one."""
+    repl = sharding.replicated(mesh)
+    if not ckpts.steps():
+        setup = create_train_state(parts.model, parts.tx, parts.schedule)
+        return setup, 0, jax.device_put(setup.state, repl)
+    setup = abstract_train_state(parts.model, parts.tx, parts.schedule, parts.fingerprint, repl)
+    start, state, meta = ckpts.restore_state(setup.state)
+    check_restored(folder, config, start, meta, setup.fingerprint)
+    logging.info("resumed from step %d (%s)", start, ckpts.directory / str(start))
+    return setup, start, state
+
+
+def resume_records(run: Run) -> None:
+    """The best checkpoint so far, a finished run's final row, and the FLOP count for MFU."""
+    run.best_step, run.best_map = run.ckpts.best()
+    log = run.writers.log
+    if run.start == run.config.total_steps and log.final_row() is not None:
+        run.finished = log.final_row()
+        logging.info("%s has finished already: %s", run.folder.path, run.finished)
+        run.ckpts.close()
+        run.writers.close()
+    else:
+        log.truncate_after(run.start)
+    run.peak_flops = flops.peak_flops(jax.devices()[0], run.config.model.dtype)
+    if run.peak_flops:  # MFU is logged only where the peak is known (not on a CPU)
+        run.train_flops = flops.model_flops_per_image(run.config, run.data.num_classes)["train"]
 
 
 def saved_run_config(folder: RunWriter) -> dict[str, Any] | None:
@@ -274,16 +272,12 @@ def check_restored(folder: RunWriter, config, step: int, meta: dict, fingerprint
 
 
 def make_loader(config: ml_collections.ConfigDict, data: RetrievalData) -> TrainLoader:
+    """The training loader of ``config`` over ``data.fit`` on this host."""
     return TrainLoader(
         data.fit,
-        global_batch=config.batch_size,
-        num_steps=config.total_steps,
-        seed=config.seed,
-        view=builders.view_config(config, train=True),
+        **builders.train_loader_args(config),
         process_index=jax.process_index(),
         process_count=jax.process_count(),
-        workers=builders.decode_workers(config),
-        skip_corrupt=config.data.skip_corrupt,
     )
 
 
@@ -357,52 +351,6 @@ def checked_metrics(run: Run, step: int, step_metrics: dict[str, jax.Array]) -> 
     )
 
 
-class Clock:
-    """Images/s over the steps since the last log, and the ETA: the remaining steps at the
-    recent step time (the first step, which compiles, left out) plus the evaluations still due
-    at the last evaluation's duration."""
-
-    def __init__(self, start: int):
-        self.t0, self.start = time.time(), start
-        self.first_step_seconds = 0.0  # set once the first step is done
-        self.step_seconds: float | None = None  # recent seconds per step (smoothed)
-        self.eval_seconds: float | None = None  # the last evaluation's duration
-        self.restart(start)
-
-    def restart(self, step: int) -> None:
-        self.tick, self.tick_step = time.time(), step
-
-    def rate(self, step: int, batch: int) -> float:
-        return (step - self.tick_step) * batch / max(time.time() - self.tick, 1e-9)
-
-    def lap(self, step: int) -> None:
-        """Fold the steps since the last restart into the recent step time."""
-        seconds, steps = time.time() - self.tick, step - self.tick_step
-        if self.tick_step == self.start and steps > 1:  # the compiling first step: left out
-            seconds, steps = seconds - self.first_step_seconds, steps - 1
-        if steps <= 0 or seconds <= 0:
-            return
-        now = seconds / steps
-        self.step_seconds = now if self.step_seconds is None else 0.5 * (self.step_seconds + now)
-
-    def evaluated(self, seconds: float) -> None:
-        self.eval_seconds = seconds
-
-    def eta(self, step: int, total: int, evals_left: int = 0) -> str:
-        if self.step_seconds is None:
-            return "unknown"
-        left = (total - step) * self.step_seconds + evals_left * (self.eval_seconds or 0.0)
-        text = time.strftime("%H:%M:%S", time.gmtime(left))
-        return text if self.eval_seconds is not None or not evals_left else text + " + evaluations"
-
-
-def evaluations_left(config: ml_collections.ConfigDict, step: int) -> int:
-    """Validation passes still due after ``step``, and the final query evaluation."""
-    every, total = config.eval_every_steps, config.total_steps
-    due = total // every - step // every + (1 if total % every and step < total else 0)
-    return due + 1
-
-
 def log_train_row(run: Run, step: int, row: dict[str, float], clock: Clock) -> None:
     c = run.config
     row = {**row, "step": step, "images_per_sec": clock.rate(step, c.batch_size)}
@@ -429,13 +377,7 @@ def log_train_row(run: Run, step: int, row: dict[str, float], clock: Clock) -> N
 
 def evaluate(run: Run, state: dict[str, Any], step: int) -> float:
     """Validation mAP (or query mAP where selection is on the query set); updates the best."""
-    weights = (state["params"], state["rest"])
-    if run.select_on == "query":
-        queries, database = run.data.query, run.data.database
-    else:
-        queries, database = run.data.val, run.data.fit
-    q, db = retrieval.encode_pair(run.encoder, weights, queries, database)
-    score = retrieval.score(q, db, run.data.topk)["map"]
+    score = run.select.run((state["params"], state["rest"]))["map"]
     if score > run.best_map:
         run.best_map, run.best_step = score, step
     key = "select_map" if run.select_on == "query" else "val_map"
@@ -459,35 +401,6 @@ def save_if_due(run: Run, step: int, state, score: float | None, *, force: bool)
         "config": json.loads(c.to_json_best_effort()),
     }
     run.ckpts.save(step, state, meta, score=score)
-
-
-class ProfileWindow:
-    """A ``jax.profiler`` trace of the steps ``config.profile_steps`` = (first, stop) into
-    ``<workdir>/profile/`` (TensorBoard's profile plugin or XProf reads it); a resumed run
-    traces what is left of the window. Every step is annotated, so a trace taken from
-    outside (``jax.profiler.start_server``) shows the steps too."""
-
-    def __init__(self, config: ml_collections.ConfigDict, folder: RunWriter):
-        self.first, self.stop = (int(x) for x in config.profile_steps)
-        self.folder = folder.layout.profile
-        self.tracing = False
-
-    def before(self, step: int) -> None:
-        if not self.tracing and self.first <= step < self.stop:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            jax.profiler.start_trace(str(self.folder))
-            self.tracing = True
-
-    def after(self, step: int, outputs: Any) -> None:
-        if self.tracing and step >= self.stop - 1:
-            jax.block_until_ready(outputs)
-            self.close()
-            logging.info("profile of steps %d..%d written to %s", self.first, step, self.folder)
-
-    def close(self) -> None:
-        if self.tracing:
-            self.tracing = False
-            jax.profiler.stop_trace()
 
 
 def fire_test_signal(config: ml_collections.ConfigDict, step: int) -> None:
@@ -562,8 +475,7 @@ def selected_weights(run: Run, state: dict[str, Any]) -> tuple[Any, int]:
 def final_query_metrics(run: Run, state: dict[str, Any]) -> dict[str, Any]:
     """Query-vs-database mAP of the selected (best) checkpoint: the run's final row."""
     weights, used_step = selected_weights(run, state)
-    q, db = retrieval.encode_pair(run.encoder, weights, run.data.query, run.data.database)
-    figures = retrieval.score(q, db, run.data.topk)
+    figures = run.final.run(weights)
     return {
         "step": run.config.total_steps,
         "query_map": figures["map"],

@@ -1,6 +1,6 @@
 """What each accelerator chip offers: memory, peak FLOP/s and memory bandwidth, with sources.
 
-Read by the MFU figure of training (:func:`csce_jax.flops.peak_flops`) and by the run planner
+Read by the MFU figure of training (:func:`csce_jax.train.flops.peak_flops`) and by the run planner
 (``csce-plan``), which compares a compiled step's memory with ``hbm_bytes`` and bounds its
 time by ``peak_bf16``/``peak_fp32`` and ``hbm_bytes_per_s``. Figures are the vendors'
 data-sheet numbers per chip (dense, no sparsity); a TPU chip in megacore mode (v4, v5p) is one

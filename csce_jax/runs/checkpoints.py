@@ -3,7 +3,7 @@
 ``<workdir>/checkpoints/<step>/`` holds three items: ``weights`` (parameters, BatchNorm
 statistics, hash centres: all that encoding needs), ``train`` (optimiser state and step) and
 ``meta`` (JSON: the resolved config, the centres' fingerprint, and a digest of the ``weights``
-and ``train`` data, ``csce_jax.digest``). The best step is recorded once, as the validation
+and ``train`` data, ``csce_jax.utils.digest``). The best step is recorded once, as the validation
 score Orbax saves with the checkpoint.
 The data position and the per-step random key are functions of the step, so nothing else is
 needed for an exact resume.
@@ -15,18 +15,16 @@ checkpoint is whole or absent. A restore recomputes the digest of what it read: 
 that fails to restore, or whose data no longer match its digest, is reported with its path and
 the next older one is tried, never a silent fresh start; the trainer moves such a checkpoint
 out of ``checkpoints/`` into ``corrupt_checkpoints/`` (kept for inspection), so that it holds
-no slot of the keep policy. Readers (``eval.py``, search) open the
+no slot of the keep policy (:mod:`csce_jax.runs.recovery`). Readers (``eval.py``, search) open the
 folder read-only: they never create, clean up or delete anything in a run that may be training.
 """
 
 from __future__ import annotations
 
-import errno
-import logging as pylogging
+import functools
 import math
 import os
 import re
-import warnings
 from typing import Any
 
 import jax
@@ -34,93 +32,17 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from csce_jax.digest import tree_digest
 from csce_jax.errors import CheckpointError
-from csce_jax.workdir import layout
-
-__all__ = ["CheckpointError", "Checkpoints"]
-
-
-class _IntendedNotices(pylogging.Filter):
-    """Drops Orbax's warnings about what we do on purpose: opening a run read-only, and saving
-    a periodic checkpoint without a validation score."""
-
-    NOTICES = ("read_only=True", "directory is read only", "did not provide metrics")
-
-    def filter(self, record: pylogging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(n in message for n in self.NOTICES)
-
-
-class _OneLineErrors(pylogging.Filter):
-    """A failed save is raised to the trainer, which prints one ``error:`` line naming the
-    step and the cause; Orbax's background threads and asyncio under them also log it, each
-    with its traceback, often several times. Those records are dropped (any other Orbax or
-    asyncio error keeps its line, without the traceback)."""
-
-    MARKERS = (
-        ".orbax-checkpoint-tmp",
-        "RESOURCE_EXHAUSTED",
-        "Handler Commit operations",
-        "(save_finalize) failed",
-        "cannot schedule new futures after",
-        "os_error_code",
-        *(os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)),
-    )
-
-    def filter(self, record: pylogging.LogRecord) -> bool:
-        if record.levelno < pylogging.ERROR or not any(
-            n in record.pathname for n in ("/orbax/", "/asyncio/", "/etils/")
-        ):
-            return True
-        text = record.getMessage()
-        if record.exc_info and record.exc_info[1] is not None:
-            text += f" {record.exc_info[1]}"
-        if any(m in text for m in self.MARKERS):
-            return False
-        record.exc_info, record.exc_text, record.stack_info = None, None, None
-        return True
-
-
-_filters_installed = False
-
-
-def install_log_filters() -> None:
-    """Keep Orbax's notices about what we do on purpose, and its tracebacks of a failed save
-    (reported once by the trainer), out of the log. Installed when the first checkpoint folder
-    is opened, not at import, so that importing this module changes no one's logging."""
-    global _filters_installed
-    if _filters_installed:
-        return
-    _filters_installed = True
-    pylogging.getLogger("absl").addFilter(_IntendedNotices())
-    for name in ("absl", "asyncio"):
-        pylogging.getLogger(name).addFilter(_OneLineErrors())
-    # An interrupted asynchronous save can leave a serialisation coroutine never awaited.
-    warnings.filterwarnings(
-        "ignore", message="coroutine 'async_serialize_from_host", category=RuntimeWarning
-    )
+from csce_jax.runs import recovery
+from csce_jax.runs.orbax_log import install_log_filters
+from csce_jax.runs.writer import layout
+from csce_jax.utils.digest import tree_digest
 
 
 def _score_key(metrics: dict[str, Any]) -> tuple[float, int]:
     # Sorted ascending and the last kept: the highest score, and among equal scores the
     # earliest step (a later step must beat the best to replace it).
     return (metrics["score"], -metrics["step"])
-
-
-def _reason(err: BaseException) -> str:
-    """The cause of a failed read or write in the system's words where it gave them
-    (tensorstore carries the OS error inside its own message)."""
-    if isinstance(err, OSError) and err.strerror:
-        return err.strerror
-    text = str(err)
-    code = re.search(r"os_error_code\W{0,2}(\d+)", text)
-    if code:
-        return os.strerror(int(code.group(1)))
-    for c in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EIO):
-        if os.strerror(c) in text:
-            return os.strerror(c)
-    return f"{type(err).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
 class Checkpoints:
@@ -163,7 +85,7 @@ class Checkpoints:
                 self.directory, options=options, item_names=("weights", "train", "meta")
             )
         except OSError as e:
-            raise CheckpointError(f"cannot open {self.directory}: {_reason(e)}") from e
+            raise CheckpointError(f"cannot open {self.directory}: {recovery.reason(e)}") from e
 
     def steps(self) -> list[int]:
         """Every saved step, oldest first."""
@@ -219,7 +141,7 @@ class Checkpoints:
             else "no checkpoint was saved before it"
         )
         return CheckpointError(
-            f"cannot save the checkpoint {which}in {self.directory}: {_reason(e)}; {kept}"
+            f"cannot save the checkpoint {which}in {self.directory}: {recovery.reason(e)}; {kept}"
         )
 
     def wait(self) -> None:
@@ -259,45 +181,20 @@ class Checkpoints:
                 )
         return got
 
-    def _first_restorable(
-        self, steps: list[int], items: dict[str, Any]
-    ) -> tuple[int, dict[str, Any]] | None:
-        errors = []
-        for i, s in enumerate(steps):
-            try:
-                found = s, self._restore_step(s, items)
-            except Exception as e:  # truncated or edited files, wrong shapes, ...
-                msg = f"{self.directory / str(s)}: {_reason(e)}"
-                then = f"trying step {steps[i + 1]}" if i + 1 < len(steps) else "none left"
-                logging.error("cannot restore checkpoint %s; %s", msg, then)
-                errors.append((s, msg))
-                continue
-            self._set_aside([bad for bad, _ in errors])
-            return found
-        if errors:
-            raise CheckpointError(
-                "no checkpoint could be restored: " + "; ".join(m for _, m in errors)
-            )
-        return None
-
     def _set_aside(self, steps: list[int]) -> None:
         """Move unrestorable checkpoints to ``corrupt_checkpoints/`` (a writer only; every
-        process of a job calls it, process 0 moves, all then see the same steps)."""
+        process of a job calls it, all then see the same steps)."""
         if self.read_only or not steps:
             return
         self.manager.wait_until_finished()
-        if jax.process_index() == 0:
-            aside = layout(self.directory.parent).corrupt
-            aside.mkdir(exist_ok=True)
-            for s in steps:
-                dest = aside / f"{s}-{os.getpid()}"
-                os.replace(self.directory / str(s), dest)
-                logging.warning("moved the unrestorable checkpoint of step %d to %s", s, dest)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("csce_jax.checkpoints.set_aside")
+        recovery.move_aside(self.directory, steps)
         self.manager.reload()
+
+    def _first_restorable(
+        self, steps: list[int], items: dict[str, Any]
+    ) -> tuple[int, dict[str, Any]] | None:
+        restore = functools.partial(self._restore_step, items=items)
+        return recovery.first_restorable(steps, restore, self.directory, self._set_aside)
 
     def set_aside_unreadable(self, *, start_over: bool = False) -> None:
         """Set aside every step folder whose record does not read (a junk or half-copied
@@ -312,23 +209,7 @@ class Checkpoints:
                 logging.warning("--start_over: setting aside steps %s, training from 0", steps)
             self._set_aside(steps)
             return
-        bad = {}
-        for s in steps:
-            try:
-                meta = self.read_meta(s)
-                if not isinstance(meta.get("step"), int):
-                    raise CheckpointError("no step in its record")
-            except CheckpointError as e:
-                bad[s] = _reason(e.__cause__) if e.__cause__ else str(e)
-        if steps and len(bad) == len(steps):
-            listed = "; ".join(f"step {s}: {why}" for s, why in bad.items())
-            raise CheckpointError(
-                f"{self.directory} holds no checkpoint whose record reads ({listed}); nothing "
-                "was moved. Restore the files, or rerun with --start_over to set them aside "
-                "and train from step 0"
-            )
-        for s, why in bad.items():
-            logging.error("checkpoint %s has no readable record: %s", s, why)
+        bad = recovery.unreadable_records(steps, self.read_meta, self.directory)
         self._set_aside(list(bad))
 
     def restore_state(
@@ -369,7 +250,7 @@ class Checkpoints:
         try:
             return dict(self._restore_step(step, {"meta": None})["meta"])
         except Exception as e:
-            raise CheckpointError(f"{self.directory / str(step)}: {_reason(e)}") from e
+            raise CheckpointError(f"{self.directory / str(step)}: {recovery.reason(e)}") from e
 
     def saved_config(self) -> dict[str, Any] | None:
         """The config recorded in the newest checkpoint whose record reads (None: none)."""

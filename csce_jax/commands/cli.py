@@ -141,8 +141,8 @@ def _fail(message: str) -> None:
 def quiet_library_logs() -> None:
     """Keep Orbax's and grain's INFO chatter, and JAX's notes on the accelerator backends it
     did not find, out of the log (warnings still show); where libtpu is installed on a host
-    without a TPU, keep JAX from probing it (:func:`csce_jax.hostmem.skip_absent_tpu`)."""
-    from csce_jax import hostmem
+    without a TPU, keep JAX from probing it (:func:`csce_jax.runtime.hostmem.skip_absent_tpu`)."""
+    from csce_jax.runtime import hostmem
 
     hostmem.skip_absent_tpu()
 

@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from csce_jax.data.base import Source
 from csce_jax.data.pipeline import EvalLoader, ViewConfig, Workers
-from csce_jax.data.sources import Source
 from csce_jax.hashing import binarize
-from csce_jax.sharding import data_sharded, gather, global_batch, replicated
+from csce_jax.runtime.sharding import data_sharded, gather, global_batch, replicated
 
 
 def make_encode_step(graphdef: Any, mesh: jax.sharding.Mesh, *, raw_eval_band: bool, bal):
