@@ -3,6 +3,7 @@ the tfds builder's reading of the same files), and the release's resize and crop
 
 from __future__ import annotations
 
+import gc
 import tarfile
 from unittest import mock
 
@@ -209,9 +210,17 @@ def test_flowers_sizes_and_bad_files_are_named(tmp_path):
 def test_flowers_tfds_builder_reads_the_same_images_and_labels(tmp_path):
     """The tfds route (its builder's own example generator on the same official files) gives
     the manual route's file names and labels, split by split."""
-    from tensorflow_datasets.datasets.oxford_flowers102 import (
-        oxford_flowers102_dataset_builder as fb,
-    )
+    # tfds imports this module inside etils' lazy-import block, where a garbage collection
+    # that finalises what earlier tests left behind cannot report it (pytest's hook imports
+    # tracemalloc, and gets a lazy module): collect first, and not during the import.
+    gc.collect()
+    gc.disable()
+    try:
+        from tensorflow_datasets.datasets.oxford_flowers102 import (
+            oxford_flowers102_dataset_builder as fb,
+        )
+    finally:
+        gc.enable()
 
     folder = tmp_path / "flowers"
     _flowers(folder)

@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import jax
-import jax.extend.backend
 import ml_collections
 from absl import logging
 
@@ -57,11 +56,13 @@ def set_xla_flags(config: ml_collections.ConfigDict) -> None:
 
 
 def backends_started() -> bool:
-    """Whether JAX has created its backends (XLA_FLAGS no longer applies then). JAX has no
-    public query for it; every backend is reached through ``jax.extend.backend.get_backend``,
-    whose cache holds an entry for each backend asked for."""
-    cache_info = getattr(jax.extend.backend.get_backend, "cache_info", None)
-    return bool(cache_info is not None and cache_info().currsize)
+    """Whether JAX has created its backends (XLA_FLAGS no longer applies then). JAX 0.10 and
+    0.12 have no public query for it (``jax.extend.backend.get_backend``'s cache tells on 0.10
+    only), so this one function reads JAX's own record; it is the package's only use of
+    ``jax._src``."""
+    from jax._src import xla_bridge
+
+    return xla_bridge.backends_are_initialized()
 
 
 def prepare_jax(config: ml_collections.ConfigDict) -> None:
