@@ -147,18 +147,14 @@ def score_sides(config, data, setup, torch_sides: dict[str, TorchSide]) -> dict[
     mesh = sharding.make_mesh()
     encoder = builders.make_encoder(config, setup.eval_graphdef, mesh)
     scoring = RetrievalEvaluator(encoder, data.query, data.database, data.topk)
-    ours = dict(
-        zip(
-            ("query", "database"),
-            scoring.encode((setup.state["params"], setup.state["rest"])),
-            strict=True,
-        )
-    )
+    ours = scoring.encode((setup.state["params"], setup.state["rest"]))
     view = builders.view_config(config, train=False)
     codes: dict[str, dict[str, np.ndarray]] = {n: {} for n in ("jax", *torch_sides)}
-    labels = {split: ours[split]["labels"] for split in ours}
-    for split, src in (("query", data.query), ("database", data.database)):
-        codes["jax"][split] = ours[split]["codes"]
+    labels = {}
+    for split, src, mine in zip(
+        ("query", "database"), (data.query, data.database), ours, strict=True
+    ):
+        codes["jax"][split], labels[split] = mine["codes"], mine["labels"]
         for name, side in torch_sides.items():
             loader = EvalLoader(src, global_batch=config.eval_batch_size, view=view)
             codes[name][split] = side.encode(loader)["codes"]

@@ -42,10 +42,13 @@ def run_parts(
     leaves are shapes only (a restore or compile target; nothing is allocated); ``platform``:
     where its programs run (see :func:`create_model`); ``init_from``: a weights file loaded into
     the (concrete) model, with ``model.init_scope``."""
+    centers = hash_centers(num_classes, config.bits, seed=config.centers_seed)
     if abstract:
-        model = nnx.eval_shape(lambda: create_model(config, num_classes, platform=platform))
+        model = nnx.eval_shape(
+            lambda: create_model(config, num_classes, centers, platform=platform)
+        )
     else:
-        model = create_model(config, num_classes, platform=platform)
+        model = create_model(config, num_classes, centers, platform=platform)
         if init_from:
             initialize_from(model, init_from, scope=config.model.init_scope)
     tx, schedule = create_optimizer(config)
@@ -53,7 +56,7 @@ def run_parts(
         model=model,
         tx=tx,
         schedule=schedule,
-        fingerprint=config_fingerprint(config, num_classes),
+        fingerprint=centers_fingerprint(centers),
         step=step_options(config, multilabel),
         encode=encode_options(config),
         train_loader=train_loader_args(config),

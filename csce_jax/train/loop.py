@@ -31,6 +31,7 @@ from absl import logging
 
 from csce_jax.config import check_config, resolve_epochs
 from csce_jax.data import RetrievalData, TrainLoader, load_data
+from csce_jax.data.pipeline import TrainLoaderArgs
 from csce_jax.data.verify import verify_data
 from csce_jax.errors import CheckpointError, ConfigError, NonFiniteLossError, WorkdirError
 from csce_jax.retrieval.encoder import Encoder
@@ -77,8 +78,7 @@ class Run:
 
     @property
     def select_on(self) -> str:
-        on_query = self.config.release_compat.select_on_query or self.data.val is None
-        return "query" if on_query else "validation"
+        return "query" if self.select is self.final else "validation"
 
     def skipped_images(self) -> int:
         return len(self.loader.corrupt.names | self.select.encoder.skipped)
@@ -190,12 +190,7 @@ def start_run(
     final = RetrievalEvaluator(encoder, data.query, data.database, data.topk)
     on_query = data.val is None or config.release_compat.select_on_query
     select = final if on_query else RetrievalEvaluator(encoder, data.val, data.fit, data.topk)
-    loader = TrainLoader(
-        data.fit,
-        **parts.train_loader,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
+    loader = host_loader(data.fit, parts.train_loader)
     run = Run(
         config, folder, data, parts, setup, mesh, ckpts, writers, select, final, loader, start
     )
@@ -273,11 +268,13 @@ def check_restored(folder: RunWriter, config, step: int, meta: dict, fingerprint
 
 def make_loader(config: ml_collections.ConfigDict, data: RetrievalData) -> TrainLoader:
     """The training loader of ``config`` over ``data.fit`` on this host."""
+    return host_loader(data.fit, builders.train_loader_args(config))
+
+
+def host_loader(source: Any, args: TrainLoaderArgs) -> TrainLoader:
+    """The training loader of ``args`` over ``source``, for this host's share of the job."""
     return TrainLoader(
-        data.fit,
-        **builders.train_loader_args(config),
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+        source, **args, process_index=jax.process_index(), process_count=jax.process_count()
     )
 
 
