@@ -11,9 +11,20 @@
    scan (the share of its top 100, ties in index order, that the engine returns) and the share
    of returned hits within the exact 100th distance.
 
+4. A real Milvus server (``milvus==2.3.5`` standalone, from the venv ``--milvus_server``
+   names): the same codes inserted as ``search index`` inserts them (insert rate), BIN_FLAT
+   and BIN_IVF_FLAT (nlist 1024) timed on one query and on a batch of 1,000, the server's
+   resident memory, and IVF's recall@100 for several ``nprobe``, with faiss-ivf's beside it.
+   Codes for IVF must be clustered as trained ones are: ``--flip_from RUN`` measures the share
+   of bits in which a trained run's database codes differ from their class's hash centre
+   (``csce-eval --workdir RUN --export_codes`` writes them), and the 1M codes are drawn around
+   100 centres with that flip rate.
+
   python benchmarks/bench_retrieval.py [--db 50000 --queries 50000 --loop_queries 500]
                                        [--million 1000000] [--skip_engines]
                                        [--engines scan,faiss-flat,milvus]
+                                       [--milvus_server .venv-milvus/bin/python]
+                                       [--flip_from runs/demo | --flip 0.25]
 
 Last line: JSON of the figures; ``*_ratio_*`` keys are our speed over the other's.
 """
@@ -206,6 +217,119 @@ def engines_at_scale(fig, db, q, names, batch=1000, singles=50):
             )
 
 
+def flip_rate_of(run: str) -> float:
+    """The share of bits in which a run's exported database codes differ from the hash centre
+    of their class (``csce-eval --export_codes`` files; single-label runs)."""
+    import csce_jax
+
+    folder = Path(run) / "eval"
+    centers = csce_jax.load_model(run).centers
+    codes = metrics.unpack_codes(np.load(folder / "database_codes.npy"), centers.shape[1])
+    labels = np.load(folder / "database_labels.npy")
+    if labels.ndim != 1:
+        raise SystemExit(f"--flip_from {run}: multi-label codes have no single centre")
+    return float(np.mean(codes != centers[labels]))
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _wait_indexed(store, count: int, timeout: float = 1800.0) -> float:
+    """Seconds until the server's index covers every row (it builds on sealed segments)."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout:
+        info = store.client.describe_index(store.collection, "code")
+        if int(info.get("indexed_rows", 0)) >= count and not int(info.get("pending_index_rows", 0)):
+            return time.perf_counter() - start
+        time.sleep(1.0)
+    raise SystemExit(f"the server's index was not built in {timeout:.0f} s")
+
+
+def _recall(engine, q, exact_idx, exact_dist, k=100):
+    """(recall@k against the exact hits in index order, share of hits within the exact k-th
+    distance: the tie-aware recall)."""
+    idx, dist = engine.search(q, k)
+    found = np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(idx, exact_idx, strict=True)])
+    return round(float(found), 4), round(float(np.mean(dist <= exact_dist[:, -1:])), 4)
+
+
+def server_figures(fig, db, q, python: str, nprobes=(1, 4, 16, 64, 256), batch=1000, singles=50):
+    """Milvus server BIN_FLAT and BIN_IVF_FLAT beside faiss-ivf, on ``db`` and ``q``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import os
+    import socket
+
+    from milvus_server import MilvusServer
+
+    from csce_jax.search import milvus
+
+    exact = engines.load({"name": "scan"}, db, 64, Path("."))
+    exact_idx, exact_dist = exact.search(q[:batch], 100)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ[milvus.TOKEN_ENV] = "root:Milvus"
+    rows = np.arange(len(db), dtype=np.int64)
+    shard = {"rows": rows, "codes": db, "labels": np.full(len(db), "", dtype=str)}
+    shard["paths"] = shard["labels"]
+    with tempfile.TemporaryDirectory() as tmp:
+        server = MilvusServer(python, Path(tmp) / "server", port)
+        try:
+            fig["milvus_server_idle_rss_mib"] = round(_rss_mib(server.pid), 1)
+            for kind in ("bin_flat", "bin_ivf_flat"):
+                record = milvus.settings(
+                    Path(tmp), uri=server.uri, collection=f"bench_{kind}", index=kind, nlist=1024
+                )
+                store = milvus.Store(record, Path(tmp))
+                store.ensure({"bits": 64}, "bench", 64)
+                start = time.perf_counter()
+                store.insert_shard(shard, Path(tmp) / f"{kind}.milvus.json", "bench")
+                store.flush()
+                inserted = time.perf_counter() - start
+                built = _wait_indexed(store, len(db))
+                store.check_index("bench", len(db))
+                engine = engines.MilvusEngine(db, 64, record, store, rows)
+                key = f"milvus_server_{kind}"
+                fig[f"{key}_insert_codes_per_s"] = round(len(db) / inserted)
+                fig[f"{key}_index_build_seconds"] = round(built, 1)
+                probes = nprobes if kind == "bin_ivf_flat" else (None,)
+                for nprobe in probes:
+                    tag = key if nprobe is None else f"{key}_nprobe{nprobe}"
+                    if nprobe is not None:
+                        record["params"]["nprobe"] = nprobe
+                    t_batch = median_time(lambda e=engine: e.search(q[:batch], 100), repeats=3)
+                    t_one = median_time(
+                        lambda e=engine: [e.search(q[i : i + 1], 100) for i in range(singles)],
+                        repeats=3,
+                    )
+                    fig[f"{tag}_ms_per_query_batch{batch}"] = round(1000 * t_batch / batch, 4)
+                    fig[f"{tag}_ms_one_query"] = round(1000 * t_one / singles, 3)
+                    recall, within = _recall(engine, q[:batch], exact_idx, exact_dist)
+                    fig[f"{tag}_recall_at_100"] = recall
+                    fig[f"{tag}_within_exact_100th_distance"] = within
+                fig[f"{key}_rss_mib"] = round(_rss_mib(server.pid), 1)
+                print(f"milvus server {kind}: done", file=sys.stderr, flush=True)
+                engine.close()
+        finally:
+            server.close()
+    with tempfile.TemporaryDirectory() as tmp:
+        record = engines.build("faiss-ivf", db, 64, {"nlist": 1024}, Path(tmp))
+        engine = engines.load(record, db, 64, Path(tmp))
+        for nprobe in nprobes:
+            engine._index.nprobe = nprobe  # faiss reads it at each search
+            recall, within = _recall(engine, q[:batch], exact_idx, exact_dist)
+            fig[f"faiss_ivf_nlist1024_nprobe{nprobe}_recall_at_100"] = recall
+            fig[f"faiss_ivf_nlist1024_nprobe{nprobe}_within_exact_100th_distance"] = within
+            t_batch = median_time(lambda e=engine: e.search(q[:batch], 100), repeats=3)
+            fig[f"faiss_ivf_nlist1024_nprobe{nprobe}_ms_per_query_batch{batch}"] = round(
+                1000 * t_batch / batch, 4
+            )
+
+
 def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--_child":
         return _child(sys.argv[2], sys.argv[3])
@@ -217,18 +341,29 @@ def main() -> None:
     p.add_argument("--skip_engines", action="store_true", help="the metric only")
     p.add_argument("--engines", default=",".join(engines.ENGINES), help="engines to measure")
     p.add_argument("--skip_metric", action="store_true", help="the engines only")
+    p.add_argument(
+        "--milvus_server", help="the Python of a venv with milvus==2.3.5: server figures"
+    )
+    p.add_argument("--flip", type=float, default=0.25, help="bit-flip rate of the drawn codes")
+    p.add_argument("--flip_from", help="a run folder: its database codes' flip rate (see above)")
     args = p.parse_args()
     rng = np.random.default_rng(0)
     centers = np.where(rng.random((100, 64)) < 0.5, -1, 1).astype(np.int8)
-    db, dl = make_codes(rng, centers, args.db)
-    q, ql = make_codes(rng, centers, args.queries)
+    flip = flip_rate_of(args.flip_from) if args.flip_from else args.flip
+    db, dl = make_codes(rng, centers, args.db, flip)
+    q, ql = make_codes(rng, centers, args.queries, flip)
     fig: dict[str, object] = {"bits": 64, "database": args.db, "queries": args.queries}
+    fig["flip_rate"] = round(flip, 4)
+    fig["flip_rate_from"] = args.flip_from or "--flip"
 
     if args.skip_metric:
-        big, _ = make_codes(rng, centers, args.million)
-        big_q, _ = make_codes(rng, centers, 1000)
+        big, _ = make_codes(rng, centers, args.million, flip)
+        big_q, _ = make_codes(rng, centers, 1000, flip)
         fig["million_codes"] = args.million
-        engines_at_scale(fig, big, big_q, args.engines.split(","))
+        if not args.skip_engines:
+            engines_at_scale(fig, big, big_q, args.engines.split(","))
+        if args.milvus_server:
+            server_figures(fig, big, big_q, args.milvus_server)
         return report(fig)
     sub, subl = q[: args.loop_queries], ql[: args.loop_queries]
     sub_codes, db_codes = metrics.unpack_codes(sub, 64), metrics.unpack_codes(db, 64)
@@ -254,6 +389,8 @@ def main() -> None:
         big, big_q = metric_at_scale(fig, rng, centers, args.million)
         if not args.skip_engines:
             engines_at_scale(fig, big, big_q, args.engines.split(","))
+        if args.milvus_server:
+            server_figures(fig, big, big_q, args.milvus_server)
     report(fig)
 
 

@@ -24,7 +24,8 @@ class CheckpointError(CsceError, RuntimeError):
 
 
 class ConversionError(CsceError, ValueError):
-    """A state dict does not fit the model; the message lists every offending key."""
+    """A state dict does not fit the model (the message lists every offending key), or an
+    exported encoder cannot be written or used."""
 
 
 class WorkdirError(CsceError, RuntimeError):

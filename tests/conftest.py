@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -338,3 +339,58 @@ def pytest_sessionfinish(session, exitstatus):
     if left:
         print("\nprocesses left running by the tests:\n  " + "\n  ".join(left), file=sys.stderr)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+MILVUS_SERVER_TOKEN = "root:Milvus"  # the server's built-in user, authentication on
+
+
+def milvus_items(folder) -> list[int]:
+    """Every item of an index folder's Milvus collection, one entry per row (a duplicate
+    shows twice), after checking that the collection holds as many rows as the index."""
+    from csce_jax.search import load_index, milvus
+
+    index = load_index(folder)
+    store = milvus.Store(index.meta["engine"], folder)
+    try:
+        assert store.count() == len(index.paths)
+        rows = store.client.query(
+            store.collection, "item >= 0", output_fields=["item"], limit=16384
+        )
+        return sorted(r["item"] for r in rows)
+    finally:
+        store.close()
+
+
+def milvus_server_python() -> str | None:
+    """The Python of the venv that holds ``milvus==2.3.5`` (the embedded standalone server):
+    ``$CSCE_MILVUS_SERVER_PYTHON``, else ``.venv-milvus`` in the repository (``.ci/run`` makes
+    it), if it can import milvus."""
+    python = os.environ.get("CSCE_MILVUS_SERVER_PYTHON") or str(ROOT / ".venv-milvus/bin/python")
+    if not Path(python).exists():
+        return None
+    found = subprocess.run([python, "-c", "import milvus"], capture_output=True, timeout=60)
+    return python if found.returncode == 0 else None
+
+
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory):
+    """One Milvus server for the whole test run (its tests share one xdist group, so one
+    worker runs them all), in a temporary base folder, stopped at the end."""
+    python = milvus_server_python()
+    if python is None and os.environ.get("CSCE_REQUIRE_MILVUS_SERVER"):
+        pytest.fail("CSCE_REQUIRE_MILVUS_SERVER is set but no Milvus server can be started")
+    if python is None:
+        pytest.skip(
+            "the Milvus server is absent: python3.11 -m venv .venv-milvus && "
+            ".venv-milvus/bin/pip install milvus==2.3.5"
+        )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    from milvus_server import MilvusServer
+
+    server = MilvusServer(python, tmp_path_factory.mktemp("milvus_server"), port)
+    try:
+        yield server
+    finally:
+        server.close()

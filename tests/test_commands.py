@@ -4,11 +4,17 @@ own flags and exit 0, and no library holds a command line."""
 from __future__ import annotations
 
 import ast
+import importlib.util
+import os
 import subprocess
 import sys
 import tomllib
 
+import numpy as np
+import pytest
 from conftest import ROOT
+
+from csce_jax.runtime import hostmem
 
 PACKAGE = ROOT / "csce_jax"
 
@@ -97,3 +103,53 @@ def test_no_library_imports_a_command_or_defines_flags():
         }
         assert not upward, (rel, upward)
         assert "flags.DEFINE" not in body and "app.run(" not in body, rel
+
+
+LIBTPU_NOISE = (
+    "Failed to find host bounds",
+    "TPU_WORKER_HOSTNAMES",
+    "Unable to initialize backend",
+)
+
+
+def _run_command(module: str, *args: str, cwd) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu absent")
+@pytest.mark.skipif(hostmem.accelerator_present(), reason="this host has an accelerator")
+def test_commands_that_need_no_tpu_do_not_wake_libtpu(trained_run, tmp_path):
+    """With libtpu installed on a CPU host, scoring codes and exporting a run print their
+    result and nothing of libtpu's start-up."""
+    rng = np.random.default_rng(0)
+    for name, n in (("q", 5), ("d", 20)):
+        np.save(tmp_path / f"{name}.npy", np.sign(rng.standard_normal((n, 16))))
+        np.save(tmp_path / f"{name}l.npy", rng.integers(0, 3, n))
+    scored = _run_command(
+        "csce_jax.commands.eval",
+        *("--query_codes=q.npy", "--db_codes=d.npy", "--query_labels=ql.npy"),
+        "--db_labels=dl.npy",
+        cwd=tmp_path,
+    )
+    exported = _run_command(
+        "csce_jax.commands.convert",
+        *("export", "--src", str(trained_run), "--dst", str(tmp_path / "m.safetensors")),
+        cwd=tmp_path,
+    )
+    for done in (scored, exported):
+        text = done.stdout + done.stderr
+        assert done.returncode == 0, text[-2000:]
+        assert not [n for n in LIBTPU_NOISE if n in text], text[-2000:]
+    assert '"map@all"' in scored.stdout and (tmp_path / "m.safetensors").stat().st_size > 0
+
+
+def test_every_command_keeps_jax_from_probing_an_absent_tpu():
+    """Each command's entry calls cli.quiet_library_logs (which sets JAX_PLATFORMS=cpu where
+    libtpu is installed on a host without an accelerator) before it starts JAX."""
+    for name, (module, _) in COMMANDS.items():
+        path = ROOT / (module.replace(".", "/") + ".py")
+        assert "cli.quiet_library_logs()" in path.read_text(), name

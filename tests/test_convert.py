@@ -290,3 +290,24 @@ def test_a_damaged_pth_is_told_apart_from_one_holding_python_objects(tmp_path):
     torch.save({"w": torch.zeros(2), "note": Opaque()}, tmp_path / "objects.pth")
     with pytest.raises(ConversionError, match="holds Python objects besides tensors"):
         read_state_file(tmp_path / "objects.pth")
+
+
+def test_a_torch_file_without_tensors_is_named_for_what_it_holds(tmp_path):
+    """``{'state_dict': 'not a dict'}`` holds no tensor at all: the message says what it holds,
+    not an empty list of keys; a state dict of other tensors lists the keys it has."""
+    torch = pytest.importorskip("torch")
+    from csce_jax.convert import convert_file
+    from csce_jax.errors import ConversionError
+
+    src, dst = tmp_path / "w.pth", tmp_path / "w.safetensors"
+    torch.save({"state_dict": "not a dict"}, src)
+    with pytest.raises(ConversionError) as refused:
+        convert_file("torch-to-jax", str(src), str(dst), 224)
+    assert str(refused.value) == f"{src} holds no tensors: a dict of {{'state_dict': str}}"
+    torch.save({}, src)
+    with pytest.raises(ConversionError, match="holds no tensors: an empty dict$"):
+        convert_file("torch-to-jax", str(src), str(dst), 224)
+    torch.save({"fc.weight": torch.zeros(2, 2)}, src)
+    with pytest.raises(ConversionError, match=r"no 'conv1.weight' \(keys: fc.weight\)$"):
+        convert_file("torch-to-jax", str(src), str(dst), 224)
+    assert not dst.exists()

@@ -6,10 +6,11 @@ import os
 import shutil
 import socket
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_job
+from conftest import milvus_items, run_job
 from test_search import _clustered_codes, _photos
 
 from csce_jax.errors import CodesError
@@ -60,6 +61,33 @@ def test_bin_flat_returns_the_exact_scan_hits_and_distances(bits, tmp_path):
         inside = d_scan[row] < d_scan[row, -1]
         np.testing.assert_array_equal(i_mil[row][inside], i_scan[row][inside])
         assert len(set(i_mil[row])) == 50  # no item twice
+
+
+def test_a_milvus_lite_server_slow_to_start_is_waited_for(tmp_path, monkeypatch):
+    """Milvus Lite's server process made to take 12 s before it starts (as on a busy disk):
+    the store waits for it instead of calling it not started after a remote server's 10 s."""
+    import time
+
+    from milvus_lite import server as lite_server
+
+    slow = tmp_path / "slow_bin"
+    slow.mkdir()
+    real = Path(lite_server.BIN_PATH)
+    (slow / "milvus").write_text(
+        f'#!/bin/sh\nsleep 12\nLD_LIBRARY_PATH="{real}" exec "{real / "milvus"}" "$@"\n'
+    )
+    (slow / "milvus").chmod(0o755)
+    monkeypatch.setenv("BIN_PATH", str(slow))  # where milvus-lite 2.5.1 finds its server
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    began = time.monotonic()
+    store = milvus.Store(milvus.settings(folder), folder)
+    try:
+        waited = time.monotonic() - began
+        assert store.client.list_collections() == []
+    finally:
+        store.close()
+    assert waited >= 12
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +205,10 @@ def test_label_filters_are_exact_matches_of_a_label_or_one_of_its_classes():
     assert queries.label_matches("3,17", "17") and queries.label_matches("class3", "class3")
     assert not queries.label_matches("3,17", "1") and not queries.label_matches("13", "3")
     text = milvus.label_filter('a"b')
-    assert text.startswith('label == "a\\"b"') and "like" in text
+    assert text == 'label == "a\\"b" or array_contains(classes, "a\\"b")'
+    old = milvus.label_filter('a"b', classes=False)  # a collection made without the field
+    assert old.startswith('label == "a\\"b"') and 'like "%,a\\"b,%"' in old
+    assert milvus.class_list("3,17") == ["3", "17"] and milvus.class_list("") == []
 
 
 @pytest.mark.slow
@@ -223,3 +254,62 @@ def test_the_page_api_passes_its_label_filter_to_milvus(milvus_index):
             page.server_close()
     assert hits and {h["label"] for h in hits} == {label}
     assert [h["rank"] for h in hits] == list(range(1, len(hits) + 1))
+
+
+def _index_command(trained_run, photos, out) -> list[str]:
+    return [
+        *(sys.executable, "-m", "csce_jax.commands.search", "index", "--workdir", str(trained_run)),
+        *("--images", str(photos), "--out", str(out), "--engine", "milvus", "--shard_size", "2"),
+    ]
+
+
+def test_an_index_killed_during_its_milvus_insert_ends_with_every_row_once(trained_run, tmp_path):
+    """SIGKILL once the first shards are in the Milvus Lite collection (no cleanup at all),
+    then the same command again: every image's row is there exactly once."""
+    import subprocess
+    import time
+
+    from conftest import ROOT
+
+    photos = _photos(tmp_path / "photos", n=24)
+    out = tmp_path / "idx"
+    cmd = _index_command(trained_run, photos, out)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while len(list(out.glob("shards/*.milvus.json"))) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, "the index ended early"
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    assert not (out / "index.json").exists()  # it was stopped before the end
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "inserted earlier" in done.stderr
+    assert milvus_items(out) == list(range(24))
+
+
+def test_an_index_on_a_full_disk_is_one_line_and_the_rerun_has_every_row_once(
+    trained_run, tmp_path
+):
+    """Writes past 36 KiB refused (as a full disk refuses them) while Milvus Lite stores the
+    codes: one line naming the collection, no traceback; run again with room: every row
+    once."""
+    import subprocess
+
+    from conftest import ROOT, with_file_size_limit
+
+    photos = _photos(tmp_path / "photos", n=40)
+    out = tmp_path / "idx"
+    cmd = _index_command(trained_run, photos, out)
+    full = subprocess.run(
+        with_file_size_limit(cmd, 36_000), cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert full.returncode == 1, full.stderr[-2000:]
+    assert "Traceback" not in full.stderr, full.stderr[-3000:]
+    lines = [ln for ln in full.stderr.splitlines() if ln.strip() and "images/s" not in ln]
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    assert len(errors) == 1 and "a full disk" in errors[0], full.stderr[-3000:]
+    assert not [ln for ln in lines if "ERROR" in ln], lines
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert milvus_items(out) == list(range(40))

@@ -250,3 +250,50 @@ def test_data_sets_give_their_class_count_and_lists_need_one():
         plan.data_shape(c)
     assert plan.data_shape(c, 37) == (37, False)
     assert np.isfinite(plan.DEFAULT_MARGIN)
+
+
+@needs_libtpu
+def test_ctrl_c_during_a_long_fit_stops_at_once_and_writes_nothing(tmp_path):
+    """SIGINT while ``--fit`` compiles the demo for a TPU slice (about a minute a compile
+    here): exit 130 within seconds, the --out file of an earlier plan untouched, no
+    temporary file left."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    out = tmp_path / "plan.json"
+    out.write_text('{"earlier": true}')
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "csce_jax.commands.plan", "--config", "configs/default.py"),
+            *("--target", "v5e:2x2", "--fit", "--out", str(out)),
+        ],
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"},
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        log = []
+        for line in proc.stderr:  # until the first compile is under way
+            log.append(line)
+            if "compiling" in line:
+                break
+        assert proc.poll() is None, "".join(log)
+        time.sleep(3)
+        proc.send_signal(signal.SIGINT)
+        began = time.monotonic()
+        rest = proc.communicate(timeout=60)[1]
+        took = time.monotonic() - began
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, rest[-2000:]
+    assert took < 10, took
+    assert "error: interrupted" in rest and "Traceback" not in rest
+    assert out.read_text() == '{"earlier": true}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]

@@ -3,10 +3,14 @@ processes), batch queries, and the search page (HTTP, then a real headless brows
 
 import json
 import os
+import re
 import shutil
 import socket
+import struct
+import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -366,6 +370,170 @@ def test_the_page_cuts_off_a_stalled_upload_and_answers_an_oversized_one(page):
         srv.request_timeout = server.REQUEST_TIMEOUT
 
 
+def _raw(srv, head: str, body: bytes = b"", linger_reset: bool = False) -> bytes:
+    """Send ``head`` (request line and headers) and ``body`` as they are; the answer read until
+    the server closes. ``linger_reset``: leave at once with a reset, reading nothing."""
+    host, port = srv.server_address[:2]
+    with socket.create_connection((host, port), timeout=20) as conn:
+        conn.sendall(head.encode() + b"\r\n" + body)
+        if linger_reset:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return b""
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_an_upload_of_ambiguous_length_is_refused(page):
+    """Two different Content-Length headers, or one beside Transfer-Encoding, are answered
+    400 (RFC 9112: the body's end is ambiguous); the same length twice is one length."""
+    srv, photos = page
+    image = sorted(photos.rglob("*.png"))[0].read_bytes()
+    n = len(image)
+    post = "POST /api/search?k=3 HTTP/1.1\r\nHost: x\r\n"
+    two = _raw(srv, post + f"Content-Length: {n}\r\nContent-Length: 5\r\n", image)
+    assert two.startswith(b"HTTP/1.0 400") and b"ambiguous length" in two, two[:300]
+    listed = _raw(srv, post + f"Content-Length: {n}, 5\r\n", image)
+    assert listed.startswith(b"HTTP/1.0 400") and b"ambiguous length" in listed
+    chunked = _raw(srv, post + f"Content-Length: {n}\r\nTransfer-Encoding: chunked\r\n", image)
+    assert chunked.startswith(b"HTTP/1.0 400") and b"ambiguous length" in chunked
+    same = _raw(srv, post + f"Content-Length: {n}\r\nContent-Length: {n}\r\n", image)
+    assert same.startswith(b"HTTP/1.0 200") and b'"hits"' in same
+
+
+def test_clients_that_leave_early_are_one_line_each_in_the_log(page, capfd):
+    """Half-sent and length-less uploads whose clients reset the connection before reading
+    the answer: the server says so in one line each, with no traceback, and serves on."""
+    srv, _ = page
+    srv.request_timeout = 1.0
+    post = "POST /api/search?k=3 HTTP/1.1\r\nHost: x\r\n"
+    try:
+        capfd.readouterr()
+        for _ in range(6):
+            _raw(srv, post + "Content-Length: 1000\r\n", b"x" * 10, linger_reset=True)
+            _raw(srv, post, b"no length", linger_reset=True)
+            _raw(srv, post + f"Content-Length: {30 * 2**20}\r\n", b"y" * 4096, linger_reset=True)
+        time.sleep(2.5)  # the half-sent ones time out, then answer a client that is gone
+        assert _ask(srv.url + "api/info")[0] == 200
+        log = capfd.readouterr().err
+    finally:
+        srv.request_timeout = server.REQUEST_TIMEOUT
+    assert "Traceback" not in log and "Error" not in log, log[:3000]
+    lines = [line for line in log.splitlines() if line.strip()]
+    assert all(
+        re.fullmatch(r"client 127\.0\.0\.1:\d+ left before its answer was sent", x) for x in lines
+    ), lines
+
+
+def test_lines_from_handler_threads_are_never_interleaved(monkeypatch):
+    """Handler threads that log at once write whole lines: each line is one write, under
+    the server's log lock (``print`` writes the text and its newline apart)."""
+    writes: list[str] = []
+
+    class SlowStderr:
+        def write(self, text: str) -> int:
+            time.sleep(0.0005)  # widen the window in which another thread could cut in
+            writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(sys, "stderr", SlowStderr())
+    fake = type("Fake", (), {"log_lock": threading.Lock()})()
+
+    def leave(port: int) -> None:
+        for _ in range(20):
+            try:
+                raise BrokenPipeError
+            except BrokenPipeError:
+                server.SearchServer.handle_error(fake, None, ("127.0.0.1", port))
+
+    threads = [threading.Thread(target=leave, args=(40000 + i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(writes) == 120
+    assert all(
+        re.fullmatch(r"client 127\.0\.0\.1:400\d\d left before its answer was sent\n", w)
+        for w in writes
+    ), writes[:6]
+
+
+@pytest.fixture(scope="module")
+def guarded_page(photo_index):
+    """The page with a token, on 127.0.0.1."""
+    index, _ = photo_index
+    srv = server.SearchServer(queries.Searcher(index), "127.0.0.1", 0, token="s3cret-token")
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_a_page_with_a_token_answers_401_without_it_and_200_with_it(guarded_page, photo_index):
+    srv = guarded_page
+    photo = sorted(photo_index[1].rglob("*.png"))[0].read_bytes()
+    good = {"Authorization": "Bearer s3cret-token"}
+    for path in ("", "api/info", "api/search?item=1&k=3", "thumb/1"):
+        status, body = _ask(srv.url + path)
+        assert status == 401, path
+        for wrong in ("Bearer s3cret-toke", "Bearer s3cret-token2", "Basic s3cret-token", ""):
+            assert _ask(srv.url + path, headers={"Authorization": wrong})[0] == 401, (path, wrong)
+        assert _ask(srv.url + path, headers=good)[0] == 200, path
+    assert b"csce_jax search" in _ask(srv.url)[1]  # the 401 page asks for the token
+    assert _ask(srv.url + "api/search?k=3", photo)[0] == 401
+    status, body = _ask(srv.url + "api/search?k=3", photo, good)
+    assert status == 200 and json.loads(body)["hits"]
+
+
+def test_the_page_off_loopback_needs_a_token_and_never_logs_it(photo_index, tmp_path):
+    """``serve --host 0.0.0.0`` without a token is one line and serves nothing; with
+    ``$CSCE_SEARCH_TOKEN`` it serves, asks every request for it, and its output holds no
+    token."""
+    index, _ = photo_index
+    with pytest.raises(server.ServeError, match="--host 0.0.0.0 is reachable from other"):
+        server.SearchServer(queries.Searcher(index), "0.0.0.0", 0)
+    with pytest.raises(server.ServeError, match="the token is empty"):
+        server.check_token("127.0.0.1", " ")
+    assert server.is_loopback("localhost") and server.is_loopback("127.0.0.2")
+    assert not server.is_loopback("0.0.0.0")
+    command = [sys.executable, "-m", "csce_jax.commands.search", "serve", "--index", str(index)]
+    env = {k: v for k, v in os.environ.items() if k != server.TOKEN_ENV}
+    refused = subprocess.run(
+        [*command, "--host", "0.0.0.0", "--port", "0"], env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1].startswith("error: --host 0.0.0.0 is reachable")
+    port = _free_port()
+    env[server.TOKEN_ENV] = token = "a-token-of-our-own-8af3"
+    proc = subprocess.Popen(
+        [*command, "--host", "0.0.0.0", "--port", str(port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        first = proc.stdout.readline()
+        assert first.startswith(f"serving http://0.0.0.0:{port}/") and "token required" in first
+        url = f"http://127.0.0.1:{port}/api/info"
+        assert _ask(url)[0] == 401
+        assert _ask(url, headers={"Authorization": f"Bearer {token}"})[0] == 200
+        assert _ask(url, headers={"Authorization": "Bearer nope"})[0] == 401
+    finally:
+        proc.terminate()
+        out = first + proc.communicate(timeout=60)[0]
+    assert token not in out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _browser():
     webdriver = pytest.importorskip("selenium.webdriver")
     if not (shutil.which("chromium") and shutil.which("chromedriver")):
@@ -436,6 +604,36 @@ def test_a_person_uploads_an_image_in_a_real_browser_and_sees_its_hits(page, tmp
         driver.find_element(By.ID, "go").click()
         wait.until(lambda d: "not an image" in d.find_element(By.ID, "error").text)
         assert not driver.find_elements(By.CSS_SELECTOR, ".tile.hit")
+    finally:
+        driver.quit()
+
+
+def test_a_person_gives_the_page_its_token_once_and_searches(guarded_page):
+    """The page behind a token: the browser gets the page with its 401, the person types the
+    token once, then the index's figures, hits and thumbnails all load."""
+    srv = guarded_page
+    driver = _browser()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        driver.get(srv.url)
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: d.find_element(By.ID, "login").is_displayed())
+        assert "14 images" not in driver.find_element(By.ID, "info").text
+        driver.find_element(By.ID, "token").send_keys("s3cret-token")
+        driver.find_element(By.ID, "enter").click()
+        wait.until(lambda d: "14 images" in d.find_element(By.ID, "info").text)
+        assert not driver.find_element(By.ID, "login").is_displayed()
+        driver.find_element(By.ID, "random").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".tile.hit")) == 10)
+        wait.until(
+            lambda d: all(
+                d.execute_script("return arguments[0].naturalWidth", img) > 0
+                for img in d.find_elements(By.CSS_SELECTOR, ".tile img")
+            )
+        )
+        assert not driver.find_element(By.ID, "login").is_displayed()  # asked once
     finally:
         driver.quit()
 

@@ -730,6 +730,39 @@ def test_a_profile_window_writes_a_trace_into_the_run_folder(tmp_path):
     assert out["step"] == 4
 
 
+def test_a_profile_window_after_the_last_step_is_refused_before_the_folder_is_made(tmp_path):
+    """(20, 30) in a 4-step run would trace nothing: one line naming the key, no run folder."""
+    c = tiny_config(4)
+    c.profile_steps = (20, 30)
+    with pytest.raises(ConfigError, match=r"config\.profile_steps=\(20, 30\).*total_steps=4"):
+        loop.train_and_evaluate(c, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_profile_window_from_epochs_is_checked_once_the_steps_are_known(tmp_path):
+    """With ``total_steps`` from ``epochs`` the check runs when the steps are resolved."""
+    from csce_jax.config import resolve_epochs
+
+    c = tiny_config(0)
+    c.epochs, c.eval_every_steps, c.checkpoint_every_steps = 1, 1, 1
+    c.profile_steps = (50, 60)
+    check_config(c, 1, 1)  # the steps are not known yet
+    with pytest.raises(ConfigError, match=r"config\.profile_steps.*total_steps=10"):
+        resolve_epochs(c, 80)
+
+
+def test_a_profile_window_cut_by_the_last_step_says_so_and_logs_its_trace(tmp_path, caplog):
+    """(3, 9) in a 4-step run: a warning that the window is cut, the trace of steps 3..4
+    written and logged like any other window's."""
+    c = tiny_config(4)
+    c.profile_steps = (3, 9)
+    with caplog.at_level("INFO"):
+        loop.train_and_evaluate(c, tmp_path)
+    assert "ends after the run's last step 4: steps 3..4 traced" in caplog.text
+    assert f"profile of steps 3..4 written to {tmp_path / 'profile'}" in caplog.text
+    assert len(list((tmp_path / "profile").rglob("*.xplane.pb"))) == 1
+
+
 @pytest.mark.parametrize("window", [(3, 3), (0, 2), (2,), (5, 1)])
 def test_a_profile_window_that_is_not_one_is_refused(window):
     c = tiny_config(4)

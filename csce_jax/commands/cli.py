@@ -5,7 +5,9 @@ quieter library log."""
 from __future__ import annotations
 
 import logging as pylogging
+import os
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -130,6 +132,35 @@ def error_boundary(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         print("error: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
     raise AssertionError("unreachable")
+
+
+def interruptible(fn: Callable[..., T], *args: Any) -> T:
+    """Call ``fn`` in a worker thread, so that Ctrl-C stops the command within a moment even
+    while XLA compiles (a compile cannot be interrupted, and holds the main thread for minutes
+    otherwise): the work in progress is abandoned, nothing more is written, exit 130."""
+    done: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            done["value"] = fn(*args)
+        except BaseException as e:  # handed to the main thread as it is
+            done["error"] = e
+
+    worker = threading.Thread(target=work, name=getattr(fn, "__name__", "work"), daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.2)
+    except KeyboardInterrupt:
+        logging.flush()
+        print(
+            "error: interrupted (the work in progress abandoned, nothing written)", file=sys.stderr
+        )
+        sys.stderr.flush()
+        os._exit(130)  # the worker may be inside a compile that only ending the process stops
+    if "error" in done:
+        raise done["error"]
+    return done["value"]
 
 
 def _fail(message: str) -> None:

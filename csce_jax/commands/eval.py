@@ -59,6 +59,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
+    cli.quiet_library_logs()  # before JAX starts: no TPU probe on a host without one
     from csce_jax.runs import report  # JAX loads here, after the flags (a quick --help)
 
     if FLAGS.query_codes:
@@ -68,7 +69,6 @@ def main(argv: list[str]) -> None:
             raise app.UsageError("--workdir is required (or --query_codes ...)")
         if FLAGS.weights and FLAGS.config is None:
             raise app.UsageError("--weights needs --config (the architecture and data set)")
-        cli.quiet_library_logs()
         result = cli.error_boundary(
             report.run_eval,
             FLAGS.workdir,

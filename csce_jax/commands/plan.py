@@ -149,7 +149,8 @@ def main(argv: list[str]) -> None:
         import jax
 
         jax.config.update("jax_num_cpu_devices", cpus)  # before the CPU backend starts
-    reports = cli.error_boundary(plan_all, FLAGS.config, FLAGS.target)
+    # Ctrl-C stops within a moment, even inside a compile of minutes: nothing is written.
+    reports = cli.error_boundary(cli.interruptible, plan_all, FLAGS.config, FLAGS.target)
     summary = {"config": cli.config_spec(sys.argv[1:])[0], "targets": reports}
     if FLAGS.out:
         from csce_jax.utils.atomic import write_json_atomically

@@ -16,6 +16,7 @@ from csce_jax.data.prepare import prepare
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
+    cli.quiet_library_logs()
     f = flags.FLAGS
     summary = cli.error_boundary(
         prepare,

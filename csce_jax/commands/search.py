@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
+
+import ml_collections
 
 from csce_jax.commands import cli
 from csce_jax.config import apply_overrides, base_config, load_config_file
@@ -23,8 +27,42 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("index", help="encode a collection into an index folder")
-    p.add_argument("--workdir", required=True, help="training run folder")
+    _index_arguments(sub.add_parser("index", help="encode a collection into an index folder"))
+    q = sub.add_parser("query", help="search an index with one or many images")
+    q.add_argument("--index", required=True)
+    q.add_argument("image", nargs="*", help="query image file(s)")
+    q.add_argument("--images", help="a folder of query images")
+    q.add_argument("--list", dest="list_file", help="a file of query image paths, one a line")
+    q.add_argument("-k", type=int, default=10, help="hits per query")
+    q.add_argument("--label", help="only hits with this label (or among their classes)")
+    q.add_argument("--out", help="write every query's hits to this .json or .csv")
+    q.add_argument("--picture", help="one query: write it and its hits as a PNG")
+    s = sub.add_parser("serve", help="a local search page over an index")
+    s.add_argument("--index", required=True)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument(
+        "--token",
+        help="every request must send 'Authorization: Bearer TOKEN' (needed on any --host but "
+        "loopback; default $CSCE_SEARCH_TOKEN, which keeps it out of the process list)",
+    )
+    for sp in (q, s):
+        sp.add_argument("--workdir", help="the run folder, if it moved since indexing")
+        sp.add_argument(
+            "--encoder",
+            help="an exported ONNX encoder giving the index's codes (default: what built it)",
+        )
+        sp.add_argument("--config", help="config file[:args] (default: the run's config.json)")
+    return parser
+
+
+def _index_arguments(p: argparse.ArgumentParser) -> None:
+    by = p.add_mutually_exclusive_group(required=True)
+    by.add_argument("--workdir", help="training run folder")
+    by.add_argument(
+        "--encoder",
+        help="an exported encoder (csce-convert export --format onnx) in place of a run",
+    )
     p.add_argument("--config", help="config file[:args] (default: the run's config.json)")
     p.add_argument("--images", help="a folder of images (searched recursively)")
     p.add_argument("--list", dest="list_file", help="a DeepHash list file (path 0 1 0 ...)")
@@ -49,27 +87,9 @@ def _parser() -> argparse.ArgumentParser:
         help="--engine milvus: the environment variable holding the server's token "
         "(default MILVUS_TOKEN; the token is never written down)",
     )
-    q = sub.add_parser("query", help="search an index with one or many images")
-    q.add_argument("--index", required=True)
-    q.add_argument("image", nargs="*", help="query image file(s)")
-    q.add_argument("--images", help="a folder of query images")
-    q.add_argument("--list", dest="list_file", help="a file of query image paths, one a line")
-    q.add_argument("-k", type=int, default=10, help="hits per query")
-    q.add_argument("--label", help="only hits with this label (or among their classes)")
-    q.add_argument("--out", help="write every query's hits to this .json or .csv")
-    q.add_argument("--picture", help="one query: write it and its hits as a PNG")
-    s = sub.add_parser("serve", help="a local search page over an index")
-    s.add_argument("--index", required=True)
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    for sp in (q, s):
-        sp.add_argument("--workdir", help="the run folder, if it moved since indexing")
-        sp.add_argument("--config", help="config file[:args] (default: the run's config.json)")
-    return parser
 
 
 def _index(args: argparse.Namespace, overrides: list[str]) -> dict:
-    from csce_jax.runs.reader import run_config
     from csce_jax.runtime import startup
     from csce_jax.search.build import build_index
 
@@ -79,7 +99,12 @@ def _index(args: argparse.Namespace, overrides: list[str]) -> dict:
     job = given if given is not None else base_config()
     apply_overrides(job, overrides)
     startup.initialize_distributed(job)
-    config = run_config(args.workdir, given)
+    if args.workdir:
+        from csce_jax.runs.reader import run_config
+
+        config = run_config(args.workdir, given)
+    else:  # an exported encoder: the given config, a record set's own settings, or defaults
+        config = given or _encoder_config(args)
     apply_overrides(config, overrides)
     params = {n: getattr(args, n) for n in ENGINE_PARAMS if getattr(args, n) is not None}
     given = {
@@ -90,6 +115,7 @@ def _index(args: argparse.Namespace, overrides: list[str]) -> dict:
     return build_index(
         args.workdir,
         args.out,
+        encoder=args.encoder,
         images=args.images,
         list_file=args.list_file,
         image_root=args.image_root,
@@ -102,6 +128,17 @@ def _index(args: argparse.Namespace, overrides: list[str]) -> dict:
         milvus_settings=given or None,
         **({"shard_size": args.shard_size} if args.shard_size is not None else {}),
     )
+
+
+def _encoder_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
+    """The config of an index built with an exported encoder and no --config."""
+    from csce_jax.search.build import records_config
+    from csce_jax.search.onnx_encoder import open_session
+
+    if not args.prepared:
+        return base_config()
+    _, meta = open_session(Path(args.encoder))
+    return records_config(args.prepared, int(meta["resize"]))
 
 
 def _print_table(result: dict) -> None:
@@ -120,7 +157,9 @@ def _query(args: argparse.Namespace) -> None:
     paths = collection.query_paths(args.image, args.images, args.list_file)
     if args.picture and len(paths) != 1:
         raise CodesError("--picture draws one query: give a single image")
-    with queries.Searcher(args.index, workdir=args.workdir, config=config) as searcher:
+    with queries.Searcher(
+        args.index, workdir=args.workdir, encoder=args.encoder, config=config
+    ) as searcher:
         result = searcher.query_files(paths, args.k, label=args.label)
     for name in result["skipped"]:
         print(f"skipped unreadable query image: {name}", file=sys.stderr)
@@ -140,8 +179,12 @@ def _serve(args: argparse.Namespace) -> None:
     from csce_jax.search import queries, server
 
     config = load_config_file(args.config) if args.config else None
-    with queries.Searcher(args.index, workdir=args.workdir, config=config) as searcher:
-        server.serve(searcher, args.host, args.port)
+    token = args.token if args.token is not None else os.environ.get(server.TOKEN_ENV)
+    server.check_token(args.host, token)  # before the index and the model are loaded
+    with queries.Searcher(
+        args.index, workdir=args.workdir, encoder=args.encoder, config=config
+    ) as searcher:
+        server.serve(searcher, args.host, args.port, token)
 
 
 def main(argv: list[str] | None = None) -> None:

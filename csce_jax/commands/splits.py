@@ -14,6 +14,7 @@ from csce_jax.data.splits import write_lists
 
 def main(argv):
     del argv
+    cli.quiet_library_logs()
     cfg = data_config(FLAGS.dataset)
     for key in ("data_dir", "manual_dir", "list_dir", "image_root"):
         if getattr(FLAGS, key):

@@ -16,6 +16,7 @@ from csce_jax.data.verify import check_sources, splits_of, write_report
 
 def main(argv: list[str]) -> None:
     del argv
+    cli.quiet_library_logs()
     config = flags.FLAGS.config
     out = os.path.abspath(flags.FLAGS.out or f"{config.data.name}_data_report.json")
 

@@ -297,6 +297,8 @@ def _check_between_fields(config: ml_collections.ConfigDict, devices: int, proce
             "data.crop",
             f"too small for {window}x{window} windows: need at least {32 * (window - 1) + 1} pixels",
         )
+    if config.total_steps:
+        check_profile_window(config)
     if config.data.resize < config.data.crop:
         fail("data.resize", f"must be >= data.crop ({config.data.crop})")
     # Stage 3's output channels (csce_jax.models.resnet.stage_widths, times the expansion 4)
@@ -324,7 +326,18 @@ def resolve_epochs(config: ml_collections.ConfigDict, train_size: int) -> int:
         ):
             if config[count] == 0:
                 config[count] = config[epochs] * per_epoch
+        check_profile_window(config)
     return per_epoch
+
+
+def check_profile_window(config: ml_collections.ConfigDict) -> None:
+    """A profile window that begins after the run's last step would trace nothing."""
+    first = config.profile_steps[0]
+    if first > config.total_steps:
+        raise ConfigError(
+            f"config.profile_steps={tuple(config.profile_steps)!r}: begins after the run's last "
+            f"step (config.total_steps={config.total_steps}): nothing would be traced"
+        )
 
 
 def from_json(tree: dict[str, Any], where: str) -> ml_collections.ConfigDict:

@@ -325,6 +325,8 @@ def read_state_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
             if not isinstance(obj, dict):
                 raise ConversionError(f"{path} holds a {type(obj).__name__}, not a state dict")
             arrays = {k: v.detach().cpu().numpy() for k, v in obj.items() if hasattr(v, "detach")}
+            if not arrays:
+                raise ConversionError(f"{path} holds no tensors: {_describe(obj)}")
             return _finite(arrays, path)
     except ConversionError:
         raise
@@ -342,6 +344,15 @@ def read_state_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     raise ConversionError(
         f"{path}: unknown checkpoint format {suffix!r} (expected .pth, .pt, .safetensors or .npz)"
     )
+
+
+def _describe(obj: dict) -> str:
+    """What a loaded dict without tensors holds, in a few words: its keys and their types."""
+    if not obj:
+        return "an empty dict"
+    items = [f"{k!r}: {type(v).__name__}" for k, v in list(obj.items())[:6]]
+    more = f", ... ({len(obj)} keys)" if len(obj) > 6 else ""
+    return "a dict of {" + ", ".join(items) + more + "}"
 
 
 def check_finite(arrays: Mapping[str, np.ndarray], where: str) -> None:
@@ -380,9 +391,8 @@ def infer_architecture(state_dict: Mapping[str, np.ndarray]) -> dict:
     sd = state_dict
     for key in ("conv1.weight", "fc.weight", "ce_fc.centroids", "conv_last.weight"):
         if key not in sd:
-            raise ConversionError(
-                f"not a release checkpoint: no {key!r} (keys: {', '.join(sorted(sd)[:8])}, ...)"
-            )
+            held = ", ".join(sorted(sd)[:8]) + (", ..." if len(sd) > 8 else "")
+            raise ConversionError(f"not a release checkpoint: no {key!r} (keys: {held or 'none'})")
     depths = []
     for stage in range(1, 5):
         blocks = {int(m.group(1)) for k in sd if (m := re.match(rf"layer{stage}\.(\d+)\.", k))}

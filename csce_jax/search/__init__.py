@@ -8,6 +8,7 @@
   csce-search query --index photos.idx query.jpg [-k 10] [--picture hits.png]
   csce-search query --index photos.idx --images queries/ --out hits.json
   csce-search serve --index photos.idx [--port 8000]
+  csce-search index --encoder model.onnx --images photos/ --out photos.idx  (no run needed)
 
 An index is a folder: shards of packed codes with the images' absolute paths and labels, the
 checkpoint that made them (run folder, step, bits, the hash centres' fingerprint), and the
@@ -15,7 +16,9 @@ search engine built over them (our exact scan by default; faiss's flat, IVF or H
 indexes with faiss-cpu installed). An interrupted ``index`` resumes; queries are encoded with
 the same checkpoint (``--workdir`` if the run moved; ``--config`` to use another config file
 than the run's ``config.json``), and an index whose bits or centres no longer match it is
-refused. Unreadable images are reported by name and left out. The run is only read.
+refused. ``--encoder`` takes an exported ONNX encoder (csce-convert export --format onnx) in
+place of the run: same codes, no checkpoint and no model code. Unreadable images are reported
+by name and left out. The run is only read.
 """
 
 from __future__ import annotations

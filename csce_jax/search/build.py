@@ -8,16 +8,18 @@ from typing import Any
 import jax
 import ml_collections
 
+from csce_jax.config import base_config
+from csce_jax.data.records import read_manifest
 from csce_jax.errors import CodesError
-from csce_jax.runs.reader import run_config
 from csce_jax.search import collection, engines, milvus
-from csce_jax.search.encoder import RunEncoder
 from csce_jax.search.index import (
     DEFAULT_SHARD_SIZE,
+    CodeEncoder,
     encode_shards,
     finish_index,
     insert_into_milvus,
 )
+from csce_jax.search.onnx_encoder import OnnxEncoder
 
 
 def choose_collection(
@@ -44,10 +46,67 @@ def choose_collection(
     return collection.from_prepared(config, prepared, split)
 
 
+def open_encoder(
+    workdir: str | None,
+    encoder: str | None,
+    step: int | None,
+    config: ml_collections.ConfigDict | None,
+) -> CodeEncoder:
+    """The run's checkpoint (on this host's devices), or the exported ONNX encoder."""
+    if (workdir is None) == (encoder is None):
+        raise CodesError("give one of --workdir RUN or --encoder FILE.onnx")
+    if encoder is None:
+        from csce_jax.search.encoder import RunEncoder  # the model code, for a run only
+
+        return RunEncoder(workdir, step, config, local=True)
+    if step is not None:
+        raise CodesError("--step goes with --workdir: an exported encoder is one checkpoint")
+    return OnnxEncoder(encoder)
+
+
+def records_config(prepared: str, resize: int) -> ml_collections.ConfigDict:
+    """A config whose data settings are the record set's own (an exported encoder has no
+    run config), refused where its images were resized for another encoder."""
+    settings = read_manifest(prepared)["settings"]
+    if settings.get("resize") != resize:
+        raise CodesError(
+            f"--prepared {prepared} holds images resized to {settings.get('resize')}, but the "
+            f"encoder takes images resized to {resize}: prepare it with data.resize={resize}"
+        )
+    config = base_config()
+    for key, value in settings.items():
+        if key in config.data:
+            config.data[key] = value
+    return config
+
+
+def _encoder_and_collection(
+    workdir: str | None,
+    encoder: str | None,
+    step: int | None,
+    config: ml_collections.ConfigDict | None,
+    **where: str | None,
+) -> tuple[CodeEncoder, collection.Collection]:
+    """The encoder and the collection to index; a run's checkpoint is loaded only once the
+    collection's arguments are known to be right."""
+    if workdir is not None and encoder is None:
+        from csce_jax.runs.reader import run_config  # the training code, for a run only
+
+        config = run_config(workdir, config)
+        coll = choose_collection(config, **where)
+        return open_encoder(workdir, None, step, config), coll
+    enc = open_encoder(workdir, encoder, step, None)
+    if config is None:
+        prepared = where.get("prepared")
+        config = records_config(prepared, enc.resize) if prepared else base_config()
+    return enc, choose_collection(config, **where)
+
+
 def build_index(
-    workdir: str,
+    workdir: str | None,
     out: str,
     *,
+    encoder: str | None = None,
     images: str | None = None,
     list_file: str | None = None,
     image_root: str | None = None,
@@ -60,8 +119,9 @@ def build_index(
     shard_size: int = DEFAULT_SHARD_SIZE,
     milvus_settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Encode a collection with ``workdir``'s best (or ``step``) checkpoint into the index
-    folder ``out``, resuming an interrupted build; returns a summary (process 0's is whole).
+    """Encode a collection with ``workdir``'s best (or ``step``) checkpoint, or with the
+    exported ONNX ``encoder``, into the index folder ``out``, resuming an interrupted build;
+    returns a summary (process 0's is whole).
 
     ``milvus_settings`` (engine ``milvus``): the keyword arguments of
     :func:`csce_jax.search.milvus.settings` (uri, collection, index, token_env)."""
@@ -71,16 +131,9 @@ def build_index(
     # A server is reached before anything is written (unreachable: one line, nothing made).
     store = milvus.Store(record, folder) if record and milvus.is_server(record["uri"]) else None
     try:
-        config = run_config(workdir, config)
-        coll = choose_collection(
-            config,
-            images=images,
-            list_file=list_file,
-            image_root=image_root,
-            prepared=prepared,
-            split=split,
-        )
-        enc = RunEncoder(workdir, step, config, local=True)
+        where = {"images": images, "list_file": list_file, "image_root": image_root}
+        where.update(prepared=prepared, split=split)
+        enc, coll = _encoder_and_collection(workdir, encoder, step, config, **where)
         folder.mkdir(parents=True, exist_ok=True)
         plan_id = encode_shards(enc, coll, folder, shard_size)
         if record is not None:

@@ -49,6 +49,7 @@ class RunEncoder:
         self._weights = run_encoding.weights
         got_step = run_encoding.step
         self.config = config
+        self.resize = int(config.data.resize)  # the shorter side images are resized to
         self.meta: dict[str, Any] = {
             "bits": int(config.bits),
             "centers": builders.config_fingerprint(config, num_classes),

@@ -24,7 +24,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import numpy as np
@@ -33,14 +33,28 @@ from csce_jax.errors import CodesError
 from csce_jax.retrieval.metrics import pack_codes
 from csce_jax.search import engines, milvus
 from csce_jax.search.collection import Collection
-from csce_jax.search.encoder import RunEncoder
 from csce_jax.utils.atomic import write_file_atomically, write_json_atomically
 from csce_jax.utils.digest import file_digest, json_digest
 from csce_jax.utils.progress import Progress
 
 INDEX_VERSION = 3
 DEFAULT_SHARD_SIZE = 50_000
-PLAN_KEYS = ("bits", "centers", "workdir", "step", "collection", "count", "shard_size")
+PLAN_KEYS = ("bits", "centers", "workdir", "step", "encoder", "collection", "count", "shard_size")
+MANIFEST_KEYS = ("bits", "centers", "workdir", "step", "shard_size")  # and "encoder", if any
+
+
+class CodeEncoder(Protocol):
+    """What an index is built with: a run's checkpoint (``search.encoder.RunEncoder``) or an
+    exported ONNX encoder (``search.onnx_encoder.OnnxEncoder``)."""
+
+    meta: dict[str, Any]  # bits, centers, workdir, step[, encoder]: recorded in the index
+    resize: int  # the shorter side images are resized to
+
+    def encode(self, source: Any, progress: Any = None) -> dict[str, Any]: ...
+
+    def encode_one(self, image: str | bytes, name: str = "query") -> np.ndarray: ...
+
+    def check_index(self, meta: dict[str, Any], where: str) -> None: ...
 
 
 def _log(message: str) -> None:
@@ -78,7 +92,7 @@ def _read_shard(path: Path, plan_id: str, *, building: bool = True) -> dict[str,
 
 
 def _encode_shard(
-    enc: RunEncoder,
+    enc: CodeEncoder,
     coll: Collection,
     rows: range,
     path: Path,
@@ -111,7 +125,7 @@ def _start_plan(folder: Path, plan: dict[str, Any]) -> str:
         except (OSError, json.JSONDecodeError):
             old = {}
         if old.get("id") != plan_id:
-            differ = [k for k in PLAN_KEYS if old.get(k) != plan[k]] or ["its plan"]
+            differ = [k for k in PLAN_KEYS if old.get(k) != plan.get(k)] or ["its plan"]
             raise CodesError(
                 f"{folder} holds (part of) another index ({', '.join(differ)} differ): remove "
                 "it or choose another --out"
@@ -129,7 +143,7 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def encode_shards(enc: RunEncoder, coll: Collection, folder: Path, shard_size: int) -> str:
+def encode_shards(enc: CodeEncoder, coll: Collection, folder: Path, shard_size: int) -> str:
     """Encode this process's shards of ``coll`` into ``folder`` (those not already there)."""
     if shard_size < 1:
         raise CodesError(f"--shard_size={shard_size}: expected a positive number of images")
@@ -204,6 +218,7 @@ def _milvus_record(store: milvus.Store, folder: Path, plan_id: str, count: int, 
         if milvus.read_marker(marker, plan_id, store.collection) is None:
             raise CodesError(f"{marker} is missing: run the same command again")
         inserted.append(marker.name)
+    store.flush()  # once, at the end of the build: searching never flushes
     got = store.count()
     if got != count:
         raise CodesError(
@@ -238,7 +253,8 @@ def finish_index(
         record = engines.build(engine, codes, plan["bits"], params, folder)
     manifest = {
         "version": INDEX_VERSION,
-        **{k: plan[k] for k in ("bits", "centers", "workdir", "step", "shard_size")},
+        **{k: plan[k] for k in MANIFEST_KEYS},
+        **({"encoder": plan["encoder"]} if "encoder" in plan else {}),
         "collection": {"described": plan.get("described", ""), "fingerprint": plan["collection"]},
         "count": len(codes),
         "skipped": [str(s) for p in parts for s in p["skipped"]],

@@ -7,13 +7,20 @@ the variable ``--milvus_token_env`` names), never written anywhere.
 
 One collection per index folder (``--milvus_collection``, default ``csce_<folder name>``):
 
-  item   INT64 primary key   the image's row in the collection of images (list line, file)
-  code   BINARY_VECTOR       the packed code, its bits padded with zeros to whole bytes
-  label  VARCHAR             the label text (a sub-folder, or a list's classes "3,17")
-  path   VARCHAR             the image's absolute path
+  item     INT64 primary key   the image's row in the collection of images (list line, file)
+  code     BINARY_VECTOR       the packed code, its bits padded with zeros to whole bytes
+  label    VARCHAR             the label text (a sub-folder, or a list's classes "3,17")
+  classes  ARRAY of VARCHAR    the label text cut at its commas (["3", "17"]); servers only
+  path     VARCHAR             the image's absolute path
 
 searched with the HAMMING metric through ``BIN_FLAT`` (exact) or ``BIN_IVF_FLAT`` (``nlist``
-lists, ``nprobe`` visited; servers only: Milvus Lite refuses it). The collection's
+lists, ``nprobe`` visited; servers only: Milvus Lite refuses it). A label filter is
+``label == L or array_contains(classes, L)`` on a server (Milvus 2.3 refuses a ``like``
+pattern with a leading ``%``); on Milvus Lite, which runs those patterns and inserts an ARRAY
+field about 20 times slower, and on a collection made before the field existed, it is
+``label == L`` or ``like`` patterns for L among the comma-separated classes. Every call has a
+time limit (``CALL_TIMEOUT_S``), so a server that goes away is one line, not a hang; searching
+never flushes (a flush right after a server restarts fails for a minute). The collection's
 description holds the index plan (checkpoint, bits, centres, images), so a collection that
 holds another plan is refused. Each shard is written as one unit: its items' rows deleted,
 then inserted in batches, then a marker ``shards/NNNNN.milvus.json`` written; a rerun skips
@@ -24,6 +31,7 @@ not refuse a repeated primary key by itself).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
@@ -42,7 +50,15 @@ INDEX_TYPES = {"bin_flat": "BIN_FLAT", "bin_ivf_flat": "BIN_IVF_FLAT"}
 TOKEN_ENV = "MILVUS_TOKEN"
 BATCH = 10_000
 STARTING_RETRIES = 6  # calls retried while a just-started Milvus Lite readies its storage
-CONNECT_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 10.0  # a server that does not answer within this is down or unreachable
+# A Milvus Lite file's server is a local process that has just started: it answers in about
+# 0.6 s on an idle 2-core VM, far later while the disk is busy (another server starting, a
+# large write), so it gets longer than a remote server before it counts as not started.
+LITE_CONNECT_TIMEOUT_S = 60.0
+CALL_TIMEOUT_S = 30.0  # any one call: a server that stopped answering is an error, not a hang
+SEARCH_BATCH = 100  # queries per search call, so that a large batch stays within the limit
+MAX_CLASSES = 4096  # Milvus's largest ARRAY capacity
+MAX_LABEL = 65_535
 SQLITE_MAGIC = b"SQLite format 3\x00"  # a Milvus Lite file is an SQLite database
 PLAN_FIELDS = ("bits", "centers", "workdir", "step", "collection", "count", "shard_size")
 
@@ -52,7 +68,26 @@ def _pymilvus():
         import pymilvus
     except ImportError:
         raise CodesError(f"the milvus engine needs pymilvus and Milvus Lite: {INSTALL}") from None
+    _quiet_clients()
     return pymilvus
+
+
+def _from_milvus_lite(record: logging.LogRecord) -> bool:
+    return f"{os.sep}milvus_lite{os.sep}" in record.pathname
+
+
+def _quiet_clients() -> None:
+    """Every failed call is reported once, as a :class:`CodesError` naming the server and the
+    collection: pymilvus' own error log (a traceback per failed call) and Milvus Lite's
+    (written on the root logger) would repeat it, so they are kept out of the output."""
+    logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
+    root = logging.getLogger()
+    if not any(getattr(f, "__name__", "") == "_not_milvus_lite" for f in root.filters):
+
+        def _not_milvus_lite(record: logging.LogRecord) -> bool:
+            return record.levelno >= logging.CRITICAL or not _from_milvus_lite(record)
+
+        root.addFilter(_not_milvus_lite)
 
 
 def is_server(uri: str) -> bool:
@@ -112,7 +147,9 @@ class Store:
         self.collection = record["collection"]
         uri = record["uri"]
         self.where = uri if is_server(uri) else str(self.folder / uri)
-        self.client = _connect(self.where, os.environ.get(record.get("token_env", TOKEN_ENV)))
+        self.token_env = record.get("token_env", TOKEN_ENV)
+        self.client = _connect(self.where, os.environ.get(self.token_env), self.token_env)
+        self._fields: set[str] | None = None
 
     def close(self) -> None:
         """Close the connection; for a Milvus Lite file also stop its server process, so
@@ -127,6 +164,7 @@ class Store:
             server_manager_instance.release_server(self.where)
 
     def _call(self, what: str, fn, *args, **kwargs):
+        kwargs.setdefault("timeout", CALL_TIMEOUT_S)
         for attempt in range(STARTING_RETRIES + 1):
             try:
                 return fn(*args, **kwargs)
@@ -140,7 +178,7 @@ class Store:
                     continue
                 raise CodesError(
                     f"Milvus at {self.where}, collection {self.collection}: {what} failed: "
-                    f"{_reason(e)}"
+                    f"{_reason(e, not is_server(self.where), self.token_env)}"
                 ) from None
 
     # --- building --------------------------------------------------------------------------
@@ -158,8 +196,16 @@ class Store:
         )
         schema.add_field("item", dtype.INT64, is_primary=True)
         schema.add_field("code", dtype.BINARY_VECTOR, dim=8 * -(-bits // 8))
-        schema.add_field("label", dtype.VARCHAR, max_length=65_535)
-        schema.add_field("path", dtype.VARCHAR, max_length=65_535)
+        schema.add_field("label", dtype.VARCHAR, max_length=MAX_LABEL)
+        if is_server(self.where):  # Milvus Lite runs the like filter, and inserts an ARRAY
+            schema.add_field(  # field about 20 times slower
+                "classes",
+                dtype.ARRAY,
+                element_type=dtype.VARCHAR,
+                max_capacity=MAX_CLASSES,
+                max_length=MAX_LABEL,
+            )
+        schema.add_field("path", dtype.VARCHAR, max_length=MAX_LABEL)
         index = self.client.prepare_index_params()
         kind = INDEX_TYPES[self.record["params"]["index"]]
         extra = {"nlist": self.record["params"]["nlist"]} if kind == "BIN_IVF_FLAT" else {}
@@ -172,10 +218,21 @@ class Store:
             index_params=index,
         )
 
-    def saved_plan(self) -> dict[str, Any]:
+    def _describe(self) -> dict[str, Any]:
         info = self._call(
             "reading the collection", self.client.describe_collection, self.collection
         )
+        self._fields = {f["name"] for f in info.get("fields", [])}
+        return info
+
+    def has_classes(self) -> bool:
+        """Whether the collection has the ``classes`` field (made by this version or later)."""
+        if self._fields is None:
+            self._describe()
+        return "classes" in (self._fields or set())
+
+    def saved_plan(self) -> dict[str, Any]:
+        info = self._describe()
         try:
             return json.loads(info.get("description") or "{}")
         except json.JSONDecodeError:
@@ -209,10 +266,12 @@ class Store:
                 self.collection,
                 filter=f"item >= {low} and item <= {high}",
             )
+        classes = self.has_classes()
         for start in range(0, len(rows), BATCH):
             part = slice(start, start + BATCH)
             data = [
                 {"item": int(i), "code": c.tobytes(), "label": str(lab), "path": str(p)}
+                | ({"classes": class_list(str(lab))} if classes else {})
                 for i, c, lab, p in zip(
                     rows[part],
                     shard["codes"][part],
@@ -228,11 +287,20 @@ class Store:
         write_json_atomically(marker, {**record, "uri": self.record["uri"]})
         return len(rows)
 
-    def count(self) -> int:
-        """The rows in the collection, once every insert is visible."""
+    def flush(self) -> None:
+        """Seal what was inserted (once, at the end of a build)."""
         self._call("flushing", self.client.flush, self.collection)
+
+    def count(self) -> int:
+        """The rows in the collection, every insert included (strong consistency: no flush,
+        which fails for a while after a server restarts)."""
         got = self._call(
-            "counting rows", self.client.query, self.collection, "", output_fields=["count(*)"]
+            "counting rows",
+            self.client.query,
+            self.collection,
+            "",
+            output_fields=["count(*)"],
+            consistency_level="Strong",
         )
         return int(got[0]["count(*)"])
 
@@ -263,17 +331,21 @@ class Store:
         params: dict[str, Any] = {"metric_type": "HAMMING"}
         if "nprobe" in self.record["params"]:
             params["params"] = {"nprobe": self.record["params"]["nprobe"]}
-        found = self._call(
-            "searching",
-            self.client.search,
-            self.collection,
-            data=[q.tobytes() for q in np.ascontiguousarray(packed, np.uint8)],
-            anns_field="code",
-            limit=k,
-            search_params=params,
-            filter=label_filter(label) if label else "",
-            output_fields=[],
-        )
+        queries = [q.tobytes() for q in np.ascontiguousarray(packed, np.uint8)]
+        where = label_filter(label, self.has_classes()) if label else ""
+        found = []
+        for start in range(0, len(queries), SEARCH_BATCH):
+            found += self._call(
+                "searching",
+                self.client.search,
+                self.collection,
+                data=queries[start : start + SEARCH_BATCH],
+                anns_field="code",
+                limit=k,
+                search_params=params,
+                filter=where,
+                output_fields=[],
+            )
         items = [np.asarray([h["id"] for h in hits], np.int64) for hits in found]
         dists = [
             np.asarray([h["distance"] for h in hits]).round().astype(np.int64) for hits in found
@@ -281,10 +353,18 @@ class Store:
         return items, dists
 
 
-def label_filter(label: str) -> str:
+def class_list(label: str) -> list[str]:
+    """The classes a label text names ("3,17" -> ["3", "17"]), as the filter matches them."""
+    return label.split(",")[:MAX_CLASSES] if label else []
+
+
+def label_filter(label: str, classes: bool = True) -> str:
     """A Milvus filter for items whose label text is ``label`` or lists it among its
-    comma-separated classes."""
+    comma-separated classes (``classes``: through the ARRAY field, else ``like`` patterns,
+    for a collection made without it)."""
     text = json.dumps(str(label))  # a quoted string literal with its escapes
+    if classes:
+        return f"label == {text} or array_contains(classes, {text})"
     bare = text[1:-1]
     return (
         f'label == {text} or label like "{bare},%" or label like "%,{bare}" '
@@ -292,12 +372,47 @@ def label_filter(label: str) -> str:
     )
 
 
-def _reason(e: Exception) -> str:
-    message = getattr(e, "message", None) or str(e) or type(e).__name__
-    return " ".join(str(message).split())
+LITE_GONE = ("Fail connecting to server", "Open local milvus failed", "server unavailable")
 
 
-def _connect(where: str, token: str | None):
+def _reason(e: Exception, lite: bool = False, token_env: str = TOKEN_ENV) -> str:
+    """The client's message on one line; a refused token said as such (pymilvus reports it as
+    a server unavailable, with gRPC's UNAUTHENTICATED only in the exception's chain); for a
+    Milvus Lite file whose server process stopped or could not start, the likely causes."""
+    if (refused := _unauthenticated(e)) is not None:
+        given = "no token was given" if refused.startswith("missing") else "its token was refused"
+        return (
+            f"the server needs authentication and {given} ({refused}): set ${token_env} to "
+            "user:password or an API key"
+        )
+    message = " ".join(str(getattr(e, "message", None) or str(e) or type(e).__name__).split())
+    if lite and any(s in message for s in LITE_GONE):
+        message += (
+            " (Milvus Lite's server process for this file stopped or did not start: a full "
+            "disk, or a killed process; free space, then run the same command again)"
+        )
+    return message
+
+
+def _unauthenticated(e: BaseException) -> str | None:
+    """gRPC's UNAUTHENTICATED details anywhere in ``e``'s cause and context chain, or None."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        code = getattr(e, "code", None)
+        if callable(code):
+            try:
+                name = getattr(code(), "name", "")
+            except Exception:  # not a gRPC error after all
+                name = ""
+            if name == "UNAUTHENTICATED":
+                details = e.details() if callable(getattr(e, "details", None)) else ""
+                return " ".join(str(details or "UNAUTHENTICATED").split())
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _connect(where: str, token: str | None, token_env: str = TOKEN_ENV):
     """A client of the Milvus at ``where`` (a Lite file path or a server address)."""
     pymilvus = _pymilvus()
     if not is_server(where):
@@ -315,7 +430,9 @@ def _connect(where: str, token: str | None):
                 raise CodesError(
                     f"the milvus engine needs Milvus Lite for a file URI: {INSTALL}"
                 ) from None
-    kwargs: dict[str, Any] = {"timeout": CONNECT_TIMEOUT_S}
+    kwargs: dict[str, Any] = {
+        "timeout": CONNECT_TIMEOUT_S if is_server(where) else LITE_CONNECT_TIMEOUT_S
+    }
     if token:
         kwargs["token"] = token
     try:
@@ -323,7 +440,8 @@ def _connect(where: str, token: str | None):
         client.list_collections()
     except Exception as e:
         what = "open the Milvus Lite file" if not is_server(where) else "reach Milvus at"
-        raise CodesError(f"cannot {what} {where}: {_reason(e)}") from None
+        reason = _reason(e, not is_server(where), token_env)
+        raise CodesError(f"cannot {what} {where}: {reason}") from None
     return client
 
 

@@ -16,21 +16,50 @@ from csce_jax.errors import CodesError
 from csce_jax.retrieval.metrics import pack_codes
 from csce_jax.retrieval.pictures import hits_strip
 from csce_jax.search import collection
-from csce_jax.search.encoder import RunEncoder
-from csce_jax.search.index import Index, load_index
+from csce_jax.search.index import CodeEncoder, Index, load_index
+from csce_jax.search.onnx_encoder import OnnxEncoder
 from csce_jax.utils.atomic import write_text_atomically
 
 HIT_FIELDS = ("rank", "distance", "index", "label", "path")
 
 
+def query_encoder(
+    meta: dict[str, Any],
+    *,
+    workdir: str | None = None,
+    encoder: str | None = None,
+    config: ml_collections.ConfigDict | None = None,
+) -> CodeEncoder:
+    """What encodes the queries of an index: the ONNX ``encoder`` given, the run ``workdir``
+    given, else what built the index (its exported encoder, checked to be the same file, or
+    its run folder)."""
+    if workdir and encoder:
+        raise CodesError("give --workdir or --encoder, not both")
+    if encoder:
+        return OnnxEncoder(encoder)
+    if not workdir and "encoder" in meta:
+        recorded = meta["encoder"]
+        if not Path(recorded["file"]).is_file():
+            raise CodesError(
+                f"the index was built with the encoder {recorded['file']}, which is not there: "
+                "give --encoder FILE (the same export, moved) or --workdir RUN"
+            )
+        return OnnxEncoder(recorded["file"], sha256=recorded["sha256"])
+    from csce_jax.search.encoder import RunEncoder  # the model code, for a run only
+
+    return RunEncoder(workdir or meta["workdir"], meta["step"], config)
+
+
 class Searcher:
-    """An index, its engine and the checkpoint that made it, ready for queries."""
+    """An index, its engine and the encoder of its queries (the checkpoint or the exported
+    encoder that made it, or one giving the same codes), ready for queries."""
 
     def __init__(
         self,
         index: str | os.PathLike,
         *,
         workdir: str | None = None,
+        encoder: str | None = None,
         config: ml_collections.ConfigDict | None = None,
     ):
         self.where = str(index)
@@ -38,7 +67,7 @@ class Searcher:
         meta = self.index.meta
         self.engine = self.index.engine()
         try:
-            self.encoder = RunEncoder(workdir or meta["workdir"], meta["step"], config)
+            self.encoder = query_encoder(meta, workdir=workdir, encoder=encoder, config=config)
             self.encoder.check_index(meta, self.where)
         except BaseException:
             self.engine.close()
@@ -135,6 +164,7 @@ def search(
     picture: str | None = None,
     *,
     workdir: str | None = None,
+    encoder: str | None = None,
     config: ml_collections.ConfigDict | None = None,
 ) -> list[tuple[str, int]]:
     """The ``k`` nearest indexed images to ``image``: [(path, Hamming distance)], ties by order.
@@ -142,7 +172,7 @@ def search(
     ``picture``: also write the query and its hits, with their distances, as a PNG."""
     if k < 1:
         raise CodesError(f"-k {k}: the number of hits must be at least 1")
-    with Searcher(index, workdir=workdir, config=config) as searcher:
+    with Searcher(index, workdir=workdir, encoder=encoder, config=config) as searcher:
         got = searcher.query_files([str(Path(image).absolute())], k)
     if got["skipped"]:
         raise CodesError(f"cannot read the query image {image}")

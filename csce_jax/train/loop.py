@@ -116,7 +116,7 @@ def train_loop(run: Run, state: Any, signals: StopSignals) -> dict[str, Any]:
     log_start(run)
     clock = Clock(run.start)
     in_flight: collections.deque = collections.deque()
-    profile = ProfileWindow(config.profile_steps, run.folder.layout.profile)
+    profile = ProfileWindow(config.profile_steps, run.folder.layout.profile, config.total_steps)
     with (
         contextlib.closing(device_batches(run)) as batches,  # closing stops the decoders
         contextlib.closing(profile),
