@@ -51,10 +51,11 @@ TOKEN_ENV = "MILVUS_TOKEN"
 BATCH = 10_000
 STARTING_RETRIES = 6  # calls retried while a just-started Milvus Lite readies its storage
 CONNECT_TIMEOUT_S = 10.0  # a server that does not answer within this is down or unreachable
-# A Milvus Lite file's server is a local process that has just started: it answers in about
-# 0.6 s on an idle 2-core VM, far later while the disk is busy (another server starting, a
-# large write), so it gets longer than a remote server before it counts as not started.
-LITE_CONNECT_TIMEOUT_S = 60.0
+# A Milvus Lite file's server is a process started here; pymilvus gives up on its socket after
+# about 3 s of retries. It answers in about 0.6 s on an idle 2-core VM, later while the disk is
+# busy (another server starting, a large write), so it is asked again for up to this long.
+LITE_START_S = 60.0
+LITE_STARTING = "Fail connecting to server"  # started, not answering yet
 CALL_TIMEOUT_S = 30.0  # any one call: a server that stopped answering is an error, not a hang
 SEARCH_BATCH = 100  # queries per search call, so that a large batch stays within the limit
 MAX_CLASSES = 4096  # Milvus's largest ARRAY capacity
@@ -430,19 +431,23 @@ def _connect(where: str, token: str | None, token_env: str = TOKEN_ENV):
                 raise CodesError(
                     f"the milvus engine needs Milvus Lite for a file URI: {INSTALL}"
                 ) from None
-    kwargs: dict[str, Any] = {
-        "timeout": CONNECT_TIMEOUT_S if is_server(where) else LITE_CONNECT_TIMEOUT_S
-    }
+    kwargs: dict[str, Any] = {"timeout": CONNECT_TIMEOUT_S}
     if token:
         kwargs["token"] = token
-    try:
-        client = pymilvus.MilvusClient(where, **kwargs)
-        client.list_collections()
-    except Exception as e:
-        what = "open the Milvus Lite file" if not is_server(where) else "reach Milvus at"
-        reason = _reason(e, not is_server(where), token_env)
-        raise CodesError(f"cannot {what} {where}: {reason}") from None
-    return client
+    lite = not is_server(where)
+    deadline = time.monotonic() + LITE_START_S
+    while True:
+        try:
+            client = pymilvus.MilvusClient(where, **kwargs)
+            client.list_collections()
+            return client
+        except Exception as e:
+            message = str(getattr(e, "message", None) or e)
+            if lite and LITE_STARTING in message and time.monotonic() < deadline:
+                time.sleep(0.5)  # the same server process, asked again
+                continue
+            what = "open the Milvus Lite file" if lite else "reach Milvus at"
+            raise CodesError(f"cannot {what} {where}: {_reason(e, lite, token_env)}") from None
 
 
 def _header(path: Path) -> bytes:
